@@ -1,0 +1,1 @@
+"""SynthFAR on Ray."""
