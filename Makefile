@@ -1,0 +1,31 @@
+# Two set-up commands: `make demo` (the whole pipeline, offline, local Ray) and `make test`.
+# Both create .venv and install the project into it first (re-installs when pyproject.toml changes).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/python -c "import synthfar_ray, torch, torchvision, ray, diffusers" # fail here if the install did not work
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/synthfar pipeline configs/pipeline/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --timeout=900 tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/train.py
+
+clean:
+	rm -rf runs .pytest_cache

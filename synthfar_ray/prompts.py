@@ -1,0 +1,415 @@
+"""Face attributes sampled per image id, and the text prompts built from them.
+
+Every image id gets its attributes from `sample_attributes(run_seed, image_id, cfg)`, a pure
+function: no global state and no dependence on how many images the run makes, so any id can be
+regenerated on its own (a retried shard, one bad image) and gets the same face description.
+
+Two ways to choose the labelled attributes (ethnicity, gender, age):
+- `balanced`: every cell ethnicity x gender x age band is equally likely, and over ids 0..N-1 the cell
+  counts differ by at most one. Ids are grouped in blocks of `n_cells`; each block visits every cell
+  once in an order given by a permutation seeded by (run_seed, block). The age is then a uniform
+  integer inside the cell's band. The bands are FairFace's 9 age bins clipped to [min_age, max_age).
+- `target`: given marginal proportions (a missing marginal is uniform; for age, uniform over the
+  bands). Each attribute is read off a randomly shifted low-discrepancy (R3 / Kronecker) sequence at
+  position `image_id` through the inverse CDF of its proportions, so empirical proportions over any
+  run of consecutive ids track the target to O(log N / N), and the three attributes are jointly
+  spread (no correlation between them).
+
+The descriptive attributes (country, name, hair, profession, descriptors) come from a separate
+random stream, so editing the vocabulary never changes the labels of a run.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import logging
+import math
+import string
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from synthfar_ray import storage
+from synthfar_ray.config import ConfigError, StrictModel, validate
+from synthfar_ray.labels import AGE_BIN_EDGES, AGE_BIN_NAMES, ETHNICITIES, GENDERS
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = (
+    "close-up photorealistic, raw photo, amateur photo, face, ($age y.o) ($gender) (from $country) "
+    "named $name, $hair_length $hair_style $hair_color hair, $suffix"
+)
+
+# The paper's negative prompt, in A1111 weight syntax (`(a, b:1.4)` weights the whole group).
+DEFAULT_NEGATIVE_PROMPT = (
+    "(hands), (3d, render, cgi, doll, painting, fake, cartoon, 3d modeling:1.4), "
+    "(worst quality, low quality:1.4), monochrome, deformed, malformed, deformed face, bad teeth, "
+    "bad hands, bad fingers, bad eyes, long body, blurry, duplicate, cloned, duplicate body parts, "
+    "disfigured, extra limbs, fused fingers, extra fingers, twisted, distorted, malformed hands, "
+    "mutated hands and fingers, conjoined, missing limbs, bad anatomy, bad proportions, logo, "
+    "watermark, text, copyright, signature, lowres, mutated, mutilated, artifacts, gross, ugly"
+)
+
+# Placeholders a template may use (string.Template `$name` syntax).
+TEMPLATE_FIELDS: frozenset[str] = frozenset({
+    "age", "gender", "country", "name", "hair_length", "hair_style", "hair_color", "suffix",
+    "ethnicity", "profession", "descriptors",
+})
+
+# (inclusive upper age, phrase for female, phrase for male): the paper's age bands.
+_GENDER_BANDS: tuple[tuple[float, str, str], ...] = (
+    (5, "infant girl", "infant boy"),
+    (10, "little girl", "little boy"),
+    (15, "teen age girl", "teen age boy"),
+    (25, "college age woman", "college age man"),
+    (30, "young adult woman", "young adult man"),
+    (45, "adult woman", "adult man"),
+    (60, "middle age woman", "middle age man"),
+    (math.inf, "grandmother", "grandfather"),
+)
+
+# Tags that keep the random streams of one (seed, id) apart.
+_TAG_BLOCK = 0x5F01
+_TAG_AGE = 0x5F02
+_TAG_DETAILS = 0x5F03
+_TAG_TARGET_SHIFT = 0x5F04
+
+# R3 sequence (Roberts 2018): alpha_k = 1 / phi_3^k with phi_3 the real root of x^4 = x + 1.
+_PHI3 = 1.2207440846057596
+_R3_ALPHAS = np.array([_PHI3**-1, _PHI3**-2, _PHI3**-3])
+
+
+# --------------------------------------------------------------------------------------- vocab
+
+
+class _Frozen(StrictModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CountryNames(_Frozen):
+    male: tuple[str, ...] = Field(min_length=1)
+    female: tuple[str, ...] = Field(min_length=1)
+
+
+class EthnicityVocab(_Frozen):
+    countries: dict[str, CountryNames] = Field(min_length=1)
+    # Natural hair colours typical of the group; unset = hair.colors. Keeps prompts coherent
+    # (a conflicting "blonde" can pull the image away from the labelled ethnicity).
+    hair_colors: tuple[str, ...] | None = Field(default=None, min_length=1)
+    hair_styles: CountryNames | None = None  # per gender; unset = hair.styles
+
+
+class HairVocab(_Frozen):
+    lengths: tuple[str, ...] = Field(min_length=1)
+    styles: CountryNames  # same shape: a list per gender
+    colors: tuple[str, ...] = Field(min_length=1)
+    grey_colors: tuple[str, ...] = Field(min_length=1)
+    grey_from_age: float = Field(default=40, ge=0)
+    grey_full_age: float = Field(default=75, ge=0)
+
+    @model_validator(mode="after")
+    def _ages(self) -> HairVocab:
+        if self.grey_full_age <= self.grey_from_age:
+            raise ValueError(f"grey_full_age ({self.grey_full_age}) must exceed grey_from_age ({self.grey_from_age})")
+        return self
+
+
+class ProfessionGroup(_Frozen):
+    max_age: int | None  # inclusive; None = no upper limit (the last group)
+    options: tuple[str, ...] = Field(min_length=1)
+
+
+class DescriptorGroup(_Frozen):
+    name: str
+    options: tuple[str, ...] = Field(min_length=1)
+    min_age: int | None = None  # inclusive limits on who may get this group
+    max_age: int | None = None
+    gender: Literal["male", "female"] | None = None
+
+    def applies(self, age: int, gender: str) -> bool:
+        return ((self.min_age is None or age >= self.min_age) and (self.max_age is None or age <= self.max_age)
+                and (self.gender is None or gender == self.gender))
+
+
+class Vocab(_Frozen):
+    ethnicities: dict[str, EthnicityVocab]
+    hair: HairVocab
+    professions: tuple[ProfessionGroup, ...] = Field(min_length=1)
+    descriptors: tuple[DescriptorGroup, ...] = Field(min_length=1)
+
+    @field_validator("ethnicities")
+    @classmethod
+    def _all_ethnicities(cls, v: dict[str, EthnicityVocab]) -> dict[str, EthnicityVocab]:
+        unknown = sorted(set(v) - set(ETHNICITIES))
+        if unknown:
+            raise ValueError(f"unknown ethnicity {unknown[0]!r} (known: {', '.join(ETHNICITIES)})")
+        missing = [e for e in ETHNICITIES if e not in v]
+        if missing:
+            raise ValueError(f"missing ethnicity {missing[0]!r}: every one of {', '.join(ETHNICITIES)} needs countries")
+        return v
+
+    @field_validator("professions")
+    @classmethod
+    def _profession_ages(cls, v: tuple[ProfessionGroup, ...]) -> tuple[ProfessionGroup, ...]:
+        limits = [g.max_age for g in v]
+        if limits[-1] is not None:
+            raise ValueError("the last profession group must have max_age: null (covers every older age)")
+        bounded = limits[:-1]
+        if any(m is None for m in bounded) or bounded != sorted(set(bounded)):
+            raise ValueError(f"profession groups need strictly ascending max_age, got {limits}")
+        return v
+
+    def profession_options(self, age: int) -> tuple[str, ...]:
+        for group in self.professions:
+            if group.max_age is None or age <= group.max_age:
+                return group.options
+        raise AssertionError("unreachable: the last group has no max_age")
+
+
+def _packaged_vocab_text() -> str:
+    return (importlib.resources.files("synthfar_ray") / "data" / "vocab.yaml").read_text(encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=16)
+def _load_vocab_cached(path: str | None) -> Vocab:
+    source = path or "packaged synthfar_ray/data/vocab.yaml"
+    if path is None:
+        text = _packaged_vocab_text()
+    else:
+        try:
+            text = storage.read_bytes(path).decode("utf-8")
+        except (storage.StorageError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read vocab {path}: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"vocab {source} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"vocab {source} must hold a mapping at the top level")
+    vocab = validate(Vocab, data, f"vocab {source}")
+    logger.debug("loaded %s: %d countries", source, sum(len(e.countries) for e in vocab.ethnicities.values()))
+    return vocab
+
+
+def load_vocab(path: str | None = None) -> Vocab:
+    """The packaged vocabulary, or a user YAML (local path or URI) of the same shape.
+
+    Parsed once per process and path (sampling calls this per image); raises ConfigError naming the
+    file and the missing/invalid key (e.g. `ethnicities.black.countries.Kenya.female`).
+    """
+    return _load_vocab_cached(path)
+
+
+# ------------------------------------------------------------------------------------- configs
+
+
+class TargetDistribution(StrictModel):
+    """Target proportions by label name; each marginal optional (missing = uniform).
+
+    Names missing from a given marginal get proportion 0. Values are normalised to sum to 1.
+    """
+
+    ethnicity: dict[str, float] | None = None
+    gender: dict[str, float] | None = None
+    age_bin: dict[str, float] | None = None  # keys: labels.AGE_BIN_NAMES
+
+    @field_validator("ethnicity", "gender", "age_bin")
+    @classmethod
+    def _proportions(cls, v: dict[str, float] | None, info) -> dict[str, float] | None:
+        if v is None:
+            return None
+        known = {"ethnicity": ETHNICITIES, "gender": GENDERS, "age_bin": AGE_BIN_NAMES}[info.field_name]
+        for name, p in v.items():
+            if name not in known:
+                raise ValueError(f"unknown {info.field_name} {name!r} (known: {', '.join(known)})")
+            if not (p >= 0 and math.isfinite(p)):
+                raise ValueError(f"proportion of {name!r} must be a finite number >= 0, got {p}")
+        total = sum(v.values())
+        if total <= 0:
+            raise ValueError("proportions must not all be zero")
+        if abs(total - 1.0) < 1e-9:
+            total = 1.0  # already normalised: keep values bit-exact so a JSON round trip is stable
+        return {name: v.get(name, 0.0) / total for name in known}
+
+
+class PromptConfig(StrictModel):
+    template: str = DEFAULT_TEMPLATE
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    distribution: Literal["balanced", "target"] = "balanced"
+    target: TargetDistribution | None = None  # required iff distribution == "target"
+    min_age: int = Field(default=0, ge=0, le=150)  # ages are uniform in [min_age, max_age)
+    max_age: int = Field(default=85, ge=1, le=151)
+    # A user vocab YAML (path or s3:// URI) replacing the packaged one. A local path is checked
+    # when the config is validated; on a cluster it must exist on every node (or use s3://).
+    vocab: str | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        tpl = string.Template(v)
+        if not tpl.is_valid():
+            raise ValueError("template has a malformed $placeholder (write $$ for a literal $)")
+        unknown = sorted(set(tpl.get_identifiers()) - TEMPLATE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown template placeholder ${unknown[0]} (known: {', '.join(sorted(TEMPLATE_FIELDS))})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PromptConfig:
+        if self.max_age <= self.min_age:
+            raise ValueError(f"max_age ({self.max_age}) must be greater than min_age ({self.min_age})")
+        if self.distribution == "target" and self.target is None:
+            raise ValueError("distribution 'target' needs a `target` (proportions by ethnicity/gender/age_bin)")
+        if self.distribution == "balanced" and self.target is not None:
+            raise ValueError("`target` is only used with distribution: target (remove it, or set distribution: target)")
+        if self.target is not None and self.target.age_bin is not None:
+            open_bins = {b.bin_index for b in age_bands(self.min_age, self.max_age)}
+            for i, name in enumerate(AGE_BIN_NAMES):
+                if self.target.age_bin[name] > 0 and i not in open_bins:
+                    raise ValueError(f"target age_bin {name!r} has weight but lies outside [{self.min_age}, {self.max_age})")
+        if self.vocab is not None and storage.is_local(self.vocab):
+            load_vocab(self.vocab)  # fail at config time, not in the middle of a generation job
+        return self
+
+
+# --------------------------------------------------------------------------------- attributes
+
+
+@dataclass(frozen=True)
+class AgeBand:
+    bin_index: int  # index into labels.AGE_BIN_NAMES
+    lo: int  # inclusive
+    hi: int  # exclusive
+
+
+def age_bands(min_age: int, max_age: int) -> list[AgeBand]:
+    """FairFace's age bins clipped to [min_age, max_age), empty ones dropped."""
+    lows = (0, *AGE_BIN_EDGES)
+    highs = (*AGE_BIN_EDGES, max_age)
+    bands = []
+    for i, (lo, hi) in enumerate(zip(lows, highs)):
+        lo, hi = max(lo, min_age), min(hi, max_age)
+        if lo < hi:
+            bands.append(AgeBand(i, lo, hi))
+    return bands
+
+
+@dataclass(frozen=True)
+class FaceAttributes:
+    age: int
+    gender: str  # labels.GENDERS
+    ethnicity: str  # labels.ETHNICITIES
+    country: str
+    name: str
+    hair_length: str
+    hair_style: str
+    hair_color: str
+    profession: str
+    descriptors: tuple[str, ...]
+
+
+def gender_phrase(age: int | float, gender: str) -> str:
+    """Age-dependent words for the person, e.g. (3, female) -> 'infant girl', (70, male) -> 'grandfather'."""
+    if gender not in GENDERS:
+        raise ValueError(f"unknown gender {gender!r} (known: {', '.join(GENDERS)})")
+    if age < 0:
+        raise ValueError(f"age must be >= 0, got {age}")
+    for upper, female, male in _GENDER_BANDS:
+        if age <= upper:
+            return female if gender == "female" else male
+    raise AssertionError("unreachable: the last band is unbounded")
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(list(entropy)))
+
+
+@functools.lru_cache(maxsize=256)
+def _block_permutation(run_seed: int, block: int, n_cells: int) -> tuple[int, ...]:
+    return tuple(int(c) for c in _rng(run_seed, block, n_cells, _TAG_BLOCK).permutation(n_cells))
+
+
+@functools.lru_cache(maxsize=64)
+def _target_shift(run_seed: int) -> np.ndarray:
+    return _rng(run_seed, _TAG_TARGET_SHIFT).random(3)
+
+
+def _inverse_cdf(probs: list[float], u: float) -> int:
+    cdf = np.cumsum(probs)
+    cdf[-1] = 1.0  # guard rounding so u < 1 always lands on a category
+    return min(int(np.searchsorted(cdf, u, side="right")), len(probs) - 1)
+
+
+def _labels(run_seed: int, image_id: int, cfg: PromptConfig) -> tuple[str, str, AgeBand]:
+    bands = age_bands(cfg.min_age, cfg.max_age)
+    if cfg.distribution == "balanced":
+        n_cells = len(ETHNICITIES) * len(GENDERS) * len(bands)
+        cell = _block_permutation(run_seed, image_id // n_cells, n_cells)[image_id % n_cells]
+        e, g, b = np.unravel_index(cell, (len(ETHNICITIES), len(GENDERS), len(bands)))
+        return ETHNICITIES[e], GENDERS[g], bands[b]
+    target = cfg.target
+    assert target is not None  # guaranteed by PromptConfig's validator
+    u = (_target_shift(run_seed) + (image_id + 1) * _R3_ALPHAS) % 1.0
+    eth_p = [target.ethnicity[n] for n in ETHNICITIES] if target.ethnicity else [1.0 / len(ETHNICITIES)] * len(ETHNICITIES)
+    gen_p = [target.gender[n] for n in GENDERS] if target.gender else [1.0 / len(GENDERS)] * len(GENDERS)
+    if target.age_bin:
+        band_p = [target.age_bin[AGE_BIN_NAMES[b.bin_index]] for b in bands]
+    else:
+        band_p = [1.0 / len(bands)] * len(bands)
+    return (ETHNICITIES[_inverse_cdf(eth_p, u[0])], GENDERS[_inverse_cdf(gen_p, u[1])],
+            bands[_inverse_cdf(band_p, u[2])])
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def sample_attributes(run_seed: int, image_id: int, cfg: PromptConfig) -> FaceAttributes:
+    """The face description of one image id: a pure function of (run_seed, image_id, cfg)."""
+    if run_seed < 0 or image_id < 0:
+        raise ValueError(f"run_seed and image_id must be >= 0, got {run_seed}, {image_id}")
+    ethnicity, gender, band = _labels(run_seed, image_id, cfg)
+    age = int(_rng(run_seed, image_id, _TAG_AGE).integers(band.lo, band.hi))
+
+    vocab = load_vocab(cfg.vocab)
+    rng = _rng(run_seed, image_id, _TAG_DETAILS)
+    countries = vocab.ethnicities[ethnicity].countries
+    country = _pick(rng, sorted(countries))
+    name = _pick(rng, getattr(countries[country], gender))
+    hair = vocab.hair
+    hair_length = _pick(rng, hair.lengths)
+    hair_style = _pick(rng, getattr(vocab.ethnicities[ethnicity].hair_styles or hair.styles, gender))
+    p_grey = 0.9 * min(max((age - hair.grey_from_age) / (hair.grey_full_age - hair.grey_from_age), 0.0), 1.0)
+    natural = vocab.ethnicities[ethnicity].hair_colors or hair.colors
+    hair_color = _pick(rng, hair.grey_colors if rng.random() < p_grey else natural)
+    profession = _pick(rng, vocab.profession_options(age))
+    eligible = [g for g in vocab.descriptors if g.applies(age, gender)]
+    k = min(int(rng.integers(1, 5)), len(eligible))  # 1-4 descriptive attributes
+    chosen = sorted(rng.choice(len(eligible), size=k, replace=False)) if k else []
+    descriptors = tuple(_pick(rng, eligible[i].options) for i in chosen)
+    return FaceAttributes(age=age, gender=gender, ethnicity=ethnicity, country=country, name=name,
+                          hair_length=hair_length, hair_style=hair_style, hair_color=hair_color,
+                          profession=profession, descriptors=descriptors)
+
+
+def render_prompt(attrs: FaceAttributes, cfg: PromptConfig) -> str:
+    """Fill the template; suffix = profession plus the descriptive attributes."""
+    suffix = ", ".join([attrs.profession, *attrs.descriptors])
+    values = {
+        "age": str(attrs.age),
+        "gender": gender_phrase(attrs.age, attrs.gender),
+        "country": attrs.country,
+        "name": attrs.name,
+        "hair_length": attrs.hair_length,
+        "hair_style": attrs.hair_style,
+        "hair_color": attrs.hair_color,
+        "suffix": suffix,
+        "ethnicity": attrs.ethnicity,
+        "profession": attrs.profession,
+        "descriptors": ", ".join(attrs.descriptors),
+    }
+    return string.Template(cfg.template).substitute(values)

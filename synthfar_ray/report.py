@@ -1,0 +1,493 @@
+"""`synthfar report RUN_DIR`: the paper's results table, label distributions, sample grids and Tune
+results, as report.md plus a self-contained report.html (images embedded, no external files).
+
+Every number shown is read from a file the report names under its table: evaluation
+`metrics.json` files, dataset Parquet folders, a Tune `tune_results.csv`.
+
+Inputs found in RUN_DIR (all optional, overridable from the command line):
+- `**/metrics.json` from `synthfar evaluate`, one table row each (run = folder relative to RUN_DIR);
+- `report.yaml`: `{title: ..., datasets: {name: uri}}` for the distribution plots and grids;
+- `**/tune_results.csv`: one row per trial (trial_id, mix_ratio, sampler, top_k, lr, metric column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import pyarrow.fs as pafs
+import yaml
+
+from synthfar_ray import plots, storage as st
+from synthfar_ray.config import ConfigError, StrictModel, validate
+from synthfar_ray.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+TUNE_FILE = "tune_results.csv"
+SPEC_FILE = "report.yaml"
+MISSING = "–"  # en dash: a run not evaluated on that dataset
+
+
+@dataclass(frozen=True)
+class Column:
+    dataset: str  # key prefix in metrics.json "datasets" ("utkface" matches "utkface:test" or "utkface")
+    metric: str
+    header: str
+    lower_is_better: bool = False
+    percent: bool = True  # accuracies are shown in %, MAE in years
+
+    def format(self, value: float) -> str:
+        return f"{value * 100:.2f}" if self.percent else f"{value:.2f}"
+
+
+# The paper's table, in its column order.
+PAPER_COLUMNS: tuple[Column, ...] = (
+    Column("utkface", "age_mae", "UTKFace age MAE ↓", lower_is_better=True, percent=False),
+    Column("utkface", "ethnicity_acc", "UTKFace ethnicity acc (%)"),
+    Column("utkface", "gender_acc", "UTKFace gender acc (%)"),
+    Column("fairface", "age_bin_acc", "FairFace age-bin acc (%)"),
+    Column("fairface", "ethnicity_acc", "FairFace ethnicity acc (%)"),
+    Column("fairface", "gender_acc", "FairFace gender acc (%)"),
+)
+TUNE_COLUMNS: tuple[str, ...] = ("trial_id", "mix_ratio", "sampler", "top_k", "lr")
+
+
+class ReportSpec(StrictModel):
+    """RUN_DIR/report.yaml."""
+
+    title: str | None = None
+    datasets: dict[str, str] = {}
+
+
+@dataclass
+class ReportResult:
+    markdown_path: str
+    html_path: str
+    headers: list[str]  # the paper table: "run" then PAPER_COLUMNS headers
+    rows: list[list[str]]  # its cells as shown, without bold/italic marks ("–" where missing)
+    values: dict[str, dict[str, float | None]] = field(default_factory=dict)  # run -> "utkface.age_mae" -> value
+    sources: list[str] = field(default_factory=list)  # every file the report read
+
+
+# ----------------------------------------------------------------------------- document model
+# The report is built once as a list of blocks and rendered twice (markdown, HTML), so both
+# always show the same numbers.
+
+@dataclass
+class Cell:
+    text: str
+    style: str = ""  # "", "bold" or "italic"
+
+
+@dataclass
+class Block:
+    kind: str  # heading | text | table | image | sources
+    text: str = ""
+    level: int = 2
+    headers: list[str] = field(default_factory=list)
+    rows: list[list[Cell]] = field(default_factory=list)
+    image: bytes = b""
+    image_name: str = ""
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table; `|` and newlines inside cells are escaped."""
+    def esc(cell: Any) -> str:
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |",
+             "| " + " | ".join("---" for _ in headers) + " |"]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"markdown_table: row has {len(row)} cells, headers {len(headers)}: {row}")
+        lines.append("| " + " | ".join(esc(c) for c in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(cell: Cell) -> str:
+    if cell.style == "bold":
+        return f"**{cell.text}**"
+    if cell.style == "italic":
+        return f"*{cell.text}*"
+    return cell.text
+
+
+def render_markdown(title: str, blocks: list[Block]) -> str:
+    out = [f"# {title}\n"]
+    for b in blocks:
+        if b.kind == "heading":
+            out.append(f"{'#' * b.level} {b.text}\n")
+        elif b.kind == "text":
+            out.append(b.text + "\n")
+        elif b.kind == "table":
+            out.append(markdown_table(b.headers, [[_md_cell(c) for c in row] for row in b.rows]))
+        elif b.kind == "image":
+            out.append(f"![{b.text}]({b.image_name})\n")
+        elif b.kind == "sources":
+            out.append("Sources:\n\n" + "".join(f"- `{s}`\n" for s in b.text.split("\n")))
+    return "\n".join(out)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+.sources{font-size:.85em;color:#555}code{background:#f6f6f6;padding:0 3px}"""
+
+
+def render_html(title: str, blocks: list[Block]) -> str:
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{e(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    for b in blocks:
+        if b.kind == "heading":
+            out.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
+        elif b.kind == "text":
+            out.append(f"<p>{e(b.text)}</p>")
+        elif b.kind == "table":
+            out.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in b.headers) + "</tr></thead><tbody>")
+            for row in b.rows:
+                tds = []
+                for c in row:
+                    text = e(c.text)
+                    text = f"<b>{text}</b>" if c.style == "bold" else f"<i>{text}</i>" if c.style == "italic" else text
+                    tds.append(f"<td>{text}</td>")
+                out.append("<tr>" + "".join(tds) + "</tr>")
+            out.append("</tbody></table>")
+        elif b.kind == "image":
+            data = base64.b64encode(b.image).decode("ascii")
+            out.append(f'<figure><img alt="{e(b.text)}" src="data:image/png;base64,{data}"><figcaption>{e(b.text)}</figcaption></figure>')
+        elif b.kind == "sources":
+            out.append('<div class="sources">Sources:<ul>' + "".join(f"<li><code>{e(s)}</code></li>" for s in b.text.split("\n")) + "</ul></div>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _walk(run_dir: str, opts: StorageOptions | None, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """URIs of files under run_dir (recursively) whose base name is in `names`, sorted."""
+    fs, path = st.resolve(run_dir, opts)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    found: dict[str, list[str]] = {n: [] for n in names}
+    for info in infos:
+        base = posixpath.basename(info.path)
+        if info.type == pafs.FileType.File and base in found:
+            rel = posixpath.relpath(info.path, path)
+            found[base].append(st.join(run_dir, rel))
+    return {n: sorted(v) for n, v in found.items()}
+
+
+def _run_name(run_dir: str, metrics_uri: str) -> str:
+    parent = posixpath.dirname(metrics_uri.replace(os.sep, "/"))
+    root = run_dir.replace(os.sep, "/").rstrip("/")
+    rel = posixpath.relpath(parent, root) if parent.startswith(root) else posixpath.basename(parent)
+    return posixpath.basename(root) if rel in (".", "") else rel
+
+
+def load_metrics(uri: str, opts: StorageOptions | None = None) -> dict[str, dict[str, float | None]]:
+    """An evaluation metrics.json -> {dataset key: {metric: value}}; errors name the file and key."""
+    try:
+        data = json.loads(st.read_bytes(uri, opts))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{uri} is not valid JSON: {e}") from e
+    datasets = data.get("datasets") if isinstance(data, dict) else None
+    if not isinstance(datasets, dict):
+        raise ValueError(f"{uri} has no \"datasets\" mapping (not an evaluation metrics.json)")
+    out: dict[str, dict[str, float | None]] = {}
+    for key, metrics in datasets.items():
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{uri}: datasets.{key} must be a mapping of metric -> number")
+        clean: dict[str, float | None] = {}
+        for name, value in metrics.items():
+            if value is not None and not isinstance(value, (int, float)):
+                continue  # non-numeric extras (per-class lists ...) are not table material
+            clean[name] = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+        out[key] = clean
+    return out
+
+
+def _lookup(metrics: dict[str, dict[str, float | None]], col: Column) -> float | None:
+    for key in (f"{col.dataset}:test", col.dataset):
+        if key in metrics:
+            return metrics[key].get(col.metric)
+    return None
+
+
+def _rank_styles(values: list[float | None], lower_is_better: bool) -> list[str]:
+    """bold for the best shown value (ties share it), italic for the next distinct one."""
+    distinct = sorted({v for v in values if v is not None}, reverse=not lower_is_better)
+    styles = []
+    for v in values:
+        if v is None:
+            styles.append("")
+        elif v == distinct[0]:
+            styles.append("bold")
+        elif len(distinct) > 1 and v == distinct[1]:
+            styles.append("italic")
+        else:
+            styles.append("")
+    return styles
+
+
+def paper_table(runs: dict[str, dict[str, dict[str, float | None]]]) -> tuple[list[str], list[list[Cell]], dict]:
+    headers = ["run"] + [c.header for c in PAPER_COLUMNS]
+    names = list(runs)
+    values = {n: {f"{c.dataset}.{c.metric}": _lookup(runs[n], c) for c in PAPER_COLUMNS} for n in names}
+    grid: list[list[Cell]] = [[Cell(n)] for n in names]
+    for col in PAPER_COLUMNS:
+        key = f"{col.dataset}.{col.metric}"
+        shown = [col.format(values[n][key]) if values[n][key] is not None else None for n in names]
+        # rank on the shown (rounded) numbers so equal-looking cells get the same mark
+        styles = _rank_styles([float(s) if s is not None else None for s in shown], col.lower_is_better)
+        for row, text, style in zip(grid, shown, styles):
+            row.append(Cell(text if text is not None else MISSING, style))
+    return headers, grid, values
+
+
+def _parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"--{what} expects name=path, got {item!r}")
+        out[name] = value
+    return out
+
+
+def _resolve_metrics_path(uri: str, opts: StorageOptions | None) -> str:
+    """A --runs path may name the metrics.json or the folder holding it."""
+    fs, path = st.resolve(uri, opts)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        return st.join(uri, METRICS_FILE)
+    return uri
+
+
+def _relative_to(base: str, uri: str) -> str:
+    """Dataset URIs in report.yaml may be relative to RUN_DIR."""
+    if st.is_s3(uri) or "://" in uri or os.path.isabs(uri):
+        return uri
+    return st.join(base, uri)
+
+
+def load_spec(run_dir: str, opts: StorageOptions | None) -> tuple[ReportSpec, str | None]:
+    uri = st.join(run_dir, SPEC_FILE)
+    if not st.exists(uri, opts):
+        return ReportSpec(), None
+    try:
+        data = yaml.safe_load(st.read_bytes(uri, opts)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{uri} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{uri} must hold a mapping at the top level")
+    spec = validate(ReportSpec, data, uri)
+    spec.datasets = {k: _relative_to(run_dir, v) for k, v in spec.datasets.items()}
+    return spec, uri
+
+
+def load_tune(uri: str, opts: StorageOptions | None, metric: str | None, mode: str | None) -> tuple[pd.DataFrame, str, str]:
+    """Read a trial table; returns (trials sorted best first, metric column, mode)."""
+    try:
+        df = pd.read_csv(io.BytesIO(st.read_bytes(uri, opts)))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{uri} is not a readable CSV: {e}") from e
+    if metric is None:
+        named = df["metric"].dropna().unique().tolist() if "metric" in df.columns else []
+        if len(named) > 1:
+            raise ValueError(f"{uri}: column 'metric' names several metrics {named}; pass --metric")
+        metric = str(named[0]) if named else "val_score"
+    missing = [c for c in (*TUNE_COLUMNS, metric) if c not in df.columns]
+    if missing:
+        raise ValueError(f"{uri} lacks column(s) {missing}; it has {list(df.columns)}")
+    if mode is None:
+        modes = df["mode"].dropna().unique().tolist() if "mode" in df.columns else []
+        lower = any(w in metric.lower() for w in ("mae", "loss", "error"))
+        mode = str(modes[0]) if len(modes) == 1 else ("min" if lower else "max")
+    if mode not in ("min", "max"):
+        raise ValueError(f"{uri}: mode must be min or max, got {mode!r}")
+    df[metric] = pd.to_numeric(df[metric], errors="coerce")
+    df = df.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable").reset_index(drop=True)
+    return df, metric, mode
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _fmt_metric(value: Any) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+# ----------------------------------------------------------------------------- the report
+
+def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] | None = None,
+                 datasets: dict[str, str] | None = None, tune_csv: str | None = None,
+                 metric: str | None = None, storage: StorageOptions | None = None,
+                 title: str | None = None, mode: str | None = None, grid_images: int = 16) -> ReportResult:
+    """Write report.md and report.html (plus plots/*.png) to out_dir (default RUN_DIR/report).
+
+    runs: name -> metrics.json (or its folder); default: every metrics.json under run_dir.
+    datasets: name -> Parquet dataset URI; default: report.yaml's `datasets`.
+    tune_csv: a trial table; default: every tune_results.csv under run_dir.
+    metric / mode: the Tune metric column and min|max; default: the CSV's `metric` / `mode`
+    columns, else val_score, max (min for names with mae/loss/error).
+    """
+    out_dir = out_dir or st.join(run_dir, "report")
+    sources: list[str] = []
+    blocks: list[Block] = []
+    spec, spec_uri = load_spec(run_dir, storage)
+    if spec_uri:
+        sources.append(spec_uri)
+    found = _walk(run_dir, storage, (METRICS_FILE, TUNE_FILE))
+
+    # --- the paper's table
+    run_metrics: dict[str, dict[str, dict[str, float | None]]] = {}
+    run_files: dict[str, str] = {}
+    run_info: dict[str, dict] = {}
+    if runs:
+        for name, path in runs.items():
+            uri = _resolve_metrics_path(path, storage)
+            run_metrics[name] = load_metrics(uri, storage)
+            run_files[name] = uri
+    else:
+        for uri in found[METRICS_FILE]:
+            try:
+                metrics = load_metrics(uri, storage)
+            except ValueError as e:
+                logger.warning("skipping %s", e)
+                continue
+            name = _run_name(run_dir, uri)
+            run_metrics[name], run_files[name] = metrics, uri
+    for name, uri in run_files.items():
+        data = json.loads(st.read_bytes(uri, storage))
+        run_info[name] = {"checkpoint": data.get("checkpoint"),
+                          **{k: v.get("n") for k, v in data["datasets"].items() if isinstance(v, dict)}}
+
+    blocks.append(Block("heading", "Results (paper table)"))
+    headers, grid, values = paper_table(run_metrics)
+    if run_metrics:
+        blocks.append(Block("text", "Best per column in bold, second best in italic; age MAE in years "
+                                    f"(lower is better), accuracies in % (higher is better); {MISSING} = not evaluated."))
+        blocks.append(Block("table", headers=headers, rows=grid))
+        eval_sets = sorted({k for info in run_info.values() for k in info if k != "checkpoint"})
+        blocks.append(Block("table", headers=["run", "checkpoint", *[f"n {k}" for k in eval_sets]],
+                            rows=[[Cell(n), Cell(_fmt(run_info[n]["checkpoint"])),
+                                   *[Cell(_fmt(run_info[n].get(k))) for k in eval_sets]] for n in run_files]))
+        blocks.append(Block("sources", "\n".join(run_files.values())))
+        sources += list(run_files.values())
+    else:
+        blocks.append(Block("text", f"No evaluation {METRICS_FILE} found under {run_dir}."))
+
+    # --- datasets: distributions and sample grids
+    datasets = dict(datasets) if datasets else dict(spec.datasets)
+    images: list[tuple[str, bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="synthfar-report-") as tmp:
+        if datasets:
+            blocks.append(Block("heading", "Datasets"))
+            frames = {n: plots.read_labels(u, storage) for n, u in datasets.items()}
+            rows = []
+            for n, df in frames.items():
+                rows.append([Cell(n), Cell(str(len(df))), Cell(str(int(df["age"].notna().sum()))),
+                             *[Cell(f"{p * 100:.1f}") for p in plots.label_distributions({n: df})["gender"][n]]])
+            blocks.append(Block("table", headers=["dataset", "images", "with exact age",
+                                                  *[f"{g} (%)" for g in plots.GENDERS]], rows=rows))
+            png = plots.distribution_plots(datasets, os.path.join(tmp, "distributions.png"), storage)
+            images.append(("plots/distributions.png", _read(png)))
+            blocks.append(Block("image", "Label distributions (proportions per dataset)", image=images[-1][1],
+                                image_name=images[-1][0]))
+            for n, uri in datasets.items():
+                safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in n)
+                png = plots.sample_grid(uri, os.path.join(tmp, f"grid_{safe}.png"), storage, n=grid_images)
+                images.append((f"plots/grid_{safe}.png", _read(png)))
+                blocks.append(Block("image", f"{n}: first {grid_images} images by id (age / gender / ethnicity)",
+                                    image=images[-1][1], image_name=images[-1][0]))
+            blocks.append(Block("sources", "\n".join(datasets.values())))
+            sources += list(datasets.values())
+
+        # --- Tune
+        tune_files = [tune_csv] if tune_csv else found[TUNE_FILE]
+        if tune_files:
+            blocks.append(Block("heading", "Tune results"))
+        for i, uri in enumerate(tune_files):
+            trials, tmetric, tmode = load_tune(uri, storage, metric, mode)
+            if len(tune_files) > 1:
+                blocks.append(Block("heading", _run_name(run_dir, uri), level=3))
+            blocks.append(Block("text", f"{len(trials)} trials sorted by {tmetric} "
+                                        f"({'higher' if tmode == 'max' else 'lower'} is better), best first."))
+            extra = [c for c in trials.columns if c not in (*TUNE_COLUMNS, tmetric, "metric", "mode")]
+            heads = ["rank", *TUNE_COLUMNS, tmetric]
+            rows = [[Cell(str(r + 1)), *[Cell(_fmt(t[c])) for c in TUNE_COLUMNS],
+                     Cell(_fmt_metric(t[tmetric]), "bold" if r == 0 else "")] for r, t in enumerate(trials.to_dict("records"))]
+            blocks.append(Block("table", headers=heads, rows=rows))
+            if extra:
+                blocks.append(Block("text", f"Other columns in the file: {', '.join(map(str, extra))}."))
+            png = plots.tune_plots(trials, tmetric, os.path.join(tmp, f"tune_{i}.png"), tmode)
+            images.append((f"plots/tune_{i}.png", _read(png)))
+            blocks.append(Block("image", f"{tmetric} vs mixing ratio and top-K, per sampler (best trial per point)",
+                                image=images[-1][1], image_name=images[-1][0]))
+            blocks.append(Block("sources", uri))
+            sources.append(uri)
+
+    # --- write
+    title = title or spec.title or f"SynthFAR report: {posixpath.basename(run_dir.rstrip('/')) or run_dir}"
+    for rel, data in images:
+        st.write_bytes(st.join(out_dir, rel), data, storage)
+    md_uri, html_uri = st.join(out_dir, "report.md"), st.join(out_dir, "report.html")
+    st.write_bytes(md_uri, render_markdown(title, blocks).encode("utf-8"), storage)
+    st.write_bytes(html_uri, render_html(title, blocks).encode("utf-8"), storage)
+    logger.info("report with %d runs, %d datasets, %d tune tables -> %s", len(run_files), len(datasets), len(tune_files), out_dir)
+    return ReportResult(markdown_path=md_uri, html_path=html_uri, headers=headers,
+                        rows=[[c.text for c in row] for row in grid], values=values, sources=sources)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _run_cli(args: argparse.Namespace) -> int:
+    result = build_report(
+        args.run_dir, out_dir=args.out, runs=_parse_pairs(args.runs, "runs") or None,
+        datasets=_parse_pairs(args.dataset, "dataset") or None, tune_csv=args.tune, metric=args.metric,
+        mode=args.mode, title=args.title,
+        storage=StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
+    )
+    print(f"report: {result.markdown_path}\n        {result.html_path}")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("report", help="results table, distributions, sample grids, Tune results",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="folder (local or s3://) holding the runs' outputs")
+    p.add_argument("--out", help="output folder (default RUN_DIR/report)")
+    p.add_argument("--runs", nargs="+", action="extend", metavar="NAME=PATH",
+                   help="table rows from these metrics.json files (or their folders) instead of discovering them")
+    p.add_argument("--dataset", nargs="+", action="extend", metavar="NAME=URI",
+                   help="datasets to plot instead of report.yaml's (e.g. synthetic=s3://b/synth utkface=data/utk)")
+    p.add_argument("--tune", metavar="PATH", help="Tune trial table (default: tune_results.csv files under RUN_DIR)")
+    p.add_argument("--metric", help="Tune metric column (default: the CSV's `metric` column, else val_score)")
+    p.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --metric is better")
+    p.add_argument("--title", help="report title (default: report.yaml's title)")
+    p.add_argument("--endpoint-url", help="S3 endpoint (MinIO ...); credentials come from the AWS environment")
+    p.set_defaults(func=_run_cli)

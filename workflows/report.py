@@ -1,0 +1,13 @@
+"""`ray job submit` entrypoint for `synthfar report`:
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python workflows/report.py RUN_DIR
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the uploaded working dir
+
+from synthfar_ray.workflow import run_workflow  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_workflow("report"))
