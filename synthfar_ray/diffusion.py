@@ -1,0 +1,475 @@
+"""Stable Diffusion 1.5 + OpenPose ControlNet face generator.
+
+`build_pipeline` loads a real model (hub id, local diffusers folder, or a single-file
+`.safetensors`/`.ckpt` checkpoint such as the paper's CivitAI "Humans" fine-tune) or builds a preset
+with random weights offline (`tiny-random` for CPU tests and the laptop demo, `sd15-random` with
+SD1.5's exact shapes for GPU benchmarks). `FaceGenerator` turns (prompt, negative prompt, pose
+image, seed) rows into uint8 images, with A1111-weighted prompts of any length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field, field_validator
+
+from synthfar_ray.config import StrictModel
+from synthfar_ray.prompt_weighting import count_chunks, encode_weighted_prompts
+
+logger = logging.getLogger(__name__)
+
+# The paper's base model is a CivitAI single file ("Humans Reloaded"): point `base` at that file and
+# `base_config` at this id (or a local copy of it) to load it; this id itself is plain SD1.5.
+REAL_BASE_DEFAULT = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+REAL_CONTROLNET_DEFAULT = "lllyasviel/control_v11p_sd15_openpose"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+# DPM++ 2M Karras, as in the paper. Applied with from_config so it overrides whatever scheduler a
+# loaded model ships with, while keeping its training settings (prediction type, train steps).
+SCHEDULER_SETTINGS = dict(
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    use_karras_sigmas=True,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+)
+
+
+class ModelConfig(StrictModel):
+    """Which diffusion model to run."""
+
+    # When set, `base`/`controlnet` are ignored and random-weight components are built offline.
+    preset: Literal["tiny-random", "sd15-random"] | None = None
+    base: str = REAL_BASE_DEFAULT  # hub id | local diffusers folder | single .safetensors/.ckpt file
+    # For a single file: a diffusers folder or hub id holding the component configs (tokenizer,
+    # scheduler, unet/vae/text_encoder config.json), so the file loads without guessing online.
+    base_config: str | None = None
+    controlnet: str = REAL_CONTROLNET_DEFAULT  # hub id | local folder
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile UNet + ControlNet (GPU; costs a warm-up per batch shape)
+    seed: int = 0  # seed of the presets' random weights, so every actor builds identical weights
+
+
+class SamplerConfig(StrictModel):
+    """Sampling settings (defaults: the paper's)."""
+
+    steps: int = Field(15, gt=0)
+    guidance_scale: float = Field(7.5, gt=0)
+    controlnet_scale: float = Field(0.8, ge=0)
+    width: int = Field(512, gt=0)
+    height: int = Field(512, gt=0)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        # The VAE downsamples by 8; other sizes are silently resized by diffusers.
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: random weights from configs, fully offline.
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte mapped to a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def byte_level_clip_tokenizer():
+    """A CLIPTokenizer with no merges: each byte is a token (plus a `</w>` end-of-word variant).
+
+    Any text tokenizes without a vocabulary download; 514 tokens in all, BOS 512, EOS/pad 513.
+    transformers >= 5 builds CLIPTokenizer from an in-memory vocab dict and merges list, so no
+    vocab.json/merges.txt has to be written.
+    """
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def preset_configs(preset: str) -> dict[str, dict]:
+    """Component configs of a preset: kwargs for UNet2DConditionModel, AutoencoderKL,
+    CLIPTextConfig, and the ControlNet's conditioning embedding channels."""
+    if preset == "tiny-random":
+        return {
+            "unet": dict(
+                sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32,
+            ),
+            # Four levels, like SD's VAE, so latents are 1/8 of the image (64x64 -> 8x8) and the
+            # ControlNet's 8x-downsampling hint encoder fits.
+            "vae": dict(
+                sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            ),
+            "text_encoder": dict(
+                vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+                projection_dim=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            ),
+            "controlnet_conditioning_channels": dict(conditioning_embedding_out_channels=(8, 8, 16, 16)),
+        }
+    if preset == "sd15-random":
+        return {
+            "unet": dict(
+                sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+            ),
+            "vae": dict(
+                sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                block_out_channels=(128, 256, 512, 512), norm_num_groups=32,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            ),
+            # CLIP ViT-L/14 text tower. Token ids come from the byte-level tokenizer (ids < 514);
+            # the real vocabulary size keeps the embedding table's shape.
+            "text_encoder": dict(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                projection_dim=768, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            ),
+            "controlnet_conditioning_channels": dict(conditioning_embedding_out_channels=(16, 32, 96, 256)),
+        }
+    raise ValueError(f"unknown preset {preset!r}; expected 'tiny-random' or 'sd15-random'")
+
+
+def _make_pose_matter(controlnet) -> None:
+    """A fresh ControlNet ignores its control image: its output convs are zero, and PyTorch's default
+    init shrinks the hint signal through the 8-conv hint encoder until biases dominate. He init
+    (signal-preserving through SiLU) for both makes a random preset respond to the pose as a
+    trained one does."""
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    for module in [*zero_convs, *controlnet.controlnet_cond_embedding.modules()]:
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(module.bias)
+
+
+def build_preset_components(preset: str, seed: int = 0) -> dict:
+    """Random-weight UNet, ControlNet, VAE, text encoder and tokenizer, identical for a given seed."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = preset_configs(preset)
+    tokenizer = byte_level_clip_tokenizer()
+    # fork_rng: seeding must not disturb the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**cfg["unet"])
+        controlnet = ControlNetModel.from_unet(unet, **cfg["controlnet_conditioning_channels"])
+        _make_pose_matter(controlnet)
+        vae = AutoencoderKL(**cfg["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+        # A trained CLIP's final LayerNorm has a non-zero bias (so embeddings have a non-zero mean,
+        # which the prompt-weight mean restoration relies on); a fresh one has zeros.
+        final_ln = _clip_final_layer_norm(text_encoder)
+        torch.nn.init.normal_(final_ln.bias, std=0.5)
+    return dict(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+def _clip_final_layer_norm(text_encoder) -> torch.nn.LayerNorm:
+    # transformers >= 5.6 flattened CLIPTextModel (no `.text_model` wrapper); support both.
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return inner.final_layer_norm
+
+
+def make_scheduler(base_config=None):
+    """DPM++ 2M Karras; `base_config` (a loaded scheduler's config) keeps the model's training
+    settings such as prediction_type and num_train_timesteps."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if base_config is None:
+        return DPMSolverMultistepScheduler(num_train_timesteps=1000, **SCHEDULER_SETTINGS)
+    return DPMSolverMultistepScheduler.from_config(base_config, **SCHEDULER_SETTINGS)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading real models.
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _looks_like_path(ref: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else (absolute, ./, ~, deeper, a file suffix,
+    or an existing path) is a local path."""
+    return (
+        os.path.exists(ref)
+        or ref.startswith((".", "/", "~"))
+        or ref.count("/") > 1
+        or "\\" in ref
+        or ref.lower().endswith(SINGLE_FILE_SUFFIXES)
+    )
+
+
+def _check_diffusers_folder(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist; give a hub id, a diffusers folder, or a .safetensors file")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ValueError(
+            f"{what} {path!r} is a folder without model_index.json, so it is not a diffusers pipeline "
+            "folder; save one with pipeline.save_pretrained(...) or point at a single .safetensors file"
+        )
+
+
+@contextmanager
+def _hub_errors(what: str, ref: str, offline: bool):
+    """Turn a failed hub lookup (OSError, incl. connection errors) into one that names the model."""
+    try:
+        yield
+    except OSError as exc:
+        hint = " HF_HUB_OFFLINE is set and it is not in the local cache;" if offline else ""
+        raise OSError(
+            f"could not load {what} {ref!r} from the Hugging Face hub:{hint} download it first, give a "
+            f"local folder, or use model.preset=tiny-random offline ({exc})"
+        ) from exc
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    # diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name still works, with a warning).
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype": dtype}
+
+
+def _load_controlnet(ref: str, torch_dtype: torch.dtype, offline: bool):
+    from diffusers import ControlNetModel
+
+    if _looks_like_path(ref):
+        path = os.path.expanduser(ref)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"controlnet {ref!r} does not exist; give a hub id or a local diffusers ControlNet folder")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"controlnet folder {ref!r} has no config.json; save one with ControlNetModel.save_pretrained(...)")
+        return ControlNetModel.from_pretrained(path, **_dtype_kwarg(torch_dtype))
+    with _hub_errors("controlnet", ref, offline):
+        return ControlNetModel.from_pretrained(ref, local_files_only=offline, **_dtype_kwarg(torch_dtype))
+
+
+def _load_real_pipeline(model: ModelConfig, torch_dtype: torch.dtype):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    offline = hub_offline()
+    base = os.path.expanduser(model.base)
+    common = dict(**_dtype_kwarg(torch_dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    if _looks_like_path(model.base) and not os.path.isdir(base):
+        if not os.path.isfile(base):
+            raise FileNotFoundError(
+                f"base model {model.base!r} does not exist; give a hub id, a diffusers folder, or a "
+                f"single checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)})"
+            )
+        if not base.lower().endswith(SINGLE_FILE_SUFFIXES):
+            raise ValueError(f"base model file {model.base!r} is not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
+        config = model.base_config
+        if config is None and offline:
+            raise ValueError(
+                f"base model {model.base!r} is a single file and HF_HUB_OFFLINE is set, so its component "
+                "configs cannot be fetched: set model.base_config to a local diffusers SD1.5 folder "
+                f"(or a cached hub id such as {REAL_BASE_DEFAULT!r})"
+            )
+        if config is not None and _looks_like_path(config):
+            config = os.path.expanduser(config)
+            _check_diffusers_folder(config, "base_config")
+        controlnet = _load_controlnet(model.controlnet, torch_dtype, offline)
+        logger.info("loading single-file checkpoint %s (configs from %s)", base, config or "<inferred>")
+        from_hub = config is None or not _looks_like_path(config)
+        with _hub_errors("base_config", config or "<inferred from the checkpoint>", offline) if from_hub else nullcontext():
+            return StableDiffusionControlNetPipeline.from_single_file(
+                base, config=config, controlnet=controlnet, local_files_only=offline, **common
+            )
+
+    if _looks_like_path(model.base):
+        _check_diffusers_folder(base, "base model")  # before the (slow) ControlNet load
+        controlnet = _load_controlnet(model.controlnet, torch_dtype, offline)
+        return StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=controlnet, **common)
+    controlnet = _load_controlnet(model.controlnet, torch_dtype, offline)
+    with _hub_errors("base model", model.base, offline):
+        return StableDiffusionControlNetPipeline.from_pretrained(
+            model.base, controlnet=controlnet, local_files_only=offline, **common
+        )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def build_pipeline(model: ModelConfig, device: str | None = None):
+    """A StableDiffusionControlNetPipeline on `device` (None: cuda if available, else cpu) with the
+    paper's scheduler, no safety checker and no progress bar."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    device = device or default_device()
+    dtype = resolve_dtype(model.dtype, device)
+    start = time.perf_counter()
+    if model.preset is not None:
+        parts = build_preset_components(model.preset, model.seed)
+        pipe = StableDiffusionControlNetPipeline(
+            **parts, scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+            image_encoder=None, requires_safety_checker=False,
+        )
+    else:
+        pipe = _load_real_pipeline(model, dtype)
+        pipe.scheduler = make_scheduler(pipe.scheduler.config)
+    if pipe.unet.dtype != dtype:  # a no-op cast would still log diffusers' fp32-modules warning
+        pipe = pipe.to(dtype=dtype)  # cast before moving: the device only ever holds the final dtype
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    if torch.device(device).type == "cuda":
+        # NHWC convolutions are faster on tensor cores.
+        for module in (pipe.unet, pipe.controlnet, pipe.vae):
+            module.to(memory_format=torch.channels_last)
+        if model.compile:
+            pipe.unet = torch.compile(pipe.unet)
+            pipe.controlnet = torch.compile(pipe.controlnet)
+    elif model.compile:
+        logger.warning("model.compile is only applied on CUDA; running eager on %s", device)
+    logger.info("built pipeline %s on %s (%s) in %.1f s", model_label(model), device, dtype, time.perf_counter() - start)
+    return pipe
+
+
+def _short_ref(ref: str) -> str:
+    if _looks_like_path(ref):
+        return os.path.basename(os.path.normpath(os.path.expanduser(ref))) or ref
+    return ref
+
+
+def model_label(model: ModelConfig) -> str:
+    """Short, stable name of the model for the dataset's `model` column."""
+    if model.preset is not None:
+        return f"preset:{model.preset}" + (f":seed{model.seed}" if model.seed else "")
+    return f"{_short_ref(model.base)}+{_short_ref(model.controlnet)}"
+
+
+class FaceGenerator:
+    """Generates one image per (prompt, negative prompt, pose image, seed) row.
+
+    Each image gets its own CPU torch.Generator seeded with its seed, so its starting noise does not
+    depend on the batch or the device. Prompts of different lengths need different numbers of
+    77-token chunks; rows are run in sub-batches of equal chunk count (each row padded only to its
+    own positive/negative maximum), so a row's image never depends on what else is in the batch.
+    """
+
+    def __init__(self, model: ModelConfig, sampler: SamplerConfig, device: str | None = None):
+        self.model = model
+        self.sampler = sampler
+        self.device = device or default_device()
+        self.pipe = build_pipeline(model, self.device)
+        self.label = model_label(model)
+
+    def _encode(self, prompts: list[str], negative_prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        tok = self.pipe.tokenizer
+        # Each row: positive and negative padded to the longer of the two (CFG needs equal shapes).
+        counts = [max(count_chunks(tok, p), count_chunks(tok, n)) for p, n in zip(prompts, negative_prompts)]
+        embeds = encode_weighted_prompts(
+            tok, self.pipe.text_encoder, list(prompts) + list(negative_prompts), n_chunks=counts + counts,
+            device=self.pipe.text_encoder.device,
+        )
+        return embeds[: len(prompts)], embeds[len(prompts):]
+
+    def __call__(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        pose_images: list[np.ndarray],
+        seeds: list[int],
+    ) -> np.ndarray:
+        """(B, H, W, 3) uint8 images, H/W from the sampler config."""
+        n = len(prompts)
+        if not (len(negative_prompts) == len(pose_images) == len(seeds) == n):
+            raise ValueError(
+                f"batch lists differ in length: {n} prompts, {len(negative_prompts)} negative prompts, "
+                f"{len(pose_images)} pose images, {len(seeds)} seeds"
+            )
+        s = self.sampler
+        out = np.empty((n, s.height, s.width, 3), dtype=np.uint8)
+        if n == 0:
+            return out
+        controls = [_to_pil(img, i) for i, img in enumerate(pose_images)]
+
+        unet_dtype = self.pipe.unet.dtype
+        device = self.pipe.unet.device
+        with torch.inference_mode():
+            pos, neg = self._encode(prompts, negative_prompts)
+            groups: dict[int, list[int]] = {}
+            for i, e in enumerate(pos):
+                groups.setdefault(e.shape[0], []).append(i)
+            for idx in groups.values():
+                result = self.pipe(
+                    prompt_embeds=torch.stack([pos[i] for i in idx]).to(device, unet_dtype),
+                    negative_prompt_embeds=torch.stack([neg[i] for i in idx]).to(device, unet_dtype),
+                    image=[controls[i] for i in idx],
+                    num_inference_steps=s.steps,
+                    guidance_scale=s.guidance_scale,
+                    controlnet_conditioning_scale=s.controlnet_scale,
+                    height=s.height,
+                    width=s.width,
+                    generator=[torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx],
+                    output_type="np",
+                )
+                images = np.asarray(result.images, dtype=np.float32)
+                if not np.isfinite(images).all():
+                    logger.warning("non-finite pixels in generated images (seeds %s); clipped", [seeds[i] for i in idx])
+                    images = np.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)
+                out[idx] = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+        return out
+
+
+def _to_pil(image: np.ndarray | Image.Image, index: int) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"pose image {index} must be an HxWx3 uint8 array, got shape {arr.shape} dtype {arr.dtype}")
+    return Image.fromarray(arr)
+
+
+__all__ = [
+    "REAL_BASE_DEFAULT", "REAL_CONTROLNET_DEFAULT", "ModelConfig", "SamplerConfig", "FaceGenerator",
+    "build_pipeline", "model_label", "make_scheduler", "build_preset_components", "preset_configs",
+    "byte_level_clip_tokenizer",
+]
