@@ -10,20 +10,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import posixpath
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot global state
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from synthfar_ray.images import decode_image
 from synthfar_ray.labels import AGE_BIN_NAMES, ETHNICITIES, GENDERS
-from synthfar_ray.storage import StorageError, StorageOptions, resolve
+from synthfar_ray.storage import StorageOptions, open_parquet_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -38,31 +36,8 @@ CAPTION_HEIGHT = 18  # pixels under each grid tile for its "age / gender / ethni
 
 
 def _dataset(uri: str, storage: StorageOptions | None) -> pads.Dataset:
-    """The Parquet files under a dataset folder (recursively), as one pyarrow dataset.
-
-    Only `*.parquet` files count, so manifests (`_manifest.json`) and other side files are
-    ignored; `key=value` folders (hive partitioning) become columns.
-    """
-    fs, path = resolve(uri, storage)
-    try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            files = [path]
-        elif info.type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            files = sorted(
-                i.path for i in infos
-                if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                and not posixpath.basename(i.path).startswith((".", "_"))
-            )
-        else:
-            raise StorageError(f"dataset not found: {uri}")
-    except OSError as e:
-        raise StorageError(f"cannot list dataset {uri}: {e}") from e
-    if not files:
-        raise StorageError(f"no .parquet files in dataset {uri}")
-    base = path if info.type == pafs.FileType.Directory else posixpath.dirname(path)
-    return pads.dataset(files, filesystem=fs, format="parquet", partitioning="hive", partition_base_dir=base)
+    """The Parquet files under a dataset folder; `key=value` folders (hive partitioning) become columns."""
+    return open_parquet_dataset(uri, storage, partitioning="hive")
 
 
 def _check_columns(dataset: pads.Dataset, columns: Iterable[str], uri: str) -> None:

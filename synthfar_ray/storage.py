@@ -147,3 +147,38 @@ def ensure_dir(uri: str, options: StorageOptions | None = None) -> None:
         fs.create_dir(path, recursive=True)
     except OSError as e:
         raise StorageError(f"cannot create {uri}: {e}") from e
+
+
+def parquet_files(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, list[str], str]:
+    """(fs, Parquet file paths, base dir) of a dataset folder (recursively) or a single file.
+
+    Paths with a component starting with `_` or `.` are skipped, as Ray Data's read_parquet does:
+    manifests, `_scores/`, `_selections/` and temp files are not rows of the dataset.
+    """
+    fs, path = resolve(uri, options)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return fs, [path], posixpath.dirname(path)
+        if info.type != pafs.FileType.Directory:
+            raise StorageError(f"dataset not found: {uri}")
+        files = []
+        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            rel = i.path[len(path):].lstrip("/")
+            if i.type == pafs.FileType.File and i.path.endswith(".parquet") \
+                    and not any(p.startswith((".", "_")) for p in rel.split("/")):
+                files.append(i.path)
+    except OSError as e:
+        raise StorageError(f"cannot list dataset {uri}: {e}") from e
+    if not files:
+        raise StorageError(f"no .parquet files in dataset {uri}")
+    return fs, sorted(files), path
+
+
+def open_parquet_dataset(uri: str, options: StorageOptions | None = None, partitioning: str | None = None):
+    """A dataset folder as one pyarrow dataset (see parquet_files for what counts as a row file)."""
+    import pyarrow.dataset as pads
+
+    fs, files, base = parquet_files(uri, options)
+    return pads.dataset(files, filesystem=fs, format="parquet", partitioning=partitioning,
+                        partition_base_dir=base if partitioning else None)

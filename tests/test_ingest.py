@@ -293,7 +293,7 @@ def test_corrupt_jpeg_fails_the_ray_job_with_its_name(ray_cluster, tmp_path):
     name = utkface_file_name(44, 1, 2, "truncated")
     (root / name).write_bytes(_jpeg(np.random.default_rng(1))[:60])
     out = tmp_path / "out"
-    with pytest.raises(IngestError, match=name.replace(".", r"\.") + ": unreadable image") as excinfo:
+    with pytest.raises(IngestError, match=name.replace(".", r"\.") + ": unreadable image"):
         ingest_utkface(str(root), str(out))
     assert not [p for p in out.rglob("*") if p.is_file()]  # no partial output left behind
 

@@ -1,0 +1,617 @@
+"""Stage 5: search the mixing ratio (or pretrain steps), the sampler, its top-K and the learning rate
+with Ray Tune (`synthfar tune CONFIG [key=value ...]`).
+
+Pattern (Ray 2.60, Train V2): each Tune trial is a small function trainable that builds its
+`TrainConfig` (the base `train:` settings + the trial's parameters) and runs train.py's TorchTrainer.
+A Train V2 `TuneReportCallback` forwards every validation report to Tune (adding `val_score`, the
+mean of the validation accuracies, unless the metric is one train.py reports itself), so ASHA can
+stop weak trials early.
+
+Samplers cost a model each (cl-sam classifier, cr-sam discriminator) and a pass over the synthetic
+set, so each sampler's scores are computed once before the sweep (and cached with the synthetic set,
+see sampling.py); the top-K selection of every (sampler, K) in the space is then cheap pandas,
+written under `<sweep>/selections/`. A trial just points `synthetic_selection` at its selection.
+
+Layout under `<storage_path>/<name>/`: Tune's experiment state and trial folders (progress.csv,
+result.json, TensorBoard events), `runs/<trial_id>/` (train.py runs: checkpoints, TensorBoard
+scalars of the training loop, trial.json), `selections/`, and `tune_results.csv` / `.md`.
+Re-running the same config restores the sweep (`Tuner.restore`): finished trials are kept, not
+rerun; unfinished ones resume from their last Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+from pydantic import Field, model_validator
+
+from synthfar_ray import storage as st
+from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_config, load_config
+from synthfar_ray.sampling import (ClassField, Combine, ScorerTrain, SampleConfig, compute_scores,
+                                   count_real_train, resolve_k, select_top_k, write_selection)
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("none", "random", "cl-sam", "cr-sam")
+RESULTS_CSV, RESULTS_MD = "tune_results.csv", "tune_results.md"
+TRIAL_FILE = "trial.json"
+RUNS_DIR, SELECTIONS_DIR = "runs", "selections"
+# Columns report.py's load_tune needs (plus the metric column, named in `metric`).
+TABLE_COLUMNS = ("trial_id", "mix_ratio", "sampler", "top_k", "lr")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+class Dist(StrictModel):
+    """A searched parameter: exactly one of choice (sampled), grid (every value), uniform or loguniform."""
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Dist":
+        set_ = [k for k in ("choice", "grid", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"give exactly one of choice, grid, uniform, loguniform (got {set_ or 'none'})")
+        if self.choice is not None and not self.choice or self.grid is not None and not self.grid:
+            raise ValueError("choice / grid needs at least one value")
+        for name in ("uniform", "loguniform"):
+            lo_hi = getattr(self, name)
+            if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"{name} needs [low, high] with low < high, got {list(lo_hi)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    def values(self) -> list[Any] | None:
+        """The finite set of values, or None for a continuous range."""
+        return self.choice if self.choice is not None else self.grid
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.grid is not None:
+            return tune.grid_search(list(self.grid))
+        if self.choice is not None:
+            return tune.choice(list(self.choice))
+        if self.uniform is not None:
+            return tune.uniform(*self.uniform)
+        return tune.loguniform(*self.loguniform)
+
+
+class SearchSpace(StrictModel):
+    """Each entry: a fixed value, or a `Dist` ({choice: [...]}, {grid: [...]}, {loguniform: [lo, hi]} ...)."""
+
+    mix_ratio: Dist | float = Field(default_factory=lambda: Dist(choice=[0.25, 0.5, 0.75]),
+                                    description="mix plan: synthetic share of each batch")
+    pretrain_steps: Dist | int | None = Field(None, description="pretrain_finetune plan: synthetic steps "
+                                                                "(the rest of train.steps fine-tunes on real)")
+    sampler: Dist | Literal["none", "random", "cl-sam", "cr-sam"] = Field(
+        default_factory=lambda: Dist(choice=["random", "cl-sam", "cr-sam"]),
+        description="none = the whole synthetic set")
+    k_multiple: Dist | float = Field(default_factory=lambda: Dist(choice=[1.0, 2.0, 5.0]),
+                                     description="top-K as a multiple of the real training rows")
+    lr: Dist | float = Field(default_factory=lambda: Dist(loguniform=(1e-5, 1e-3)))
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchSpace":
+        for name in ("sampler", "k_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, Dist) and value.values() is None:
+                raise ValueError(f"{name}: selections are made before the sweep, so use a fixed value, "
+                                 "choice or grid, not a continuous range")
+        for s in self.samplers():
+            if s not in SAMPLERS:
+                raise ValueError(f"sampler {s!r} is not one of {SAMPLERS}")
+        for k in self.k_multiples():
+            if not isinstance(k, (int, float)) or k <= 0:
+                raise ValueError(f"k_multiple values must be > 0, got {k!r}")
+        return self
+
+    def samplers(self) -> list[str]:
+        return list(self.sampler.values()) if isinstance(self.sampler, Dist) else [self.sampler]
+
+    def k_multiples(self) -> list[float]:
+        return [float(k) for k in (self.k_multiple.values() if isinstance(self.k_multiple, Dist) else [self.k_multiple])]
+
+
+class SamplerSettings(StrictModel):
+    """How each sampler scores the synthetic set (see sampling.SampleConfig)."""
+
+    class_key: list[ClassField] = Field(default_factory=lambda: ["ethnicity", "gender", "age_bin"])
+    combine: Combine = "product"
+    redistribute: bool = False
+    classifier: str | None = Field(None, description="cl-sam classifier checkpoint; default: train a small one")
+    scorer_train: ScorerTrain = ScorerTrain()
+    seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    num_actors: int | None = Field(None, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0)
+
+
+class TuneConfig(StageConfig):
+    name: str = Field(description="sweep name: the folder under storage_path; re-running it resumes the sweep")
+    storage_path: str = Field(description="where sweeps live (local path, file:// or s3://)")
+    plan: Literal["mix", "pretrain_finetune"] = "mix"
+    train: dict[str, Any] = Field(description="base train.TrainConfig fields (synthetic, real, steps, model, ...); "
+                                              "name, storage_path, plan and the searched fields are set per trial")
+    space: SearchSpace = SearchSpace()
+    sampling: SamplerSettings = SamplerSettings()
+    metric: str = Field("val_score", description="reported metric to optimise; val_score = mean of score_metrics")
+    mode: Literal["max", "min"] = "max"
+    score_metrics: list[str] = Field(default_factory=lambda: ["val_gender_acc", "val_ethnicity_acc", "val_age_bin_acc"])
+    num_samples: int = Field(8, ge=1, description="trials (with grid entries: repeats of the grid)")
+    search: Literal["auto", "optuna", "random"] = Field("auto", description="auto: Optuna when installed and the "
+                                                                            "space has no grid, else random/grid")
+    asha: bool = Field(True, description="ASHA early stopping on the metric at each validation")
+    grace_steps: int | None = Field(None, ge=1, description="ASHA: steps before a trial can be stopped "
+                                                            "(default: 2 validations)")
+    reduction_factor: float = Field(3.0, gt=1)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster fits")
+    gpus_per_trial: int | None = Field(None, ge=0, description="DDP GPU workers per trial (default 1 with GPUs)")
+    trial_cpus: float = Field(0.25, gt=0, description="CPUs of the trial's driver function")
+    cpu_worker_cpus: float = Field(0.5, gt=0, description="CPU-only cluster: CPUs per train worker")
+    cpu_data_cpus: float = Field(0.25, gt=0, description="CPU-only cluster: CPUs per Ray Data decode task")
+    resume: bool = Field(True, description="restore an existing sweep of the same name")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "TuneConfig":
+        reserved = {"name", "storage_path", "plan", "synthetic_selection", "storage"}
+        bad = sorted(reserved & set(self.train))
+        if bad:
+            raise ValueError(f"train: {bad} are set by the sweep, remove them")
+        if self.plan == "pretrain_finetune" and self.space.pretrain_steps is None:
+            raise ValueError("plan pretrain_finetune needs space.pretrain_steps")
+        if "/" in self.name or not self.name.strip():
+            raise ValueError(f"name {self.name!r} must be a plain folder name")
+        # Fail now, not in trial 17: the base train config with sample values must validate.
+        trial_train_config(self, _example_params(self), "probe", "/tmp/probe", None)
+        return self
+
+    @property
+    def sweep_uri(self) -> str:
+        return st.join(self.storage_path, self.name)
+
+
+def _first(value: Any) -> Any:
+    if not isinstance(value, Dist):
+        return value
+    if value.values() is not None:
+        return value.values()[0]
+    lo, hi = value.uniform or value.loguniform
+    return lo
+
+
+def _example_params(cfg: TuneConfig) -> dict[str, Any]:
+    return {k: _first(getattr(cfg.space, k)) for k in ("mix_ratio", "pretrain_steps", "sampler", "k_multiple", "lr")}
+
+
+def trial_train_config(cfg: TuneConfig, params: dict[str, Any], name: str, runs_uri: str,
+                       selection: str | None):
+    """The train.TrainConfig of one trial: base `train` + the trial's parameters."""
+    from synthfar_ray.train import TrainConfig
+
+    data = dict(cfg.train)
+    data.update(name=name, storage_path=runs_uri, plan=cfg.plan, lr=float(params["lr"]),
+                synthetic_selection=selection, storage=cfg.storage.model_dump())
+    if cfg.plan == "mix":
+        data["mix_ratio"] = float(params["mix_ratio"])
+    else:
+        pre = int(params["pretrain_steps"])
+        total = int(data.get("steps", TrainConfig.model_fields["steps"].default))
+        if not 0 <= pre <= total:
+            raise ValueError(f"pretrain_steps {pre} is outside [0, train.steps={total}]")
+        data.update(pretrain_steps=pre, finetune_steps=total - pre)
+        data.pop("steps", None)
+    try:
+        return TrainConfig.model_validate(data)
+    except Exception as e:  # pydantic's message names the field
+        raise ValueError(f"train settings of the sweep are not a valid TrainConfig: {e}") from e
+
+
+@dataclass
+class TuneResult:
+    best_params: dict[str, Any]
+    best_metric: float | None
+    best_trial_id: str | None
+    table_path: str  # tune_results.csv URI
+    markdown_path: str
+    sweep_uri: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    restored: bool = False
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting from Train V2 workers to Tune
+
+
+def _score(metrics: dict[str, Any], parts: list[str]) -> float | None:
+    vals = [float(metrics[p]) for p in parts
+            if isinstance(metrics.get(p), (int, float)) and not math.isnan(float(metrics[p]))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _make_report_callback(metric: str, score_metrics: list[str]):
+    """A Train V2 UserCallback that forwards rank 0's reports to the Tune session, adding
+    `val_score` (mean of `score_metrics`). Reports without the metric (no validation in them) are
+    not forwarded: Tune's schedulers need the metric in every result."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportToTune(TuneReportCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.metric, self.parts = metric, list(score_metrics)
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = dict(metrics[0]) if metrics else {}
+            score = _score(m, self.parts)
+            if score is not None:
+                m.setdefault("val_score", score)
+            value = m.get(self.metric)
+            if not isinstance(value, (int, float)) or math.isnan(float(value)):
+                return
+            super().after_report(run_context, [m], checkpoint)
+
+    return ReportToTune()
+
+
+def _fit_with_callbacks(tcfg, callbacks: list) -> dict[str, Any]:
+    """Run train.py's TorchTrainer with extra RunConfig callbacks.
+
+    Stop-gap while train.run_train takes no `callbacks`: the same trainer run_train builds (its
+    datasets, worker loop, scaling), plus our callbacks."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from synthfar_ray import train
+
+    datasets = train.build_datasets(tcfg)
+    fs, path = st.resolve(tcfg.storage_path, tcfg.storage)
+    fs.create_dir(path, recursive=True)
+    use_gpu = tcfg.use_gpu if tcfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train.train_loop_per_worker,
+        train_loop_config={"cfg_json": tcfg.model_dump_json()},
+        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=tcfg.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=tcfg.failure_max),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+                             callbacks=callbacks),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != "val"]),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    out = result.return_value or {}
+    ckpt = st.join(tcfg.run_uri, os.path.basename(result.checkpoint.path.rstrip("/"))) if result.checkpoint else None
+    return {"checkpoint": ckpt, "metrics": dict(out.get("metrics") or result.metrics or {}), "steps": int(out.get("step", 0))}
+
+
+def _train_reporting(tcfg, callbacks: list) -> dict[str, Any]:
+    from synthfar_ray import train
+
+    if "callbacks" in inspect.signature(train.run_train).parameters:
+        r = train.run_train(tcfg, callbacks=callbacks)
+        return {"checkpoint": r.checkpoint, "metrics": dict(r.metrics), "steps": r.steps}
+    return _fit_with_callbacks(tcfg, callbacks)
+
+
+@dataclass
+class TrialSetup:
+    """What every trial needs besides its parameters (shipped once via tune.with_parameters)."""
+
+    cfg_json: str
+    runs_uri: str
+    selections: dict[str, str]  # "<sampler>|<k_multiple>" -> selection URI
+
+
+def _selection_key(sampler: str, k_multiple: float) -> str:
+    return f"{sampler}|{float(k_multiple):g}"
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune function trainable: one training run with this trial's parameters."""
+    from ray import tune
+
+    cfg = TuneConfig.model_validate_json(setup.cfg_json)
+    trial_id = tune.get_context().get_trial_id()
+    sampler = config["sampler"]
+    selection = None if sampler == "none" else setup.selections[_selection_key(sampler, config["k_multiple"])]
+    tcfg = trial_train_config(cfg, config, trial_id, setup.runs_uri, selection)
+    # trial.json: every start of this trial's training (a restored sweep must not add one to a
+    # finished trial), then its outcome. The outcome is missing when the scheduler stopped the trial.
+    record_uri = st.join(tcfg.run_uri, TRIAL_FILE)
+    record: dict[str, Any] = {"trial_id": trial_id, "params": config, "selection": selection, "attempts": []}
+    if st.exists(record_uri, cfg.storage):
+        record = json.loads(st.read_bytes(record_uri, cfg.storage))
+    record["attempts"].append({"started_at": time.time(), "pid": os.getpid()})
+    st.write_bytes(record_uri, json.dumps(record, indent=2, default=str).encode(), cfg.storage)
+    t0 = time.time()
+    out = _train_reporting(tcfg, [_make_report_callback(cfg.metric, cfg.score_metrics)])
+    record.update(out, seconds=round(time.time() - t0, 2), finished_at=time.time())
+    st.write_bytes(record_uri, json.dumps(record, indent=2, default=str).encode(), cfg.storage)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+def prepare_selections(cfg: TuneConfig) -> dict[str, str]:
+    """Score the synthetic set once per sampler (cached) and write every (sampler, K) selection."""
+    base = cfg.train
+    samplers = [s for s in cfg.space.samplers() if s != "none"]
+    if not samplers:
+        return {}
+    for key in ("synthetic", "real"):
+        if not base.get(key):
+            raise ConfigError(f"train.{key} is needed to score samplers {samplers}")
+    real_subset = int(base.get("real_subset", 100))
+    real_rows = count_real_train(base["real"], real_subset, cfg.storage)
+    s = cfg.sampling
+    out: dict[str, str] = {}
+    for sampler in samplers:
+        scfg = SampleConfig(
+            synthetic=base["synthetic"], real=base["real"], real_subset=real_subset, method=sampler, k=1,
+            class_key=s.class_key, combine=s.combine, redistribute=s.redistribute, classifier=s.classifier,
+            scorer_train=s.scorer_train, seed=s.seed, batch_size=s.batch_size, num_actors=s.num_actors,
+            cpus_per_actor=s.cpus_per_actor, gpus_per_actor=s.gpus_per_actor, storage=cfg.storage)
+        scores, scores_uri = compute_scores(scfg)
+        for mult in cfg.space.k_multiples():
+            k = resolve_k(None, mult, real_rows)
+            uri = st.join(cfg.sweep_uri, SELECTIONS_DIR, f"{sampler}-{mult:g}x")
+            selection = select_top_k(scores, k, list(s.class_key), s.redistribute)
+            write_selection(selection, uri, sampler, k, cfg.storage, extra={
+                "k_multiple": mult, "real_train_rows": real_rows, "class_key": list(s.class_key),
+                "synthetic": base["synthetic"], "real": base["real"], "scores": scores_uri})
+            out[_selection_key(sampler, mult)] = uri
+            logger.info("selection %s %gx: %d of %d rows -> %s", sampler, mult, int(selection["chosen"].sum()),
+                        len(selection), uri)
+    return out
+
+
+def _param_space(cfg: TuneConfig) -> dict[str, Any]:
+    space: dict[str, Any] = {}
+    names = ["sampler", "k_multiple", "lr"] + (["mix_ratio"] if cfg.plan == "mix" else ["pretrain_steps"])
+    for name in names:
+        value = getattr(cfg.space, name)
+        space[name] = value.to_tune() if isinstance(value, Dist) else value
+    return space
+
+
+def _has_grid(cfg: TuneConfig) -> bool:
+    return any(isinstance(getattr(cfg.space, n), Dist) and getattr(cfg.space, n).grid is not None
+               for n in ("sampler", "k_multiple", "lr", "mix_ratio", "pretrain_steps"))
+
+
+def _searcher(cfg: TuneConfig, concurrent: int):
+    """(search algorithm, max_concurrent_trials for tune.TuneConfig).
+
+    BasicVariantGenerator limits concurrency itself; Tune would ignore max_concurrent_trials for it."""
+    from ray.tune.search import BasicVariantGenerator
+
+    want_optuna = cfg.search == "optuna" or (cfg.search == "auto" and not _has_grid(cfg))
+    if want_optuna:
+        try:
+            import optuna  # noqa: F401
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            if cfg.search == "optuna":
+                raise ConfigError("search: optuna, but the optuna package is not installed") from None
+            logger.info("search: random/grid (BasicVariantGenerator); optuna is not installed")
+        else:
+            if _has_grid(cfg):
+                raise ConfigError("search: optuna cannot take grid entries; use choice")
+            logger.info("search: Optuna (TPE), seed %d", cfg.seed)
+            return OptunaSearch(metric=cfg.metric, mode=cfg.mode, seed=cfg.seed), concurrent
+    else:
+        logger.info("search: random/grid (BasicVariantGenerator)")
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent), None
+
+
+def _resources(cfg: TuneConfig) -> tuple[dict[str, Any], int]:
+    """Train settings for the cluster's hardware, and how many trials run at once."""
+    import ray
+
+    res = ray.cluster_resources()
+    n_gpu, n_cpu = int(res.get("GPU", 0)), float(res.get("CPU", 1))
+    overrides: dict[str, Any] = {}
+    if n_gpu > 0 and cfg.gpus_per_trial != 0:
+        per_trial = cfg.gpus_per_trial or int(cfg.train.get("num_workers", 1))
+        overrides.update(use_gpu=True, num_workers=per_trial)
+        fits = max(1, n_gpu // per_trial)
+    else:
+        # CPU: fractional CPUs so several trials (and their data tasks) share a small machine.
+        overrides["use_gpu"] = False
+        overrides.setdefault("cpus_per_worker", cfg.train.get("cpus_per_worker", cfg.cpu_worker_cpus))
+        overrides.setdefault("data_cpus", cfg.train.get("data_cpus", cfg.cpu_data_cpus))
+        workers = int(cfg.train.get("num_workers", 1))
+        per_trial = cfg.trial_cpus + workers * overrides["cpus_per_worker"] + overrides["data_cpus"]
+        fits = max(1, int(n_cpu // per_trial))
+    return overrides, cfg.max_concurrent_trials or fits
+
+
+def _scheduler(cfg: TuneConfig, steps: int):
+    """ASHA on the metric at each validation (time = optimizer step), or FIFO when ASHA is off or
+    its grace period covers the whole budget."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from synthfar_ray.train import TrainConfig
+
+    val_every = int(cfg.train.get("val_every", TrainConfig.model_fields["val_every"].default))
+    grace = cfg.grace_steps or 2 * val_every
+    if cfg.asha and grace < steps:
+        # stop_last_trials=False: a trial that reaches max_t finishes on its own (and writes its
+        # trial.json) instead of being stopped at its last report.
+        logger.info("scheduler: ASHA on %s (grace %d steps, max %d, reduction %g)", cfg.metric, grace, steps,
+                    cfg.reduction_factor)
+        return ASHAScheduler(time_attr="step", max_t=steps, grace_period=grace,
+                             reduction_factor=cfg.reduction_factor, stop_last_trials=False)
+    if cfg.asha:
+        logger.info("scheduler: FIFO (ASHA's grace of %d steps leaves nothing to stop in %d steps)", grace, steps)
+    return FIFOScheduler()
+
+
+def _status(result, steps: int, metric: str) -> str:
+    if result.error is not None:
+        return "ERROR"
+    step = (result.metrics or {}).get("step")
+    if isinstance(step, (int, float)) and step < steps:
+        return "STOPPED_EARLY"
+    return "TERMINATED" if metric in (result.metrics or {}) else "NO_RESULT"
+
+
+def _trial_table(cfg: TuneConfig, grid, real_rows: int | None, steps: int) -> pd.DataFrame:
+    rows = []
+    for result in grid:
+        c, m = result.config or {}, result.metrics or {}
+        sampler = c.get("sampler")
+        rows.append({
+            "trial_id": m.get("trial_id") or (os.path.basename(result.path.rstrip("/")) if result.path else None),
+            "mix_ratio": c.get("mix_ratio") if cfg.plan == "mix" else None,
+            "sampler": sampler,
+            "top_k": c.get("k_multiple") if sampler != "none" else None,
+            "lr": c.get("lr"),
+            cfg.metric: m.get(cfg.metric),
+            **({"val_score": m.get("val_score")} if cfg.metric != "val_score" else {}),
+            "status": _status(result, steps, cfg.metric),
+            "pretrain_steps": c.get("pretrain_steps"),
+            "k": resolve_k(None, c["k_multiple"], real_rows) if real_rows and sampler not in (None, "none") else None,
+            "step": m.get("step"),
+            "plan": cfg.plan,
+            "metric": cfg.metric,
+            "mode": cfg.mode,
+            "checkpoint": m.get("checkpoint_path"),
+        })
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df[cfg.metric] = pd.to_numeric(df[cfg.metric], errors="coerce")
+    return df.sort_values(cfg.metric, ascending=cfg.mode == "min", na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _markdown(df: pd.DataFrame, cfg: TuneConfig) -> str:
+    from synthfar_ray.report import markdown_table
+
+    cols = [*TABLE_COLUMNS, cfg.metric, "status"]
+    if cfg.plan == "pretrain_finetune":
+        cols.insert(2, "pretrain_steps")
+
+    def fmt(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    rows = [[fmt(r[c]) for c in cols] for r in df.to_dict("records")]
+    return (f"# Tune sweep {cfg.name}\n\n{len(df)} trials, sorted by {cfg.metric} "
+            f"({'higher' if cfg.mode == 'max' else 'lower'} is better), best first.\n\n" + markdown_table(cols, rows) + "\n")
+
+
+def run_tune(cfg: TuneConfig) -> TuneResult:
+    from ray import tune
+    t0 = time.time()
+    _ensure_ray()
+    fs, path = st.resolve(cfg.storage_path, cfg.storage)
+    fs.create_dir(path, recursive=True)
+    sweep_path = f"{path.rstrip('/')}/{cfg.name}"
+    runs_uri = st.join(cfg.sweep_uri, RUNS_DIR)
+
+    overrides, concurrent = _resources(cfg)
+    cfg = cfg.model_copy(update={"train": {**cfg.train, **overrides}})
+    selections = prepare_selections(cfg)
+    setup = TrialSetup(cfg_json=cfg.model_dump_json(), runs_uri=runs_uri, selections=selections)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": cfg.trial_cpus})
+
+    probe = trial_train_config(cfg, _example_params(cfg), "probe", runs_uri, None)
+    steps = probe.steps
+    st.write_bytes(st.join(cfg.sweep_uri, "tune_config.json"), json.dumps(dump_config(cfg), indent=2).encode(), cfg.storage)
+
+    restored = cfg.resume and tune.Tuner.can_restore(sweep_path, storage_filesystem=fs)
+    if restored:
+        logger.info("restoring sweep %s: finished trials are kept, unfinished ones resume", cfg.sweep_uri)
+        tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+    else:
+        scheduler = _scheduler(cfg, steps)
+        logger.info("sweep %s: %d samples, up to %d trials at once, train overrides %s", cfg.name, cfg.num_samples,
+                    concurrent, overrides)
+        search_alg, max_concurrent = _searcher(cfg, concurrent)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(cfg),
+            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
+                                        search_alg=search_alg, scheduler=scheduler,
+                                        max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    grid = tuner.fit()
+
+    real_rows = count_real_train(cfg.train["real"], int(cfg.train.get("real_subset", 100)), cfg.storage) \
+        if cfg.train.get("real") else None
+    table = _trial_table(cfg, grid, real_rows, steps)
+    csv_uri, md_uri = st.join(cfg.sweep_uri, RESULTS_CSV), st.join(cfg.sweep_uri, RESULTS_MD)
+    st.write_bytes(csv_uri, table.to_csv(index=False).encode(), cfg.storage)
+    st.write_bytes(md_uri, _markdown(table, cfg).encode(), cfg.storage)
+
+    best = table.iloc[0].to_dict() if not table.empty and pd.notna(table.iloc[0][cfg.metric]) else None
+    best_params = {k: best[k] for k in ("sampler", "top_k", "lr", "mix_ratio", "pretrain_steps")
+                   if best and k in best and pd.notna(best[k])} if best else {}
+    errors = int((table["status"] == "ERROR").sum()) if not table.empty else 0
+    if errors:
+        logger.warning("%d of %d trials failed; see the trial folders under %s", errors, len(table), cfg.sweep_uri)
+    result = TuneResult(best_params=best_params, best_metric=float(best[cfg.metric]) if best else None,
+                        best_trial_id=best["trial_id"] if best else None, table_path=csv_uri, markdown_path=md_uri,
+                        sweep_uri=cfg.sweep_uri, trials=table.to_dict("records"), restored=bool(restored),
+                        seconds=time.time() - t0)
+    logger.info("sweep %s: %d trials in %.1f s; best %s %s = %s", cfg.name, len(table), result.seconds,
+                result.best_trial_id, cfg.metric, result.best_metric)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    from synthfar_ray.cli import add_config_args
+
+    p = subparsers.add_parser("tune", help="Ray Tune sweep over mixing ratio, sampler, top-K and learning rate",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    cfg = load_config(TuneConfig, args.config, args.overrides)
+    result = run_tune(cfg)
+    print(f"sweep {cfg.name}: {len(result.trials)} trials{' (restored)' if result.restored else ''} "
+          f"in {result.seconds:.1f} s")
+    print(f"best trial {result.best_trial_id}: {cfg.metric} = {result.best_metric}; config {result.best_params}")
+    print(f"trial table: {result.table_path} (and {result.markdown_path})")
+    return 0

@@ -1,0 +1,180 @@
+"""Tune stage: a real 2-trial sweep of train.py's TorchTrainer (tiny net, CPU), its trial table,
+resume without redoing finished trials, and the TensorBoard logs under the sweep."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from synthfar_ray.config import ConfigError, load_config
+from synthfar_ray.images import encode_jpeg
+from synthfar_ray.labels import CORE_FIELDS, age_to_bin
+from synthfar_ray.tune import (RESULTS_CSV, RESULTS_MD, TRIAL_FILE, TuneConfig, _param_space, _scheduler, _searcher,
+                               run_tune)
+
+
+def coded_rows(n: int, seed: int, start_id: int, split: str, size: int = 32) -> dict:
+    """Rows whose colour encodes gender (red) and ethnicity (green): learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    eth, gen = rng.integers(0, 5, n), rng.integers(0, 2, n)
+    age = rng.uniform(0, 85, n).astype(np.float32)
+    images = [encode_jpeg(np.clip(np.array([50 + 150 * g, 30 + 45 * e, 120]) + rng.integers(-15, 16, (size, size, 3)),
+                                  0, 255).astype(np.uint8)) for e, g in zip(eth, gen)]
+    return {"id": np.arange(start_id, start_id + n, dtype=np.int64), "image": images,
+            "width": np.full(n, size, np.int32), "height": np.full(n, size, np.int32), "age": age,
+            "age_bin": age_to_bin(age).astype(np.int8), "gender": gen.astype(np.int8),
+            "ethnicity": eth.astype(np.int8), "source": ["fixture"] * n, "split": [split] * n}
+
+
+def write_dataset(path: str, parts: list[dict]) -> str:
+    cols = {f.name: [v for p in parts for v in p[f.name]] for f in CORE_FIELDS}
+    os.makedirs(path, exist_ok=True)
+    table = pa.Table.from_arrays([pa.array(cols[f.name], type=f.type) for f in CORE_FIELDS], schema=pa.schema(CORE_FIELDS))
+    pq.write_table(table, os.path.join(path, "part-000000.parquet"))
+    return path
+
+
+def sweep_config(root: str, **over) -> TuneConfig:
+    data = {
+        "name": "sweep", "storage_path": os.path.join(root, "tune"), "plan": "mix",
+        "train": {"synthetic": os.path.join(root, "syn"), "real": os.path.join(root, "real"), "steps": 20,
+                  "batch_size": 16, "warmup_steps": 0, "val_every": 10, "log_every": 5, "image_size": 32,
+                  "model": {"backbone": "tiny"}, "augment": False, "shuffle_buffer": 0},
+        # lr 1e-6 cannot learn in 20 steps; 0.03 learns gender and most of ethnicity: a clear best.
+        "space": {"sampler": "random", "k_multiple": 1.0, "mix_ratio": 0.5, "lr": {"grid": [1e-6, 0.03]}},
+        "sampling": {"class_key": ["gender"], "redistribute": True},
+        "num_samples": 1,
+    }
+    data.update(over)
+    return TuneConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_cluster, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tune"))
+    write_dataset(os.path.join(root, "real"), [coded_rows(64, 1, 0, "train"), coded_rows(32, 2, 1000, "val")])
+    write_dataset(os.path.join(root, "syn"), [coded_rows(64, 3, 0, "train")])
+    cfg = sweep_config(root)
+    first = run_tune(cfg)
+    return cfg, first
+
+
+def test_two_trials_best_is_the_working_lr(sweep):
+    cfg, result = sweep
+    trials = {t["lr"]: t for t in result.trials}
+    assert set(trials) == {1e-6, 0.03}
+    good, bad = trials[0.03], trials[1e-6]
+    assert good["status"] == bad["status"] == "TERMINATED"
+    assert good["val_score"] > bad["val_score"] + 0.15, (good["val_score"], bad["val_score"])
+    assert result.best_trial_id == good["trial_id"] and result.best_params["lr"] == 0.03
+    assert result.best_metric == pytest.approx(good["val_score"])
+    # every trial trained on the random 1x selection written before the sweep
+    for t in result.trials:
+        record = json.load(open(os.path.join(result.sweep_uri, "runs", t["trial_id"], TRIAL_FILE)))
+        assert record["selection"].endswith(os.path.join("selections", "random-1x")) and record["steps"] == 20
+        assert len(record["attempts"]) == 1
+    sel = pq.read_table(os.path.join(result.sweep_uri, "selections", "random-1x", "selection.parquet")).to_pandas()
+    assert sel["chosen"].sum() == 64  # 1x the 64 real training rows
+
+
+def test_trial_table_in_report_format(sweep):
+    from synthfar_ray.report import load_tune
+
+    cfg, result = sweep
+    assert result.table_path == os.path.join(result.sweep_uri, RESULTS_CSV)
+    df, metric, mode = load_tune(result.table_path, None, None, None)
+    assert metric == "val_score" and mode == "max" and len(df) == 2
+    assert {"trial_id", "mix_ratio", "sampler", "top_k", "lr", "val_score", "status"} <= set(df.columns)
+    assert df.iloc[0]["trial_id"] == result.best_trial_id and df.iloc[0]["lr"] == 0.03
+    assert set(df["sampler"]) == {"random"} and set(df["top_k"]) == {1.0} and set(df["mix_ratio"]) == {0.5}
+    md = open(os.path.join(result.sweep_uri, RESULTS_MD)).read()
+    assert "| trial_id | mix_ratio | sampler | top_k | lr | val_score | status |" in md
+    assert md.index(result.best_trial_id) < md.index([t for t in result.trials if t["lr"] == 1e-6][0]["trial_id"])
+
+
+def test_rerun_resumes_without_redoing_trials(sweep):
+    cfg, first = sweep
+    records = {t["trial_id"]: open(os.path.join(first.sweep_uri, "runs", t["trial_id"], TRIAL_FILE)).read()
+               for t in first.trials}
+    again = run_tune(cfg)
+    assert again.restored and not first.restored
+    assert {t["trial_id"]: t["val_score"] for t in again.trials} == {t["trial_id"]: t["val_score"] for t in first.trials}
+    assert again.best_trial_id == first.best_trial_id
+    # trial.json lists every start of a trial's training (time, pid): unchanged = not trained again
+    for trial_id, text in records.items():
+        assert open(os.path.join(first.sweep_uri, "runs", trial_id, TRIAL_FILE)).read() == text
+    assert again.seconds < 30
+
+
+def test_tensorboard_events_hold_training_scalars(sweep):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, result = sweep
+    files = glob.glob(os.path.join(result.sweep_uri, "**", "events.out.tfevents.*"), recursive=True)
+    tags: dict[str, set[str]] = {}
+    for f in files:
+        acc = EventAccumulator(f)
+        acc.Reload()
+        tags[f] = set(acc.Tags()["scalars"])
+    train_logs = [f for f, t in tags.items() if "train/loss" in t]
+    assert len(train_logs) == 2, tags  # one training loop per trial
+    acc = EventAccumulator(train_logs[0])
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == sorted(steps) and steps[-1] == 20
+    assert any("val/gender_acc" in t for t in tags.values())
+    # Tune's own per-trial logs carry the sweep metric
+    assert sum("ray/tune/val_score" in t for t in tags.values()) == 2, tags
+
+
+def test_config_validation(tmp_path):
+    root = str(tmp_path)
+    with pytest.raises(ValueError, match="continuous"):
+        sweep_config(root, space={"k_multiple": {"uniform": [1, 5]}})
+    with pytest.raises(ValueError, match="set by the sweep"):
+        sweep_config(root, train={"name": "x", "synthetic": "s", "real": "r"})
+    with pytest.raises(ValueError, match="exactly one"):
+        sweep_config(root, space={"lr": {"choice": [1e-3], "loguniform": [1e-4, 1e-3]}})
+    with pytest.raises(ValueError, match="not a valid TrainConfig"):
+        sweep_config(root, train={"synthetic": "s", "real": "r", "stepz": 3})
+    with pytest.raises(ValueError, match="pretrain_steps"):
+        sweep_config(root, plan="pretrain_finetune")
+    for name in ("demo", "paper_sweep"):
+        cfg = load_config(TuneConfig, os.path.join(os.path.dirname(__file__), "..", "configs", "tune", f"{name}.yaml"))
+        assert cfg.metric == "val_score"
+    with pytest.raises(ConfigError, match="sampler"):
+        load_config(TuneConfig, os.path.join(os.path.dirname(__file__), "..", "configs", "tune", "demo.yaml"),
+                    ["space.sampler=best"])
+
+
+def test_param_space_and_searcher(tmp_path, caplog):
+    cfg = sweep_config(str(tmp_path), space={"sampler": {"choice": ["none", "cl-sam"]}, "k_multiple": {"grid": [1, 2]},
+                                             "mix_ratio": {"uniform": [0.1, 0.9]}, "lr": {"loguniform": [1e-4, 1e-2]}})
+    space = _param_space(cfg)
+    assert set(space) == {"sampler", "k_multiple", "lr", "mix_ratio"}
+    assert space["k_multiple"] == {"grid_search": [1, 2]}
+    assert space["lr"].lower == 1e-4 and space["lr"].upper == 1e-2
+    with caplog.at_level(logging.INFO, logger="synthfar_ray.tune"):
+        alg, limit = _searcher(cfg, 2)
+    assert type(alg).__name__ == "BasicVariantGenerator" and limit is None  # grid -> random/grid search
+    assert "random/grid" in caplog.text
+    pf = sweep_config(str(tmp_path), plan="pretrain_finetune", space={"pretrain_steps": {"choice": [5, 10]},
+                                                                      "sampler": "none", "lr": 1e-3})
+    assert set(_param_space(pf)) == {"sampler", "k_multiple", "lr", "pretrain_steps"}
+
+
+def test_scheduler_asha_only_when_it_can_stop(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    cfg = sweep_config(str(tmp_path))  # val_every 10 -> grace 2 validations = 20 steps
+    assert isinstance(_scheduler(cfg, 20), FIFOScheduler)
+    asha = _scheduler(cfg, 90)
+    assert isinstance(asha, ASHAScheduler) and asha._time_attr == "step" and asha._max_t == 90
+    assert isinstance(_scheduler(cfg.model_copy(update={"asha": False}), 90), FIFOScheduler)
