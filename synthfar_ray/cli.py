@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from synthfar_ray.config import ConfigError
@@ -46,6 +47,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Stages log their own progress; Ray Data's per-dataset bars from every worker drown it in a job
+    # log. Set RAY_DATA_DISABLE_PROGRESS_BARS=0 to get them back. (Read when ray.data is imported.)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
