@@ -1,0 +1,281 @@
+"""A real local Ray head in a subprocess, and `ray job submit` against it, for tests.
+
+    with local_head() as head:
+        result = head.submit(["python", "workflows/generate.py", "--config", cfg, "num_images=8"], timeout=180)
+        # the same as submit_job(head.address, [...], 180, env=head.env)
+        assert result.returncode == 0 and result.status == "SUCCEEDED", result.logs
+
+Why it is built this way:
+- `ray stop` kills every Ray process on the machine (it has no address or temp-dir option), which
+  would take down the pytest session's own cluster and anyone else's. So the head runs as
+  `ray start --head --block` in its own process group; SIGTERM to that process makes Ray shut down
+  exactly the processes it started, and the group is killed only if something outlives that.
+- Its own short --temp-dir keeps its sockets, logs and `ray_current_cluster` file away from the
+  default /tmp/ray, so a later `ray.init()` in the test process never attaches to this head.
+- Ray 2.60 needs token authentication for `ray job submit` to a local head: RAY_AUTH_MODE=token and
+  a fresh RAY_AUTH_TOKEN go into the environment of the head and of every `ray` CLI call (and are
+  inherited by the job's processes), so ~/.ray/auth_token is neither read nor written.
+- Every port is an OS-assigned ephemeral one (>= 32768): Ray's defaults (8265, 10001, 52365) may be
+  taken by another cluster on the machine, and worker ports use 10002-19999.
+
+Run as a script (`python tests/job_submit_util.py`), this file is a probe job: it reports where the
+driver and a Ray worker import synthfar_ray from, their working directory and environment, in one
+line starting with PROBE_MARKER. It runs the way `python workflows/<stage>.py` does (the script's
+folder, not the working directory, is first on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_ENV_FILE = REPO_ROOT / "cluster" / "runtime_env.yaml"
+PROBE_MARKER = "SYNTHFAR_PROBE "
+
+# Variables that must not leak from the test process into the head: an address would redirect the
+# CLI, and values that cluster/runtime_env.yaml sets must be seen to come from there.
+_SCRUBBED_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_JOB_HEADERS")
+
+
+def ray_executable() -> str:
+    """The `ray` CLI of the interpreter running the tests (the project's venv)."""
+    candidate = Path(sys.executable).with_name("ray")
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("ray")
+    if found is None:
+        raise RuntimeError(f"no `ray` executable next to {sys.executable} or on PATH")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def runtime_env_var_names(runtime_env_file: Path = RUNTIME_ENV_FILE) -> list[str]:
+    import yaml
+
+    data = yaml.safe_load(runtime_env_file.read_text()) or {}
+    return list((data.get("env_vars") or {}).keys())
+
+
+def head_environment(token: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in (*_SCRUBBED_ENV, *runtime_env_var_names()):
+        env.pop(key, None)
+    bin_dir = str(Path(sys.executable).parent)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # nothing to drain: shut down at once
+        HF_HUB_OFFLINE="1",
+        # The job's `python` must be this venv's interpreter.
+        PATH=bin_dir + os.pathsep + env.get("PATH", ""),
+    )
+    return env
+
+
+@dataclass(frozen=True)
+class LocalHead:
+    address: str  # dashboard URL, what `ray job submit --address` takes
+    env: dict[str, str]  # environment for `ray` CLI calls against this head (auth token ...)
+    temp_dir: Path
+    log_file: Path
+    process: subprocess.Popen = field(repr=False, compare=False)  # `ray start --block`
+
+    def submit(self, entrypoint: list[str], timeout: float = 120, **kwargs) -> JobResult:
+        """submit_job on this head; if the head itself broke, the error carries its logs."""
+        try:
+            return submit_job(self.address, entrypoint, timeout, env=self.env, **kwargs)
+        except Exception as e:
+            raise RuntimeError(f"{e}\n\n--- head diagnostics ---\n{self.diagnostics()}") from e
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def diagnostics(self, chars: int = 3000) -> str:
+        """Whether the head still runs, and the ends of the logs that explain a failed submission."""
+        logs = self.temp_dir / "session_latest" / "logs"
+        parts = [f"head process {self.process.pid} alive: {self.alive()}", f"== ray start\n{_tail(self.log_file, chars)}"]
+        for name in ("ray_process_exit.log", "dashboard_JobHead.log", "dashboard_agent.log", "raylet.out"):
+            parts.append(f"== {name}\n{_tail(logs / name, chars)}")
+        return "\n".join(parts)
+
+
+def _wait_until_ready(url: str, token: str, proc: subprocess.Popen, log_file: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start` exited with {proc.returncode}:\n{_tail(log_file)}")
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray dashboard at {url} not ready after {timeout:.0f} s:\n{_tail(log_file)}")
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def _stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM the `ray start --block` process (Ray then stops its own children), SIGKILL leftovers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    # The group is ours (start_new_session): whatever is still in it was started by this head.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@contextmanager
+def local_head(num_cpus: int = 2, object_store_mb: int = 256, startup_timeout: float = 120) -> Iterator[LocalHead]:
+    """Start a single-node Ray head with its dashboard on 127.0.0.1; stop it (only it) on exit."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="sfr-head-", dir="/tmp"))  # short: unix socket paths
+    token = secrets.token_hex(32)
+    env = head_environment(token)
+    port = free_port()
+    cmd = [
+        ray_executable(), "start", "--head", "--block",
+        "--node-ip-address=127.0.0.1", "--port=0",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        f"--num-cpus={num_cpus}", "--num-gpus=0", f"--object-store-memory={object_store_mb * 2**20}",
+        "--disable-usage-stats", f"--temp-dir={temp_dir}",
+    ]
+    log_file = temp_dir / "ray-start.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_ready(address, token, proc, log_file, startup_timeout)
+        yield LocalHead(address=address, env=env, temp_dir=temp_dir, log_file=log_file, process=proc)
+    finally:
+        _stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class JobResult(NamedTuple):
+    status: str  # SUCCEEDED / FAILED / STOPPED / ... as `ray job status` reports it
+    logs: str  # `ray job logs` output: the entrypoint's stdout and stderr
+    returncode: int  # exit status of `ray job submit` (0 unless the job FAILED)
+    submission_id: str
+    submit_output: str  # what `ray job submit` printed while tailing the job
+
+
+def ray_cli(args: list[str], env: dict[str, str] | None, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([ray_executable(), *args], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+_STATUS_PATTERNS = (
+    (re.compile(r"Job '[^']+' succeeded"), "SUCCEEDED"),
+    (re.compile(r"Job '[^']+' failed"), "FAILED"),
+    (re.compile(r"Job '[^']+' was stopped"), "STOPPED"),
+)
+
+
+def parse_job_status(output: str) -> str:
+    """The status in `ray job status` output (it prints prose, not a bare word)."""
+    for pattern, status in _STATUS_PATTERNS:
+        if pattern.search(output):
+            return status
+    m = re.search(r"Status for job '[^']+': (\w+)", output)
+    if m is None:
+        raise ValueError(f"no job status in `ray job status` output:\n{output[-2000:]}")
+    return m.group(1).split(".")[-1]
+
+
+def submit_job(address: str, entrypoint: list[str], timeout: float, *, env: dict[str, str] | None = None,
+               working_dir: Path = REPO_ROOT, runtime_env: Path | None = RUNTIME_ENV_FILE,
+               submission_id: str | None = None) -> JobResult:
+    """`ray job submit` the entrypoint (waiting for it), then read `ray job status` and `ray job logs`.
+
+    Runs from the repository root with --working-dir and --runtime-env as users do. On timeout the
+    job is stopped and TimeoutError carries what it had logged.
+    """
+    submission_id = submission_id or f"synthfar-test-{uuid.uuid4().hex[:10]}"
+    common = [f"--address={address}", "--log-style=record"]
+    submit = ["job", "submit", *common, f"--submission-id={submission_id}", f"--working-dir={working_dir}"]
+    if runtime_env is not None:
+        submit.append(f"--runtime-env={runtime_env}")
+    try:
+        done = ray_cli([*submit, "--", *entrypoint], env, timeout)
+    except subprocess.TimeoutExpired as e:
+        ray_cli(["job", "stop", *common, "--no-wait", submission_id], env, 60)
+        logs = ray_cli(["job", "logs", *common, submission_id], env, 60).stdout
+        raise TimeoutError(f"job {submission_id} ({' '.join(entrypoint)}) still running after "
+                           f"{timeout:.0f} s; stopped. Logs:\n{logs[-6000:]}") from e
+    status_out = ray_cli(["job", "status", *common, submission_id], env, 60).stdout
+    try:
+        status = parse_job_status(status_out)
+    except ValueError as e:  # the job was never accepted, or the head is gone
+        raise RuntimeError(f"{e}\n`ray job submit` exited {done.returncode}:\n{done.stdout[-4000:]}") from None
+    logs = ray_cli(["job", "logs", *common, submission_id], env, 60).stdout
+    return JobResult(status=status, logs=logs, returncode=done.returncode,
+                     submission_id=submission_id, submit_output=done.stdout)
+
+
+def parse_probe(logs: str) -> dict:
+    for line in logs.splitlines():
+        if PROBE_MARKER in line:
+            return json.loads(line.split(PROBE_MARKER, 1)[1])
+    raise ValueError(f"no {PROBE_MARKER.strip()} line in the job logs:\n{logs[-4000:]}")
+
+
+def _probe(env_names: list[str]) -> None:
+    import ray
+
+    import synthfar_ray
+
+    def where() -> dict:
+        import synthfar_ray as pkg
+
+        return {"module": pkg.__file__, "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in env_names}}
+
+    ray.init()  # inside a job: joins the cluster the job runs on
+    worker = ray.get(ray.remote(num_cpus=0.5)(where).remote())
+    driver = {"module": synthfar_ray.__file__, "cwd": os.getcwd(),
+              "env": {k: os.environ.get(k) for k in env_names}, "listing": sorted(os.listdir("."))}
+    print(PROBE_MARKER + json.dumps({"driver": driver, "worker": worker}), flush=True)
+
+
+if __name__ == "__main__":
+    _probe(sys.argv[1:])
