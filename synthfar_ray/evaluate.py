@@ -1,0 +1,248 @@
+"""Stage 6a: score a trained checkpoint on dataset splits with Ray Data batch inference.
+
+`synthfar evaluate CHECKPOINT --on utkface:test,fairface:test --data utkface=URI --data fairface=URI`
+
+Every named split is read from Parquet and decoded + resized on CPU tasks (with its own centre
+crop), the splits are unioned and go through one `map_batches(Predictor)` actor pool (each actor
+loads the checkpoint once, on a GPU when the cluster has one); outputs and labels are gathered on
+the driver and scored per split with `metrics.compute_metrics`. UTKFace gives age MAE (clipped),
+FairFace age-bin accuracy (from the bin head, or bucketized regression ages for a regression-only
+net); both give gender and ethnicity accuracy. Results go to `metrics.json` and `metrics.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import posixpath
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from synthfar_ray import storage
+from synthfar_ray.config import ConfigError, StageConfig, validate
+from synthfar_ray.storage import StorageOptions
+from synthfar_ray.transforms import LABEL_COLUMNS
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_PREFIX = "pred_"
+METRIC_ORDER = ("age_mae", "age_bin_acc", "ethnicity_acc", "gender_acc", "n")
+METRIC_TITLES = {"age_mae": "age MAE", "age_bin_acc": "age-bin acc", "ethnicity_acc": "ethnicity acc",
+                 "gender_acc": "gender acc", "n": "images"}
+
+
+class EvaluateConfig(StageConfig):
+    checkpoint: str = Field(description="checkpoint folder URI, or a run folder (its latest checkpoint)")
+    on: list[str] = Field(description="dataset splits as NAME:SPLIT, e.g. utkface:test")
+    data: dict[str, str] = Field(description="NAME -> dataset folder URI")
+    out: str | None = Field(None, description="folder for metrics.json / metrics.md (default: the run folder)")
+    center_crop: dict[str, int | None] = Field(
+        default_factory=lambda: {"fairface": 300},
+        description="NAME -> centre crop side in stored pixels before resizing (paper: FairFace 300 of 448)")
+    image_size: int | None = Field(None, ge=8, description="default: the checkpoint's training size")
+    age_bins_from: Literal["auto", "logits", "regression"] = "auto"
+    batch_size: int = Field(64, ge=1)
+    num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else 1")
+    use_gpu: bool | None = Field(None, description="default: true when the cluster has GPUs")
+    cpus_per_actor: float = Field(0.5, gt=0)
+    limit: int | None = Field(None, ge=1, description="score at most this many rows per split")
+
+    @field_validator("on")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, _, split = item.partition(":")
+            if not name or split not in ("train", "val", "test"):
+                raise ValueError(f"{item!r} is not NAME:SPLIT with SPLIT train, val or test")
+        if not value:
+            raise ValueError("name at least one NAME:SPLIT")
+        return value
+
+    @model_validator(mode="after")
+    def _data_for_each(self) -> "EvaluateConfig":
+        missing = sorted({i.split(":")[0] for i in self.on} - set(self.data))
+        if missing:
+            raise ValueError(f"no dataset URI for {missing}: pass --data NAME=URI")
+        return self
+
+
+class Predictor:
+    """Ray Data actor: loads the net once, turns decoded uint8 batches into outputs + labels."""
+
+    def __init__(self, checkpoint: str, storage_options: StorageOptions, use_gpu: bool):
+        import torch
+
+        from synthfar_ray.train import load_model
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model, meta = load_model(checkpoint, storage_options)
+        self.channels_last = bool(meta.get("channels_last")) and self.device.type == "cuda"
+        self.model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.amp = torch.float16 if self.device.type == "cuda" else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from synthfar_ray.model import predict
+
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        outputs = predict(self.model, images, self.amp, self.channels_last, nhwc=True)
+        result = {OUTPUT_PREFIX + k: v.cpu().numpy() for k, v in outputs.items()}
+        result.update({k: batch[k] for k in (*LABEL_COLUMNS, "id", "split_index")})
+        return result
+
+
+def _pool(cfg: EvaluateConfig) -> tuple[int, float]:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
+    actors = cfg.num_actors or (max(1, int(gpus)) if use_gpu else 1)
+    return actors, 1.0 if use_gpu else 0.0
+
+
+def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image_size: int):
+    import ray
+    from ray.data.expressions import col
+
+    from synthfar_ray.transforms import decode_batch
+
+    fs, path = storage.resolve(cfg.data[name], cfg.storage)
+    ds = ray.data.read_parquet(path, filesystem=fs).filter(expr=col("split") == split)
+    ds = ds.select_columns(["id", "image", *LABEL_COLUMNS])
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
+                        fn_kwargs={"size": image_size, "center_crop": cfg.center_crop.get(name)})
+    return ds.map_batches(_tag, batch_format="numpy", fn_kwargs={"index": index}, num_cpus=0.1)
+
+
+def _tag(batch: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+    batch["split_index"] = np.full(len(batch["id"]), index, dtype=np.int32)
+    return batch
+
+
+def predict_splits(cfg: EvaluateConfig, checkpoint: str, image_size: int) -> dict[str, tuple[dict, dict]]:
+    """{NAME:SPLIT: (outputs, labels)} from one Ray Data job: every split is decoded with its own crop,
+    then all go through one actor pool, so the net is loaded once per actor, not once per split."""
+    import ray
+
+    parts_ds = [_decoded_split(cfg, i, *item.split(":"), image_size) for i, item in enumerate(cfg.on)]
+    ds = parts_ds[0].union(*parts_ds[1:]) if len(parts_ds) > 1 else parts_ds[0]
+    actors, gpus = _pool(cfg)
+    ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=cfg.batch_size,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                        num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
+                        fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": cfg.storage,  # an object: JSON would mask the secrets
+                                               "use_gpu": gpus > 0})
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    cols = {k: np.concatenate(v) for k, v in parts.items()}
+    results = {}
+    for i, item in enumerate(cfg.on):
+        rows = np.flatnonzero(cols["split_index"] == i) if cols else np.zeros(0, dtype=np.int64)
+        if not len(rows):
+            name = item.split(":")[0]
+            raise ValueError(f"{item} has no rows in {cfg.data[name]}")
+        rows = rows[np.argsort(cols["id"][rows], kind="stable")]  # a fixed row order, whatever the pool did
+        outputs = {k[len(OUTPUT_PREFIX):]: v[rows] for k, v in cols.items() if k.startswith(OUTPUT_PREFIX)}
+        results[item] = (outputs, {k: cols[k][rows] for k in LABEL_COLUMNS})
+    return results
+
+
+def metrics_markdown(checkpoint: str, results: dict[str, dict[str, float]]) -> str:
+    present = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
+    lines = [f"# Evaluation of `{checkpoint}`", "", "| dataset | " + " | ".join(METRIC_TITLES[m] for m in present) + " |",
+             "|---" * (len(present) + 1) + "|"]
+    for name, r in results.items():
+        cells = []
+        for m in present:
+            v = r.get(m)
+            cells.append("—" if v is None or (isinstance(v, float) and np.isnan(v)) else
+                         str(int(v)) if m == "n" else f"{v:.3f}" if m == "age_mae" else f"{100 * v:.2f} %")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """{"checkpoint": URI, "datasets": {"NAME:SPLIT": metrics}} (also written to metrics.json/.md)."""
+    import ray
+
+    from synthfar_ray.metrics import compute_metrics
+    from synthfar_ray.train import META_FILE, resolve_checkpoint
+
+    if not ray.is_initialized():
+        ray.init()
+    t0 = time.time()
+    checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.storage)
+    meta = json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE), cfg.storage))
+    image_size = cfg.image_size or int(meta["image_size"])
+    bins_from = cfg.age_bins_from if cfg.age_bins_from != "auto" else (
+        "regression" if meta["age_mode"] == "regression" else "logits")
+    results: dict[str, dict[str, float]] = {}
+    for item, (outputs, labels) in predict_splits(cfg, checkpoint, image_size).items():
+        results[item] = {k: float(v) for k, v in compute_metrics(outputs, labels, age_bins_from=bins_from).items()}
+        logger.info("%s: %s", item, ", ".join(f"{k} {v:.4g}" for k, v in results[item].items()))
+    report = {"checkpoint": checkpoint, "image_size": image_size, "age_bins_from": bins_from,
+              "center_crop": {i.split(":")[0]: cfg.center_crop.get(i.split(":")[0]) for i in cfg.on},
+              "datasets": results, "seconds": round(time.time() - t0, 3)}
+    out = cfg.out or _parent(checkpoint)
+    safe = json.loads(json.dumps(report), parse_constant=lambda _: None)  # NaN -> null
+    storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(safe, indent=2).encode(), cfg.storage)
+    storage.write_bytes(storage.join(out, "metrics.md"), metrics_markdown(checkpoint, results).encode(), cfg.storage)
+    logger.info("wrote %s", storage.join(out, "metrics.json"))
+    return report
+
+
+def _parent(uri: str) -> str:
+    if storage.is_s3(uri):
+        return uri.rstrip("/").rsplit("/", 1)[0]
+    return posixpath.dirname(storage.resolve(uri)[1].rstrip("/"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r} is not NAME=VALUE")
+        out[key] = value
+    return out
+
+
+def _cli(args: argparse.Namespace) -> int:
+    data: dict[str, Any] = {"checkpoint": args.checkpoint, "on": [s for s in args.on.split(",") if s],
+                            "data": _pairs(args.data, "--data"), "out": args.out}
+    if args.crop:
+        data["center_crop"] = {k: (None if v.lower() in ("", "none", "null") else int(v))
+                               for k, v in _pairs(args.crop, "--crop").items()}
+    for key in ("batch_size", "num_actors", "limit", "image_size"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    report = run_evaluate(validate(EvaluateConfig, data, "synthfar evaluate arguments"))
+    print(metrics_markdown(report["checkpoint"], report["datasets"]))
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a checkpoint on dataset splits (Ray Data batch inference)")
+    p.add_argument("checkpoint", help="checkpoint folder URI or run folder URI")
+    p.add_argument("--on", required=True, help="comma-separated NAME:SPLIT, e.g. utkface:test,fairface:test")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=URI", help="dataset folder per NAME")
+    p.add_argument("--out", help="output folder URI (default: the run folder)")
+    p.add_argument("--crop", action="append", default=[], metavar="NAME=PIXELS",
+                   help="centre crop per NAME (default fairface=300; 'none' disables)")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--num-actors", dest="num_actors", type=int)
+    p.add_argument("--image-size", dest="image_size", type=int)
+    p.add_argument("--limit", type=int, help="rows per split at most")
+    p.set_defaults(func=_cli)

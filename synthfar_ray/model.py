@@ -1,0 +1,176 @@
+"""The multi-task face-attribute net: one image encoder, four linear heads.
+
+Heads (paper: ResNet-50 encoder, Linear(2048, .) heads): age regression (1, years), age bins (9,
+FairFace bins), gender (1 logit, > 0 means female) and ethnicity (5 logits). `age_mode` chooses
+which age heads exist; `forward` returns only the heads the net has, under the names
+`metrics.compute_metrics` reads.
+
+Backbones: torchvision `resnet18` / `resnet34` / `resnet50` / `resnet101`, `tiny` (a four-layer CNN
+for tests and laptops), and `timm/<name>` when timm is installed. Weights come only from local
+files: a backbone state_dict (.pth/.pt/.safetensors), or "torchvision" meaning the file torchvision
+would download, looked up in the local torch hub cache. Nothing is ever downloaded here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+
+from synthfar_ray.labels import ETHNICITIES, NUM_AGE_BINS
+
+logger = logging.getLogger(__name__)
+
+AgeMode = Literal["regression", "bins", "both"]
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+HEAD_OUTPUTS = ("age", "age_bin_logits", "gender_logit", "ethnicity_logits")
+AGE_BIAS_INIT = 35.0  # years
+
+
+class TinyCNN(nn.Module):
+    """Four strided conv blocks + global average pool: learns the test fixtures in seconds on CPU."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        chans = [3, width // 2, width, width, width]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+def _torchvision_cached_weights(name: str) -> str:
+    """Path of torchvision's default ImageNet weights for `name` in the local hub cache, or a clear error."""
+    import torchvision.models as tvm
+
+    weights = tvm.get_model_weights(name).DEFAULT
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"pretrained='torchvision' needs {name} weights in the local torch hub cache, but {path} does not exist. "
+            f"Nothing is downloaded here: fetch {weights.url} into that folder (or set TORCH_HOME), "
+            "or pass pretrained=<path to a .pth/.safetensors backbone state_dict>.")
+    return path
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a .pth/.pt (torch.save) or .safetensors file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # Lightning-style wrapper
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
+    return state
+
+
+def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load encoder weights, tolerating a `backbone.`/`module.` prefix and classifier keys (fc/head)."""
+    own = backbone.state_dict()
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone.", "encoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key in own:
+            cleaned[key] = value
+    if not cleaned:
+        raise ValueError(f"no key of {source} matches the backbone (first keys: {list(state)[:5]})")
+    bad = [k for k, v in cleaned.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{source}: shape mismatch for {bad[:5]} (e.g. {bad[0]}: {tuple(cleaned[bad[0]].shape)} "
+                         f"vs {tuple(own[bad[0]].shape)})")
+    missing = [k for k in own if k not in cleaned]
+    backbone.load_state_dict(cleaned, strict=False)
+    if missing:
+        logger.warning("%s: %d backbone tensors not in the file, left at init (e.g. %s)", source, len(missing), missing[:3])
+    logger.info("loaded %d backbone tensors from %s", len(cleaned), source)
+
+
+def build_backbone(name: str, pretrained: str | None = None) -> tuple[nn.Module, int]:
+    """(encoder returning (N, feat) features, feat)."""
+    if name == "tiny":
+        net: nn.Module = TinyCNN()
+        feat = net.num_features
+    elif name in TORCHVISION_RESNETS:
+        import torchvision.models as tvm
+
+        net = getattr(tvm, name)(weights=None)
+        feat = net.fc.in_features
+        net.fc = nn.Identity()
+    elif name.startswith("timm/"):
+        try:
+            import timm
+        except ImportError as e:
+            raise ValueError(f"backbone {name!r} needs the timm package, which is not installed") from e
+        net = timm.create_model(name[len("timm/"):], pretrained=False, num_classes=0)
+        feat = net.num_features
+    else:
+        raise ValueError(f"unknown backbone {name!r}: use tiny, {', '.join(TORCHVISION_RESNETS)} or timm/<name>")
+
+    if pretrained:
+        if pretrained == "torchvision":
+            if name not in TORCHVISION_RESNETS:
+                raise ValueError(f"pretrained='torchvision' only applies to torchvision backbones, not {name!r}")
+            path = _torchvision_cached_weights(name)
+        else:
+            path = pretrained
+        load_backbone_weights(net, read_state_dict(path), path)
+    return net, feat
+
+
+class MultiTaskNet(nn.Module):
+    def __init__(self, backbone: str = "resnet50", pretrained: str | None = None, age_mode: AgeMode = "both"):
+        super().__init__()
+        if age_mode not in ("regression", "bins", "both"):
+            raise ValueError(f"age_mode must be regression, bins or both, not {age_mode!r}")
+        self.backbone_name = backbone
+        self.age_mode = age_mode
+        self.backbone, feat = build_backbone(backbone, pretrained)
+        self.age = nn.Linear(feat, 1) if age_mode in ("regression", "both") else None
+        if self.age is not None:
+            # Start at a typical age, not 0: an L1 loss at lr 1e-5 would spend thousands of steps
+            # just moving the bias.
+            nn.init.constant_(self.age.bias, AGE_BIAS_INIT)
+        self.age_bin = nn.Linear(feat, NUM_AGE_BINS) if age_mode in ("bins", "both") else None
+        self.gender = nn.Linear(feat, 1)
+        self.ethnicity = nn.Linear(feat, len(ETHNICITIES))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.backbone(x)
+        out = {"gender_logit": self.gender(f).squeeze(-1), "ethnicity_logits": self.ethnicity(f)}
+        if self.age is not None:
+            out["age"] = self.age(f).squeeze(-1)
+        if self.age_bin is not None:
+            out["age_bin_logits"] = self.age_bin(f)
+        return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None,
+            channels_last: bool = False, nhwc: bool = True) -> dict[str, torch.Tensor]:
+    """Eval-mode outputs (float32) for a uint8 batch already on the model's device."""
+    from synthfar_ray.transforms import to_model_input
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = to_model_input(images, None, channels_last=channels_last, nhwc=nhwc)
+        with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(x)
+        return {k: v.float() for k, v in out.items()}
+    finally:
+        model.train(was_training)

@@ -1,0 +1,250 @@
+"""Ray Train (V2) training on small fixture Parquet sets: DDP learning, fault recovery, resume by
+name, the four data plans, s3:// storage (moto), configs.
+
+Fixture images carry their labels in plain sight so a tiny CNN learns them in a few dozen steps:
+ethnicity = one of 5 distinct colours, gender = bright (female) vs dark (male), age = strength of
+a vertical brightness ramp.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from synthfar_ray import storage
+from synthfar_ray.config import ConfigError, load_config
+from synthfar_ray.images import encode_jpeg
+from synthfar_ray.labels import CORE_FIELDS, age_to_bin
+from synthfar_ray.train import FAULT_ENV, TrainConfig, build_datasets, load_model, run_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PALETTE = np.array([(210, 50, 50), (50, 210, 50), (50, 50, 210), (210, 210, 50), (50, 210, 210)], np.float32)
+
+
+def fixture_image(rng: np.random.Generator, ethnicity: int, gender: int, age: float, size: int) -> np.ndarray:
+    base = PALETTE[ethnicity] * (1.0 if gender else 0.45)
+    ramp = np.linspace(-0.5, 0.5, size, dtype=np.float32)[:, None, None] * (age / 85.0) * 120
+    return np.clip(base + ramp + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def write_fixture(folder: str, n: int, seed: int = 0, size: int = 32, synthetic: bool = False,
+                  with_age: bool = True, split_p: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                  files: int = 2) -> pa.Table:
+    """A dataset folder in the shared row schema (+ `subset` for real sets) and a _manifest.json."""
+    rng = np.random.default_rng(seed)
+    eth, gender = rng.integers(0, 5, n), rng.integers(0, 2, n)
+    age = rng.uniform(0, 85, n).astype(np.float32)
+    split = np.array(["train"] * n) if synthetic else rng.choice(["train", "val", "test"], n, p=list(split_p))
+    cols = {
+        "id": np.arange(n, dtype=np.int64) + 10_000 * seed,
+        "image": [encode_jpeg(fixture_image(rng, int(e), int(g), float(a), size)) for e, g, a in zip(eth, gender, age)],
+        "width": np.full(n, size), "height": np.full(n, size),
+        "age": [float(a) if with_age else None for a in age],
+        "age_bin": age_to_bin(age), "gender": gender, "ethnicity": eth,
+        "source": ["synthetic" if synthetic else f"fixture{seed}"] * n, "split": split.tolist(),
+    }
+    fields = list(CORE_FIELDS)
+    if not synthetic:
+        cols["subset"] = [int(rng.choice([25, 50, 75, 100])) if s == "train" else None for s in split]
+        fields.append(pa.field("subset", pa.int8()))
+    table = pa.table({f.name: pa.array(cols[f.name], f.type) for f in fields}, schema=pa.schema(fields))
+    os.makedirs(folder, exist_ok=True)
+    per = -(-n // files)
+    for i in range(files):
+        pq.write_table(table.slice(i * per, per), os.path.join(folder, f"part-{i:06d}.parquet"))
+    with open(os.path.join(folder, "_manifest.json"), "w") as f:  # must be ignored by the readers
+        json.dump({"stage": "fixture", "rows": n}, f)
+    return table
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    # Big enough that the 60-step DDP run never starts a second pass (each pass is a new Ray Data
+    # execution, seconds of fixed cost); the pretrain_finetune test cycles a small selection instead.
+    real = write_fixture(str(root / "real"), 2000, seed=1)
+    syn = write_fixture(str(root / "synthetic"), 600, seed=2, synthetic=True)
+    return {"root": root, "real": str(root / "real"), "synthetic": str(root / "synthetic"),
+            "real_table": real, "syn_table": syn}
+
+
+def _cfg(data, tmp, **kw) -> TrainConfig:
+    base = dict(name="run", storage_path=str(tmp / "runs"), plan="real", real=data["real"],
+                model={"backbone": "tiny"}, image_size=32, batch_size=16, lr=5e-3, warmup_steps=5, amp="none",
+                val_every=20, log_every=10, num_workers=1, use_gpu=False, cpus_per_worker=0.5, data_cpus=0.5,
+                shuffle_buffer=64, failure_max=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "train", "*.yaml")) +
+                                        glob.glob(os.path.join(ROOT, "configs", "experiments", "*.yaml"))),
+                         ids=os.path.basename)
+def test_every_train_config_validates(path):
+    cfg = load_config(TrainConfig, path)
+    if "experiments" in path:  # the paper's protocol
+        assert (cfg.model.backbone, cfg.image_size, cfg.batch_size, cfg.amp) == ("resnet50", 196, 16, "fp16")
+        assert (cfg.warmup_steps, cfg.grad_clip, cfg.seed, cfg.steps) == (1000, 1.0, 42, 100_000)
+        assert cfg.storage_path.startswith("s3://")
+
+
+def test_experiment_matrix_is_complete():
+    names = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "configs", "experiments", "*.yaml"))}
+    assert {"a_synthetic_only", "b_utkface_only", "c_fairface_only", "d_synth_to_fairface25",
+            "e_synth_to_fairface50", "f_synth_to_utkface50", "g_synth_to_fairface75"} <= names
+    d = load_config(TrainConfig, os.path.join(ROOT, "configs", "experiments", "d_synth_to_fairface25.yaml"))
+    assert (d.plan, d.real_subset, d.pretrain_steps, d.finetune_steps, d.finetune_lr) == (
+        "pretrain_finetune", 25, 50_000, 50_000, 1e-4)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstorage_path: /tmp/x\nplan: mix\nsynthetic: /data/s\n")
+    with pytest.raises(ConfigError, match="real"):
+        load_config(TrainConfig, str(bad))
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(TrainConfig, str(bad), ["real=/data/r", "batch_size=10", "num_workers=3"])
+    with pytest.raises(ConfigError, match="real_subset"):
+        load_config(TrainConfig, str(bad), ["real=/data/r", "real_subset=30"])
+    cfg = load_config(TrainConfig, str(bad), ["plan=pretrain_finetune", "real=/data/r", "steps=10"])
+    assert (cfg.pretrain_steps, cfg.finetune_steps, cfg.steps) == (5, 5, 10)
+    cfg = load_config(TrainConfig, str(bad), ["plan=pretrain_finetune", "real=/data/r", "pretrain_steps=3",
+                                              "finetune_steps=4"])
+    assert cfg.steps == 7
+
+
+# ------------------------------------------------------------------------------------------ datasets
+
+def test_datasets_follow_splits_subsets_and_selection(ray_cluster, data, tmp_path):
+    """Real train = split train with subset <= P; val = split val; synthetic = the chosen ids only.
+    The folders hold a _manifest.json, which the Parquet readers skip."""
+    syn_ids = data["syn_table"]["id"].to_numpy()
+    chosen = syn_ids[::3]
+    pq.write_table(pa.table({"id": syn_ids, "chosen": np.isin(syn_ids, chosen)}), tmp_path / "selection.parquet")
+    cfg = _cfg(data, tmp_path, plan="pretrain_finetune", synthetic=data["synthetic"], real_subset=25,
+               synthetic_selection=str(tmp_path / "selection.parquet"), steps=2)
+    ds = build_datasets(cfg)
+    assert set(ds) == {"synthetic", "real", "val"}
+    got = {name: sorted(ds[name].select_columns(["id"]).to_pandas()["id"].tolist()) for name in ds}
+    real = data["real_table"]
+    want_train = real.filter(pc.and_(pc.equal(real["split"], "train"), pc.less_equal(real["subset"], 25)))
+    n_train = len(real.filter(pc.equal(real["split"], "train")))
+    assert got["real"] == sorted(want_train["id"].to_pylist()) and 0 < len(got["real"]) < n_train / 2
+    assert got["val"] == sorted(real.filter(pc.equal(real["split"], "val"))["id"].to_pylist())
+    assert got["synthetic"] == sorted(chosen.tolist())
+    batch = ds["real"].take_batch(4)
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["is_synthetic"].tolist() == [0, 0, 0, 0]
+
+
+# ------------------------------------------------------------------------------------------ training
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_cluster, data, tmp_path_factory):
+    """Two gloo DDP workers on the mix plan (a quarter of every batch synthetic), 60 steps,
+    checkpoints every 20, and one injected crash after step 30.
+
+    Why a hook: killing a worker actor from outside lands at a random point (or after the run ends);
+    the hook raises inside rank 0's training function right after step 30, exactly once (a marker
+    file records that it fired), which is what a crashed worker looks like to Ray Train.
+    """
+    tmp = tmp_path_factory.mktemp("ddp")
+    marker = tmp / "fault-fired"
+    cfg = _cfg(data, tmp, name="ddp", plan="mix", synthetic=data["synthetic"], mix_ratio=0.25,
+               num_workers=2, batch_size=32, steps=60, val_every=20)
+    os.environ[FAULT_ENV] = f"30:{marker}"
+    try:
+        result = run_train(cfg)
+    finally:
+        del os.environ[FAULT_ENV]
+    return cfg, result, marker
+
+
+def test_ddp_learns_and_recovers_from_a_worker_failure(ddp_run):
+    cfg, result, marker = ddp_run
+    assert marker.exists()  # the failure did happen
+    assert result.steps == 60 and result.start_step == 20  # resumed from the step-20 checkpoint
+    assert result.steps_run == 40
+    m = result.metrics
+    assert m["val_ethnicity_acc"] > 0.6 and m["val_gender_acc"] > 0.8, m  # chance: 0.2 / 0.5
+    assert m["val_n"] == pq.read_table(cfg.real, columns=["split"]).column("split").to_pylist().count("val")
+    summary = json.loads(open(os.path.join(cfg.storage_path, "ddp", "result.json")).read())
+    assert summary["steps"] == 60 and summary["checkpoint"].endswith("checkpoint_000000060")
+    assert summary["images_per_second"] > 0
+    ckpt = result.checkpoint
+    meta = json.load(open(os.path.join(ckpt, "meta.json")))
+    assert (meta["backbone"], meta["image_size"], meta["step"]) == ("tiny", 32, 60)
+    assert glob.glob(os.path.join(cfg.storage_path, "ddp", "tensorboard", "events.out.tfevents.*"))
+    net, meta = load_model(os.path.join(cfg.storage_path, "ddp"))  # a run folder means its latest checkpoint
+    assert meta["checkpoint"] == ckpt and not net.training
+
+
+def test_mix_batches_hold_the_synthetic_share(ddp_run):
+    cfg, result, _ = ddp_run
+    summary = json.loads(open(os.path.join(cfg.storage_path, "ddp", "result.json")).read())
+    # Counted from the rows' own is_synthetic tags: round(0.25 * 16) = 4 of each worker's 16.
+    assert summary["synthetic_fraction"] == 4 / 16
+    assert cfg.mix_counts() == (4, 12)
+
+
+def test_pretrain_finetune_on_s3_and_resume_by_name_from_the_cli(ray_cluster, data, s3_bucket, tmp_path):
+    """Checkpoints, result.json and TensorBoard files land in s3:// (moto); the phase is recorded in
+    every checkpoint; re-running the same name (here from the CLI, with a bigger finetune budget)
+    resumes inside the finetune phase instead of starting over."""
+    import torch
+
+    from synthfar_ray.cli import main
+
+    bucket, opts = s3_bucket
+    # A selection of 20 synthetic rows holds one 16-row batch: each pretrain step starts a new pass.
+    syn_ids = data["syn_table"]["id"].to_numpy()
+    pq.write_table(pa.table({"id": syn_ids, "chosen": np.arange(len(syn_ids)) < 20}), tmp_path / "sel.parquet")
+    cfg = _cfg(data, tmp_path, name="pf", storage_path=f"{bucket}/runs", storage=opts, plan="pretrain_finetune",
+               synthetic=data["synthetic"], synthetic_selection=str(tmp_path / "sel.parquet"),
+               pretrain_steps=2, finetune_steps=2, val_every=2, keep_checkpoints=None, finetune_lr=1e-3,
+               decode_on="worker")
+    result = run_train(cfg)
+    assert result.steps == 4 and result.checkpoint == f"{bucket}/runs/pf/checkpoint_000000004"
+    assert [h["phase"] for h in result.history] == ["pretrain", "finetune"]
+
+    cfg_file = tmp_path / "pf.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json") | {
+        "storage": {"endpoint_url": opts.endpoint_url, "region": opts.region,
+                    "access_key_id": "testing", "secret_access_key": "testing"}}))
+    assert main(["train", str(cfg_file), "finetune_steps=4", "augment_on=data", "decode_on=data"]) == 0
+    summary = json.loads(storage.read_bytes(f"{bucket}/runs/pf/result.json", opts))
+    assert (summary["start_step"], summary["steps_run"], summary["steps"]) == (4, 2, 6)  # no step redone
+    assert "val_gender_acc" in summary["metrics"]
+
+    phases = {}
+    for step in (2, 4, 6):
+        uri = f"{bucket}/runs/pf/checkpoint_{step:09d}"
+        meta = json.loads(storage.read_bytes(f"{uri}/meta.json", opts))
+        state = torch.load(io.BytesIO(storage.read_bytes(f"{uri}/train_state.pt", opts)), weights_only=False)
+        assert meta["step"] == state["step"] == step
+        phases[step] = state["phase"]
+    assert phases == {2: "pretrain", 4: "finetune", 6: "finetune"}
+    # The finetune optimizer went on from its step-4 state: its scheduler counted 4 finetune steps.
+    assert state["scheduler"]["last_epoch"] == 4
+    assert storage.list_files(f"{bucket}/runs/pf/tensorboard", opts)
+    net, meta = load_model(f"{bucket}/runs/pf", opts)
+    assert meta["phase"] == "finetune" and set(net(torch.zeros(1, 3, 32, 32))) >= {"age", "gender_logit"}
+
+
+def test_cli_reports_config_errors(tmp_path):
+    from synthfar_ray.cli import main
+
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text("name: x\nstorage_path: /tmp/x\nplan: mix\nsynthetic: /data/s\n")
+    assert main(["train", str(cfg_file)]) == 2  # plan mix without `real`: a clean one-line error
