@@ -61,9 +61,9 @@ def make_dataset(folder: str, rows: int, size: int, per_file: int = 256) -> None
         list(pool.map(_make_part, jobs))
 
 
-def bench_loop(config: dict) -> dict:
+def _time_path(path: str, cfg, steps: int, warmup: int, device) -> tuple[float, float]:
+    """(img/s over the timed steps, seconds of warm-up) of the real train step fed by `path`."""
     import ray.train
-    import ray.train.torch
     import torch
 
     from synthfar_ray.losses import multitask_loss
@@ -71,60 +71,66 @@ def bench_loop(config: dict) -> dict:
     from synthfar_ray.train import _amp, _infinite_batches, _to_device_batch
     from synthfar_ray.transforms import BatchAugment, to_model_input
 
-    steps, warmup = config["steps"], config["warmup"]
+    amp_dtype, use_scaler = _amp(cfg, device.type)
+    torch.manual_seed(0)
+    model = MultiTaskNet(cfg.model.backbone, None, cfg.model.age_mode).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    augment = BatchAugment() if cfg.augment else None
+    b = cfg.batch_size
+    if path == "memory":
+        g = torch.Generator().manual_seed(0)
+        pool = [(torch.randint(0, 256, (b, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g).to(device),
+                 {"age": (torch.rand(b, generator=g) * 85).to(device),
+                  "age_bin": torch.randint(0, 9, (b,), generator=g).to(device),
+                  "gender": torch.randint(0, 2, (b,), generator=g).to(device),
+                  "ethnicity": torch.randint(0, 5, (b,), generator=g).to(device)}) for _ in range(4)]
+        source = (pool[i % 4] for i in range(10**9))
+    else:
+        shard = ray.train.get_dataset_shard("raw" if path == "worker" else "decoded")
+        stream = _infinite_batches(shard, b, cfg, 0, device)
+        source = (_to_device_batch(next(stream), cfg, device, None)[:2] for _ in range(10**9))
+
+    def one_step() -> None:
+        images, labels = next(source)
+        x = to_model_input(images, augment, channels_last=cfg.channels_last, nhwc=False)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(x)
+        loss, _ = multitask_loss(out, labels)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    t_start = time.perf_counter()
+    for _ in range(warmup):
+        one_step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    sync()
+    return steps * b / (time.perf_counter() - t0), t0 - t_start
+
+
+def bench_loop(config: dict) -> dict:
+    import ray.train.torch
+
     device = ray.train.torch.get_device()
     results: dict[str, float] = {}
     for path in ("memory", "data", "worker"):
-        cfg = config["cfg"].model_copy(
-            update={"decode_on": "worker" if path == "worker" else "data"})
-        amp_dtype, use_scaler = _amp(cfg, device.type)
-        torch.manual_seed(0)
-        model = MultiTaskNet(cfg.model.backbone, None, cfg.model.age_mode).to(device)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        augment = BatchAugment() if cfg.augment else None
-        b = cfg.batch_size
-        if path == "memory":
-            g = torch.Generator().manual_seed(0)
-            pool = [(torch.randint(0, 256, (b, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g).to(device),
-                     {"age": (torch.rand(b, generator=g) * 85).to(device), "age_bin": torch.randint(0, 9, (b,), generator=g).to(device),
-                      "gender": torch.randint(0, 2, (b,), generator=g).to(device),
-                      "ethnicity": torch.randint(0, 5, (b,), generator=g).to(device)}) for _ in range(4)]
-            source = (pool[i % 4] for i in range(10**9))
-        else:
-            shard = ray.train.get_dataset_shard("raw" if path == "worker" else "decoded")
-            stream = _infinite_batches(shard, b, cfg, 0, device)
-            source = (_to_device_batch(next(stream), cfg, device, None)[:2] for _ in range(10**9))
-
-        def one_step():
-            images, labels = next(source)
-            x = to_model_input(images, augment, channels_last=cfg.channels_last, nhwc=False)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = model(x)
-            loss, _ = multitask_loss(out, labels)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-
-        t_start = time.perf_counter()
-        for _ in range(warmup):
-            one_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            one_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        results[path] = steps * b / dt
-        results[f"{path}_warmup_s"] = t0 - t_start
-        print(f"[bench] {path}: {results[path]:.1f} img/s (warm-up {t0 - t_start:.1f} s)", flush=True)
+        cfg = config["cfg"].model_copy(update={"decode_on": "worker" if path == "worker" else "data"})
+        ips, warm = _time_path(path, cfg, config["steps"], config["warmup"], device)
+        results[path], results[f"{path}_warmup_s"] = ips, warm
+        print(f"[bench] {path}: {ips:.1f} img/s (warm-up {warm:.1f} s)", flush=True)
     return results
 
 

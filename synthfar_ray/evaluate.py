@@ -63,7 +63,7 @@ class EvaluateConfig(StageConfig):
         return value
 
     @model_validator(mode="after")
-    def _data_for_each(self) -> "EvaluateConfig":
+    def _data_for_each(self) -> EvaluateConfig:
         missing = sorted({i.split(":")[0] for i in self.on} - set(self.data))
         if missing:
             raise ValueError(f"no dataset URI for {missing}: pass --data NAME=URI")

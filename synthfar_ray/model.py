@@ -83,8 +83,7 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], s
     cleaned: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         for prefix in ("module.", "backbone.", "encoder."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+            key = key.removeprefix(prefix)
         if key in own:
             cleaned[key] = value
     if not cleaned:

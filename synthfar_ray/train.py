@@ -30,11 +30,11 @@ import logging
 import math
 import os
 import posixpath
-import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -132,7 +132,7 @@ class TrainConfig(StageConfig):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         needs = {"synthetic": ("synthetic",), "real": ("real",), "pretrain_finetune": ("synthetic", "real"),
                  "mix": ("synthetic", "real")}[self.plan]
         for what in needs:
@@ -160,7 +160,7 @@ class TrainConfig(StageConfig):
     def mix_counts(self) -> tuple[int, int]:
         """(synthetic, real) rows of one worker's batch in the mix plan."""
         b = self.worker_batch()
-        n_syn = int(round(self.mix_ratio * b))
+        n_syn = round(self.mix_ratio * b)
         return n_syn, b - n_syn
 
 
@@ -393,7 +393,7 @@ class ValSet:
         self.shard, self.cfg, self.device, self.crop = shard, cfg, device, crop
         self.cached: list[tuple] | None = None
         self._thread = None
-        self._error: BaseException | None = None
+        self._error: Exception | None = None
 
     def prefetch(self) -> None:
         """Make the first pass (and fill the cache) in a background thread while training starts."""
@@ -403,7 +403,7 @@ class ValSet:
             try:
                 for _ in self.batches():
                     pass
-            except BaseException as e:  # re-raised by wait()
+            except Exception as e:  # re-raised by wait()
                 self._error = e
 
         self._thread = threading.Thread(target=run, name="val-prefetch", daemon=True)
@@ -560,7 +560,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     writer = SummaryWriter(tempfile.mkdtemp(prefix="synthfar-tb-")) if rank == 0 else None
     history: list[dict[str, Any]] = []
     step, steps_run, images_seen, train_seconds = start_step, 0, 0, 0.0
-    syn_rows, all_rows = 0, 0
+    syn_rows, all_rows = torch.zeros((), dtype=torch.long, device=device), 0  # a tensor: no host sync per step
     for index, phase in enumerate(phases):
         if phase.end <= step:
             continue
@@ -580,8 +580,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         loss_sum = torch.zeros((), device=device)
         part_sums: dict[str, torch.Tensor] = {}
         window_t, window_images, window_steps = time.perf_counter(), 0, 0
+        mark = time.perf_counter()  # training time excludes validation and checkpointing
         while step < phase.end:
-            t0 = time.perf_counter()
             images, labels, syn = _concat([_to_device_batch(pending.pop(n) if n in pending else next(streams[n]),
                                                             cfg, device, crops[n]) for n in phase.datasets])
             x = to_model_input(images, augment, channels_last=cfg.channels_last, nhwc=False)
@@ -601,12 +601,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             loss_sum += loss.detach()
             for k, v in parts.items():
                 part_sums[k] = part_sums.get(k, torch.zeros((), device=device)) + v.detach()
-            syn_rows += int(syn.sum())
+            syn_rows += syn.sum()
             all_rows += int(syn.shape[0])
             images_seen += int(images.shape[0])
             window_images += int(images.shape[0])
             window_steps += 1
-            train_seconds += time.perf_counter() - t0
 
             if step % cfg.log_every == 0 or step == phase.end:
                 elapsed = time.perf_counter() - window_t
@@ -630,8 +629,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             do_val = source != "none" and (step % cfg.val_every == 0 or at_end)
             do_ckpt = step % ckpt_every == 0 or at_end
             if do_val or do_ckpt:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the queued steps belong to training time
+                train_seconds += time.perf_counter() - mark
                 metrics: dict[str, Any] = {**last_metrics, "step": step, "phase": phase.name,
-                                           "synthetic_fraction": syn_rows / max(1, all_rows)}
+                                           "synthetic_fraction": int(syn_rows) / max(1, all_rows)}
                 if do_val and rank == 0:
                     metrics.update(_validate(raw_model, val, amp_dtype, cfg.model.age_mode, cfg.channels_last))
                     for k, v in metrics.items():
@@ -649,6 +651,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                         ckpt = ray.train.Checkpoint.from_directory(d)
                     ray.train.report(metrics, checkpoint=ckpt,
                                      checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:09d}" if ckpt else None)
+                mark = time.perf_counter()
             _maybe_inject_failure(step, rank)
 
     if writer is not None:
@@ -656,7 +659,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         _upload_tensorboard(writer.log_dir, cfg)
     return {"metrics": last_metrics, "step": step, "start_step": start_step, "steps_run": steps_run,
             "images_per_second": images_seen * world / train_seconds if train_seconds > 0 else 0.0,
-            "synthetic_fraction": syn_rows / all_rows if all_rows else None, "history": history}
+            "synthetic_fraction": int(syn_rows) / all_rows if all_rows else None, "history": history}
 
 
 # ---------------------------------------------------------------------------------------------

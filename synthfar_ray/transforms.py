@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image

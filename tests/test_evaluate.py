@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from test_train import (
+    write_fixture,  # the shared fixture-set writer (tests/ is on sys.path under pytest)
+)
 
 from synthfar_ray.evaluate import EvaluateConfig, run_evaluate
 from synthfar_ray.metrics import compute_metrics
 from synthfar_ray.model import MultiTaskNet, predict
 from synthfar_ray.train import load_model, save_model
 from synthfar_ray.transforms import decode_resize
-from test_train import write_fixture  # the shared fixture-set writer (tests/ is on sys.path under pytest)
 
 
 def _direct_metrics(table, split, ckpt, size, crop, bins_from):
@@ -64,9 +65,9 @@ def test_evaluate_matches_in_process_metrics(ray_cluster, sets):
     assert set(report["datasets"]["utkface:test"]) >= {"age_mae", "age_bin_acc", "gender_acc", "ethnicity_acc"}
     assert "age_mae" not in report["datasets"]["fairface:test"]  # FairFace has bins only
     # Default output folder: the run folder.
-    written = json.load(open(root / "run" / "metrics.json"))
+    written = json.loads((root / "run" / "metrics.json").read_text())
     assert written["datasets"]["utkface:test"]["n"] == report["datasets"]["utkface:test"]["n"]
-    md = open(root / "run" / "metrics.md").read()
+    md = (root / "run" / "metrics.md").read_text()
     assert "| utkface:test |" in md and "| fairface:test |" in md and "age MAE" in md
 
 
@@ -80,7 +81,7 @@ def test_evaluate_cli_regression_net(ray_cluster, sets, tmp_path):
     rc = main(["evaluate", ckpt, "--on", "fairface:val", "--data", f"fairface={root / 'ff'}", "--out", str(out),
                "--crop", "fairface=none"])
     assert rc == 0
-    report = json.load(open(out / "metrics.json"))
+    report = json.loads((out / "metrics.json").read_text())
     assert report["age_bins_from"] == "regression" and report["center_crop"] == {"fairface": None}
     got = report["datasets"]["fairface:val"]
     want = _direct_metrics(ff, "val", ckpt, 32, None, "regression")

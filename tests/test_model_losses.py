@@ -13,8 +13,16 @@ import torch.nn.functional as F
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.losses import LossWeights, head_losses, multitask_loss
 from synthfar_ray.model import MultiTaskNet, build_backbone, predict
-from synthfar_ray.transforms import (BatchAugment, decode_batch, decode_resize, decode_to_tensor, labels_to_numpy,
-                                     normalize, paper_augment, to_model_input)
+from synthfar_ray.transforms import (
+    BatchAugment,
+    decode_batch,
+    decode_resize,
+    decode_to_tensor,
+    labels_to_numpy,
+    normalize,
+    paper_augment,
+    to_model_input,
+)
 
 NAN = float("nan")
 

@@ -12,6 +12,7 @@ import glob
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,13 @@ from synthfar_ray import storage
 from synthfar_ray.config import ConfigError, load_config
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.labels import CORE_FIELDS, age_to_bin
-from synthfar_ray.train import FAULT_ENV, TrainConfig, build_datasets, load_model, run_train
+from synthfar_ray.train import (
+    FAULT_ENV,
+    TrainConfig,
+    build_datasets,
+    load_model,
+    run_train,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PALETTE = np.array([(210, 50, 50), (50, 210, 50), (50, 50, 210), (210, 210, 50), (50, 210, 210)], np.float32)
@@ -131,6 +138,11 @@ def test_datasets_follow_splits_subsets_and_selection(ray_cluster, data, tmp_pat
     The folders hold a _manifest.json, which the Parquet readers skip."""
     syn_ids = data["syn_table"]["id"].to_numpy()
     chosen = syn_ids[::3]
+    # Later stages keep their outputs in `_`-prefixed sub-folders of a dataset (sampling scores):
+    # the readers must not take them for dataset rows.
+    os.makedirs(os.path.join(data["synthetic"], "_scores"), exist_ok=True)
+    pq.write_table(pa.table({"id": syn_ids, "score": np.zeros(len(syn_ids))}),
+                   os.path.join(data["synthetic"], "_scores", "scores.parquet"))
     pq.write_table(pa.table({"id": syn_ids, "chosen": np.isin(syn_ids, chosen)}), tmp_path / "selection.parquet")
     cfg = _cfg(data, tmp_path, plan="pretrain_finetune", synthetic=data["synthetic"], real_subset=25,
                synthetic_selection=str(tmp_path / "selection.parquet"), steps=2)
@@ -179,11 +191,11 @@ def test_ddp_learns_and_recovers_from_a_worker_failure(ddp_run):
     m = result.metrics
     assert m["val_ethnicity_acc"] > 0.6 and m["val_gender_acc"] > 0.8, m  # chance: 0.2 / 0.5
     assert m["val_n"] == pq.read_table(cfg.real, columns=["split"]).column("split").to_pylist().count("val")
-    summary = json.loads(open(os.path.join(cfg.storage_path, "ddp", "result.json")).read())
+    summary = json.loads((Path(cfg.storage_path) / "ddp" / "result.json").read_text())
     assert summary["steps"] == 60 and summary["checkpoint"].endswith("checkpoint_000000060")
     assert summary["images_per_second"] > 0
     ckpt = result.checkpoint
-    meta = json.load(open(os.path.join(ckpt, "meta.json")))
+    meta = json.loads((Path(ckpt) / "meta.json").read_text())
     assert (meta["backbone"], meta["image_size"], meta["step"]) == ("tiny", 32, 60)
     assert glob.glob(os.path.join(cfg.storage_path, "ddp", "tensorboard", "events.out.tfevents.*"))
     net, meta = load_model(os.path.join(cfg.storage_path, "ddp"))  # a run folder means its latest checkpoint
@@ -191,8 +203,8 @@ def test_ddp_learns_and_recovers_from_a_worker_failure(ddp_run):
 
 
 def test_mix_batches_hold_the_synthetic_share(ddp_run):
-    cfg, result, _ = ddp_run
-    summary = json.loads(open(os.path.join(cfg.storage_path, "ddp", "result.json")).read())
+    cfg, _, _ = ddp_run
+    summary = json.loads((Path(cfg.storage_path) / "ddp" / "result.json").read_text())
     # Counted from the rows' own is_synthetic tags: round(0.25 * 16) = 4 of each worker's 16.
     assert summary["synthetic_fraction"] == 4 / 16
     assert cfg.mix_counts() == (4, 12)
