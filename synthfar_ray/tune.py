@@ -22,7 +22,6 @@ rerun; unfinished ones resume from their last Train checkpoint.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
@@ -271,48 +270,11 @@ def _make_report_callback(metric: str, score_metrics: list[str]):
     return ReportToTune()
 
 
-def _fit_with_callbacks(tcfg, callbacks: list) -> dict[str, Any]:
-    """Run train.py's TorchTrainer with extra RunConfig callbacks.
-
-    Stop-gap while train.run_train takes no `callbacks`: the same trainer run_train builds (its
-    datasets, worker loop, scaling), plus our callbacks."""
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from synthfar_ray import train
-
-    datasets = train.build_datasets(tcfg)
-    fs, path = st.resolve(tcfg.storage_path, tcfg.storage)
-    fs.create_dir(path, recursive=True)
-    use_gpu = tcfg.use_gpu if tcfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    trainer = TorchTrainer(
-        train.train_loop_per_worker,
-        train_loop_config={"cfg_json": tcfg.model_dump_json()},
-        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=tcfg.name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=tcfg.failure_max),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
-                             callbacks=callbacks),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != "val"]),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    out = result.return_value or {}
-    ckpt = st.join(tcfg.run_uri, os.path.basename(result.checkpoint.path.rstrip("/"))) if result.checkpoint else None
-    return {"checkpoint": ckpt, "metrics": dict(out.get("metrics") or result.metrics or {}), "steps": int(out.get("step", 0))}
-
-
 def _train_reporting(tcfg, callbacks: list) -> dict[str, Any]:
     from synthfar_ray import train
 
-    if "callbacks" in inspect.signature(train.run_train).parameters:
-        r = train.run_train(tcfg, callbacks=callbacks)
-        return {"checkpoint": r.checkpoint, "metrics": dict(r.metrics), "steps": r.steps}
-    return _fit_with_callbacks(tcfg, callbacks)
+    r = train.run_train(tcfg, callbacks=callbacks)
+    return {"checkpoint": r.checkpoint, "metrics": dict(r.metrics), "steps": r.steps}
 
 
 @dataclass
