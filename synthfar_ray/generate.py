@@ -163,8 +163,9 @@ def prompt_rows(cfg: GenerateConfig, ids: range) -> list[dict[str, Any]]:
 class ShardGenerator:
     """One diffusion pipeline per actor; each call generates and writes whole shards."""
 
-    def __init__(self, cfg_json: str, crash_marker: str | None = None):
-        self.cfg = GenerateConfig.model_validate_json(cfg_json)
+    def __init__(self, cfg: GenerateConfig, crash_marker: str | None = None):
+        # The config object itself, not its JSON: a JSON dump masks the storage credentials (SecretStr).
+        self.cfg = cfg
         self.generator = FaceGenerator(self.cfg.model, self.cfg.sampler)
         s = self.cfg.sampler
         self.pose_folder = (PoseFolder(self.cfg.poses.folder, self.cfg.storage, s.width, s.height)
@@ -315,7 +316,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
         items = [{"shard": s, "start": a, "stop": b} for s, a, b in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardGenerator,
-            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "crash_marker": os.environ.get(FAULT_ENV)},
+            fn_constructor_kwargs={"cfg": cfg, "crash_marker": os.environ.get(FAULT_ENV)},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
             num_gpus=gpus,
