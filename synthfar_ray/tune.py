@@ -281,7 +281,7 @@ def _train_reporting(tcfg, callbacks: list) -> dict[str, Any]:
 class TrialSetup:
     """What every trial needs besides its parameters (shipped once via tune.with_parameters)."""
 
-    cfg_json: str
+    cfg: TuneConfig  # the object, not JSON: a JSON dump masks the storage credentials (SecretStr)
     runs_uri: str
     selections: dict[str, str]  # "<sampler>|<k_multiple>" -> selection URI
 
@@ -294,7 +294,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable: one training run with this trial's parameters."""
     from ray import tune
 
-    cfg = TuneConfig.model_validate_json(setup.cfg_json)
+    cfg = setup.cfg
     trial_id = tune.get_context().get_trial_id()
     sampler = config["sampler"]
     selection = None if sampler == "none" else setup.selections[_selection_key(sampler, config["k_multiple"])]
@@ -506,7 +506,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     overrides, concurrent = _resources(cfg)
     cfg = cfg.model_copy(update={"train": {**cfg.train, **overrides}})
     selections = prepare_selections(cfg)
-    setup = TrialSetup(cfg_json=cfg.model_dump_json(), runs_uri=runs_uri, selections=selections)
+    setup = TrialSetup(cfg=cfg, runs_uri=runs_uri, selections=selections)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": cfg.trial_cpus})
 
     probe = trial_train_config(cfg, _example_params(cfg), "probe", runs_uri, None)
