@@ -12,9 +12,9 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
-from synthfar_ray.config import ConfigError
-from synthfar_ray.storage import StorageError
+from synthfar_ray.errors import UserError
 
 # Modules that contribute a sub-command, in the order `--help` lists them.
 STAGE_MODULES: tuple[str, ...] = (
@@ -56,9 +56,18 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, StorageError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (UserError, FileNotFoundError, FileExistsError) as e:
+        # The user's mistakes and failed stages: one line (the traceback with -v). Anything else is
+        # a bug, and a bug shows its traceback.
+        if args.verbose:
+            traceback.print_exc()
         print(f"synthfar {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print(f"synthfar {args.stage}: unexpected error (a bug, please report it with the traceback above)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from synthfar_ray.errors import UserError
 from synthfar_ray.storage import StorageOptions
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, field or override that is not valid."""
 
 

@@ -14,8 +14,10 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from synthfar_ray.errors import UserError
 
-class StorageError(RuntimeError):
+
+class StorageError(UserError, RuntimeError):
     """A location that cannot be read or written; the message names the URI."""
 
 
