@@ -68,10 +68,11 @@ def _time_path(path: str, cfg, steps: int, warmup: int, device) -> tuple[float, 
 
     from synthfar_ray.losses import multitask_loss
     from synthfar_ray.model import MultiTaskNet
-    from synthfar_ray.train import _amp, _infinite_batches, _to_device_batch
+    from synthfar_ray.train import amp_settings
+    from synthfar_ray.train_data import BatchStream
     from synthfar_ray.transforms import BatchAugment, to_model_input
 
-    amp_dtype, use_scaler = _amp(cfg, device.type)
+    amp_dtype, use_scaler = amp_settings(cfg, device.type)
     torch.manual_seed(0)
     model = MultiTaskNet(cfg.model.backbone, None, cfg.model.age_mode).to(device)
     if cfg.channels_last:
@@ -90,8 +91,8 @@ def _time_path(path: str, cfg, steps: int, warmup: int, device) -> tuple[float, 
         source = (pool[i % 4] for i in range(10**9))
     else:
         shard = ray.train.get_dataset_shard("raw" if path == "worker" else "decoded")
-        stream = _infinite_batches(shard, b, cfg, 0, device)
-        source = (_to_device_batch(next(stream), cfg, device, None)[:2] for _ in range(10**9))
+        stream = BatchStream(shard, b, cfg, 0, device, None)
+        source = (stream.take(b)[:2] for _ in range(10**9))
 
     def one_step() -> None:
         images, labels = next(source)
@@ -159,7 +160,8 @@ def main() -> int:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from synthfar_ray.train import TrainConfig, _decode_map, _read
+    from synthfar_ray.train import TrainConfig
+    from synthfar_ray.train_data import decode_rows, read_rows
 
     tmp = tempfile.mkdtemp(prefix="synthfar-bench-")
     data = args.data
@@ -174,9 +176,9 @@ def main() -> int:
     cfg = TrainConfig(name="bench", storage_path=os.path.join(tmp, "runs"), plan="real", real=data,
                       model={"backbone": backbone}, image_size=size, batch_size=batch, amp="bf16" if gpu else "none",
                       channels_last=gpu, augment=True, use_gpu=gpu, data_cpus=args.data_cpus, shuffle_buffer=0)
-    base = _read(data, cfg.storage, ("train",))
-    datasets = {"decoded": _decode_map(base, cfg, None, False, 0),
-                "raw": _decode_map(base, cfg.model_copy(update={"decode_on": "worker"}), None, False, 0)}
+    base = read_rows(data, cfg.storage, ("train",), num_cpus=cfg.data_cpus)
+    datasets = {"decoded": decode_rows(base, cfg, None, False, 0),
+                "raw": decode_rows(base, cfg.model_copy(update={"decode_on": "worker"}), None, False, 0)}
     trainer = TorchTrainer(
         bench_loop, train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if gpu else {})}),

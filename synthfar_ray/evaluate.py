@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from synthfar_ray import storage
 from synthfar_ray.config import ConfigError, StageConfig, validate
+from synthfar_ray.paths import InputPath, OutputPath
 from synthfar_ray.storage import StorageOptions
 from synthfar_ray.transforms import LABEL_COLUMNS
 
@@ -36,10 +37,10 @@ METRIC_TITLES = {"age_mae": "age MAE", "age_bin_acc": "age-bin acc", "ethnicity_
 
 
 class EvaluateConfig(StageConfig):
-    checkpoint: str = Field(description="checkpoint folder URI, or a run folder (its latest checkpoint)")
+    checkpoint: InputPath = Field(description="checkpoint folder URI, or a run folder (its latest checkpoint)")
     on: list[str] = Field(description="dataset splits as NAME:SPLIT, e.g. utkface:test")
-    data: dict[str, str] = Field(description="NAME -> dataset folder URI")
-    out: str | None = Field(None, description="folder for metrics.json / metrics.md (default: the run folder)")
+    data: dict[str, InputPath] = Field(description="NAME -> dataset folder URI")
+    out: OutputPath | None = Field(None, description="folder for metrics.json / metrics.md (default: the run folder)")
     center_crop: dict[str, int | None] = Field(
         default_factory=lambda: {"fairface": 300},
         description="NAME -> centre crop side in stored pixels before resizing (paper: FairFace 300 of 448)")
@@ -76,7 +77,7 @@ class Predictor:
     def __init__(self, checkpoint: str, storage_options: StorageOptions, use_gpu: bool):
         import torch
 
-        from synthfar_ray.train import load_model
+        from synthfar_ray.checkpoints import load_model
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, meta = load_model(checkpoint, storage_options)
@@ -97,12 +98,9 @@ class Predictor:
 
 
 def _pool(cfg: EvaluateConfig) -> tuple[int, float]:
-    import ray
+    from synthfar_ray.raycluster import actor_pool, use_gpu
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
-    actors = cfg.num_actors or (max(1, int(gpus)) if use_gpu else 1)
-    return actors, 1.0 if use_gpu else 0.0
+    return actor_pool(cfg.num_actors, 1.0 if use_gpu(cfg.use_gpu) else 0.0)
 
 
 def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image_size: int):
@@ -172,13 +170,11 @@ def metrics_markdown(checkpoint: str, results: dict[str, dict[str, float]]) -> s
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """{"checkpoint": URI, "datasets": {"NAME:SPLIT": metrics}} (also written to metrics.json/.md)."""
-    import ray
-
+    from synthfar_ray.checkpoints import META_FILE, resolve_checkpoint
     from synthfar_ray.metrics import compute_metrics
-    from synthfar_ray.train import META_FILE, resolve_checkpoint
+    from synthfar_ray.raycluster import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     t0 = time.time()
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.storage)
     meta = json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE), cfg.storage))

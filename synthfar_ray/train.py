@@ -4,47 +4,46 @@ Data plans (the paper's experiments):
 - `synthetic` / `real`: one dataset;
 - `pretrain_finetune`: `pretrain_steps` on synthetic, then `finetune_steps` on real, whole model,
   with a fresh optimizer and warm-up/cosine schedule (and optionally its own lr / loss weights);
-- `mix`: every batch holds round(mix_ratio * B) synthetic rows and the rest real.
+- `mix`: every batch draws its synthetic row count from Binomial(batch, mix_ratio) (seeded per
+  rank and step), so the synthetic share is `mix_ratio` in expectation at any batch size.
 
 The budget is in optimizer steps, not epochs: each dataset shard is cycled as often as needed.
 `batch_size` is the global batch; each of the `num_workers` DDP workers takes batch_size/num_workers.
 
-Data flow: Parquet (local or s3://) -> Ray Data (filter split/subset/selection, decode + resize on
-CPU tasks) -> `streaming_split` across workers (`ray.train.get_dataset_shard`) -> uint8 batches on
-the device -> per-sample augmentation and normalisation on the device batch -> DDP step.
-Validation runs on rank 0 over the whole val split every `val_every` steps.
+This module is the recipe: the config, `train_loop_per_worker` (set up, loop over phases, report)
+and the driver (`run_train`). Data plumbing lives in `train_data.py`, what a run leaves on storage
+(checkpoints, run_config.json, result.json, TensorBoard) and the rules for resuming in
+`checkpoints.py`.
 
-Fault tolerance: a checkpoint (model.pt + meta.json + train_state.pt: optimizer, scheduler, scaler,
-step, phase) is reported with `ray.train.report` every `checkpoint_every` steps to
+Fault tolerance: a checkpoint is reported with `ray.train.report` every `checkpoint_every` steps to
 `<storage_path>/<name>/`. A worker failure restarts the group from the last checkpoint
 (FailureConfig(max_failures=failure_max)), and re-running with the same name + storage_path resumes
-too (Ray Train V2 reloads the run's checkpoint list). The data position is not restored: a resumed
-run starts a new pass over (reshuffled) data.
+too, provided the config is the same in what shapes training (see checkpoints.claim_run). The data
+position is not restored: a resumed run starts a new pass over (reshuffled) data.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import posixpath
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import numpy as np
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from synthfar_ray import storage
+from synthfar_ray import checkpoints, storage
+from synthfar_ray.checkpoints import CHECKPOINT_PREFIX, load_model, resolve_checkpoint, save_model  # noqa: F401
 from synthfar_ray.config import StageConfig, StrictModel, dump_config, load_config
+from synthfar_ray.errors import StageFailed, last_line
 from synthfar_ray.losses import LossWeights
 from synthfar_ray.model import AgeMode
+from synthfar_ray.paths import InputPath, OutputPath, absolute_location
 from synthfar_ray.storage import StorageOptions
-from synthfar_ray.transforms import LABEL_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -52,28 +51,34 @@ Plan = Literal["synthetic", "real", "pretrain_finetune", "mix"]
 # Test hook (see tests/test_train.py): "STEP:MARKER_PATH" makes rank 0 raise once after STEP, the
 # marker file recording that it fired. Forwarded from the driver's environment to the workers.
 FAULT_ENV = "SYNTHFAR_FAULT_TRAIN_STEP"
-MODEL_FILE, META_FILE, STATE_FILE = "model.pt", "meta.json", "train_state.pt"
-RESULT_FILE, TENSORBOARD_DIR = "result.json", "tensorboard"
-CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def _weights_location(value: str | None) -> str | None:
+    # 'torchvision' names the local torch hub cache, not a file.
+    return value if value in (None, "torchvision") else absolute_location(value)
+
+
+WeightsPath = Annotated[str | None, AfterValidator(_weights_location)]
 
 
 class ModelConfig(StrictModel):
     backbone: str = Field("resnet50", description="tiny, resnet18/34/50/101 or timm/<name>")
-    pretrained: str | None = Field(None, description="backbone weights: a .pth/.safetensors file (path or URI), "
+    pretrained: WeightsPath = Field(None, description="backbone weights: a .pth/.safetensors file (path or URI), "
                                                      "or 'torchvision' for the local torch hub cache")
     age_mode: AgeMode = "both"
 
 
 class TrainConfig(StageConfig):
     name: str = Field(description="run name: the folder under storage_path; re-running a name resumes it")
-    storage_path: str = Field(description="where runs live (local path, file:// or s3://)")
+    storage_path: OutputPath = Field(description="where runs live (local path, file:// or s3://)")
     plan: Plan = "synthetic"
-    synthetic: str | None = Field(None, description="synthetic dataset folder URI")
-    synthetic_selection: str | None = Field(None, description="Parquet (id, chosen) from the sampling stage: "
-                                                              "train on chosen synthetic ids only")
-    real: str | None = Field(None, description="real dataset folder URI (UTKFace / FairFace ingest output)")
+    synthetic: InputPath | None = Field(None, description="synthetic dataset folder URI")
+    synthetic_selection: InputPath | None = Field(None, description="selection folder (or its selection.parquet) "
+                                                                    "from the sampling stage: train on chosen ids only")
+    real: InputPath | None = Field(None, description="real dataset folder URI (UTKFace / FairFace ingest output)")
     real_subset: Literal[25, 50, 75, 100] = Field(100, description="train on the P % subset of the real train split")
-    mix_ratio: float = Field(0.5, ge=0, le=1, description="mix plan: synthetic share of every batch")
+    mix_ratio: float = Field(0.5, ge=0, le=1, description="mix plan: synthetic share of every batch (in "
+                                                          "expectation: per-step counts are seeded binomial draws)")
     steps: int = Field(100_000, ge=1, description="step budget (pretrain_finetune: pretrain + finetune)")
     pretrain_steps: int | None = Field(None, ge=0, description="pretrain_finetune: default steps // 2")
     finetune_steps: int | None = Field(None, ge=0, description="pretrain_finetune: default steps - pretrain_steps")
@@ -115,6 +120,9 @@ class TrainConfig(StageConfig):
     cpus_per_worker: float = Field(1.0, gt=0)
     data_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data decode task")
     failure_max: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+    overwrite: bool = Field(False, description="delete an existing run of this name and start over")
+    resume: Literal["auto", "force"] = Field("auto", description="force: resume a run of this name even if its "
+                                                                  "config differs in what shapes training")
 
     @model_validator(mode="before")
     @classmethod
@@ -157,12 +165,6 @@ class TrainConfig(StageConfig):
     def worker_batch(self) -> int:
         return self.batch_size // self.num_workers
 
-    def mix_counts(self) -> tuple[int, int]:
-        """(synthetic, real) rows of one worker's batch in the mix plan."""
-        b = self.worker_batch()
-        n_syn = round(self.mix_ratio * b)
-        return n_syn, b - n_syn
-
 
 @dataclass
 class Phase:
@@ -182,8 +184,7 @@ def phases_of(cfg: TrainConfig) -> list[Phase]:
                       cfg.finetune_loss_weights or cfg.loss_weights)]
     names = {"synthetic": ("synthetic",), "real": ("real",), "mix": ("synthetic", "real")}[cfg.plan]
     if cfg.plan == "mix":  # a 0 % or 100 % mix reads only one set
-        n_syn, n_real = cfg.mix_counts()
-        names = tuple(n for n, k in (("synthetic", n_syn), ("real", n_real)) if k > 0)
+        names = tuple(n for n, share in (("synthetic", cfg.mix_ratio), ("real", 1 - cfg.mix_ratio)) if share > 0)
     return [Phase("train", names, 0, cfg.steps, cfg.lr, cfg.loss_weights)]
 
 
@@ -198,88 +199,44 @@ class TrainResult:
     steps_run: int = 0  # optimizer steps this run's last attempt did
     run_uri: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
+    synthetic_fraction: float | None = None  # share of synthetic rows in the batches of this run's last attempt
+
+
 
 
 # ---------------------------------------------------------------------------------------------
-# Datasets (driver side)
-
-def _read(uri: str, opts: StorageOptions, splits: tuple[str, ...], subset: int | None = None,
-          chosen_ids: list[int] | None = None, limit: int | None = None, shuffle_seed: int | None = None):
-    import ray
-    from ray.data.expressions import col
-
-    fs, path = storage.resolve(uri, opts)
-    # Reads *.parquet only: _manifest.json is skipped. Train sets read their files in a new order
-    # each pass (streaming, unlike randomize_block_order, which waits for every read to finish);
-    # rows are mixed further by each worker's local shuffle buffer.
-    shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    ds = ray.data.read_parquet(path, filesystem=fs, shuffle=shuffle)
-    pred = col("split").is_in(list(splits))
-    if subset is not None and subset < 100:
-        if "subset" not in ds.columns():
-            raise ValueError(f"real_subset={subset} but {uri} has no `subset` column")
-        pred = pred & (col("subset") <= subset)
-    if chosen_ids is not None:
-        pred = pred & col("id").is_in(chosen_ids)
-    ds = ds.filter(expr=pred).select_columns(["id", "image", *LABEL_COLUMNS])
-    return ds.limit(limit) if limit else ds
+# The recipe: one Train worker
 
 
-def read_selection(uri: str, opts: StorageOptions) -> list[int]:
-    """Chosen ids of a selection Parquet (file or folder) with columns id, chosen."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+@dataclass
+class WorkerState:
+    """What the loop carries from step to step on one worker."""
 
-    fs, path = storage.resolve(uri, opts)
-    try:
-        table = pq.read_table(path, filesystem=fs, columns=["id", "chosen"])
-    except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"cannot read selection {uri} (needs columns id, chosen): {e}") from e
-    ids = table.filter(pc.equal(table["chosen"], True))["id"].to_pylist()
-    if not ids:
-        raise ValueError(f"selection {uri} chooses no id")
-    return ids
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: Any
+    amp_dtype: Any  # torch dtype for autocast, or None
+    use_scaler: bool
+    model: Any  # the DDP-wrapped net
+    raw_model: Any  # the net itself (checkpoints, validation)
+    restored: dict[str, Any] | None  # training state of the checkpoint resumed from
+    step: int = 0
+    start_step: int = 0
+    steps_run: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    syn_rows: Any = None  # a device tensor: counting it costs no host sync per step
+    all_rows: int = 0
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    val: Any = None  # train_data.ValSet on rank 0
+    writer: Any = None  # TensorBoard SummaryWriter on rank 0
 
+    @property
+    def synthetic_fraction(self) -> float | None:
+        return int(self.syn_rows) / self.all_rows if self.all_rows else None
 
-def _decode_map(ds, cfg: TrainConfig, crop: int | None, augment: bool, is_synthetic: int | None):
-    from synthfar_ray.transforms import decode_batch
-
-    if cfg.decode_on == "worker":  # the worker decodes; just tag the rows
-        def tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            batch["is_synthetic"] = np.full(len(batch["id"]), is_synthetic or 0, dtype=np.int8)
-            return batch
-        return ds.map_batches(tag, batch_format="numpy", num_cpus=0.25)
-    return ds.map_batches(decode_batch, batch_format="numpy", batch_size=64, num_cpus=cfg.data_cpus,
-                          fn_kwargs={"size": cfg.image_size, "center_crop": crop, "augment": augment,
-                                     "is_synthetic": is_synthetic})
-
-
-def val_source_of(cfg: TrainConfig) -> str:
-    return cfg.val_source if cfg.val_source != "auto" else ("real" if cfg.real else "synthetic")
-
-
-def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
-    """Ray Datasets: "synthetic" / "real" train rows (as the plan needs) and "val" (unsplit)."""
-    needed = {n for p in phases_of(cfg) for n in p.datasets}
-    data_aug = cfg.augment and cfg.augment_on == "data"
-    out: dict[str, Any] = {}
-    if "synthetic" in needed:
-        chosen = read_selection(cfg.synthetic_selection, cfg.storage) if cfg.synthetic_selection else None
-        ds = _read(cfg.synthetic, cfg.storage, ("train",), chosen_ids=chosen, shuffle_seed=cfg.seed)
-        out["synthetic"] = _decode_map(ds, cfg, cfg.synthetic_center_crop, data_aug, 1)
-    if "real" in needed:
-        ds = _read(cfg.real, cfg.storage, ("train",), subset=cfg.real_subset, shuffle_seed=cfg.seed)
-        out["real"] = _decode_map(ds, cfg, cfg.center_crop, data_aug, 0)
-    source = val_source_of(cfg)
-    if source != "none":
-        uri, crop = (cfg.real, cfg.center_crop) if source == "real" else (cfg.synthetic, cfg.synthetic_center_crop)
-        val = _read(uri, cfg.storage, ("val",), limit=cfg.val_limit)
-        out["val"] = _decode_map(val, cfg, crop, False, int(source == "synthetic"))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The per-worker training loop
 
 def _setup_worker_logging() -> None:
     pkg = logging.getLogger("synthfar_ray")
@@ -290,7 +247,7 @@ def _setup_worker_logging() -> None:
     pkg.setLevel(logging.INFO)
 
 
-def _amp(cfg: TrainConfig, device_type: str):
+def amp_settings(cfg: TrainConfig, device_type: str):
     """(autocast dtype or None, use GradScaler)."""
     import torch
 
@@ -325,138 +282,214 @@ def _local_weights(uri: str | None, opts: StorageOptions) -> str | None:
     return local
 
 
-def _infinite_batches(shard, batch_size: int, cfg: TrainConfig, rank: int, device) -> Iterator[dict]:
-    """Cycle a dataset shard forever, one reshuffled pass after another."""
-    epoch = 0
-    while True:
-        n = 0
-        kwargs = dict(batch_size=batch_size, drop_last=True,
-                      local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                      local_shuffle_seed=(cfg.seed + 1009 * epoch + rank) if cfg.shuffle_buffer else None,
-                      prefetch_batches=2)
-        if cfg.decode_on == "worker":
-            it = shard.iter_batches(batch_format="numpy", **kwargs)
-        else:
-            it = shard.iter_torch_batches(device=device, **kwargs)
-        for batch in it:
-            n += 1
-            yield batch
-        if n == 0:
-            raise RuntimeError(f"a worker's data shard holds fewer than one batch ({batch_size} rows): "
-                               "use a smaller batch_size or fewer workers, or more data")
-        epoch += 1
+def setup_worker(cfg: TrainConfig) -> WorkerState:
+    """Device, precision, the net (from the checkpoint being resumed, or fresh), val set, TensorBoard."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from synthfar_ray.model import MultiTaskNet
+    from synthfar_ray.train_data import ValSet, val_source_of
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    amp_dtype, use_scaler = amp_settings(cfg, device.type)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    checkpoint = ray.train.get_checkpoint()
+    pretrained = None if checkpoint else _local_weights(cfg.model.pretrained, cfg.storage)  # resuming: no need
+    net = MultiTaskNet(cfg.model.backbone, pretrained, cfg.model.age_mode)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    restored = None
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            restored = checkpoints.load_training_state(d, net)
+        if rank == 0:
+            logger.info("resuming %s from step %d (phase %s)", cfg.name, restored["step"], restored["phase"])
+    model = ray.train.torch.prepare_model(net)
+    state = WorkerState(cfg, rank, world, device, amp_dtype, use_scaler, model,
+                        model.module if hasattr(model, "module") else model, restored)
+    if restored is not None:
+        state.step = state.start_step = int(restored["step"])
+        state.last_metrics = dict(restored.get("metrics") or {})
+    torch.manual_seed(cfg.seed + 1 + rank + 7919 * state.start_step)  # augmentation stream per rank and resume point
+    state.syn_rows = torch.zeros((), dtype=torch.long, device=device)
+
+    source = val_source_of(cfg)
+    if source != "none" and rank == 0:
+        crop = cfg.center_crop if source == "real" else cfg.synthetic_center_crop
+        state.val = ValSet(ray.train.get_dataset_shard("val"), cfg, device, crop)
+        if state.step < cfg.steps:
+            state.val.prefetch()
+    if rank == 0:
+        state.writer = SummaryWriter(tempfile.mkdtemp(prefix="synthfar-tb-"))
+    return state
 
 
-def _first_batches(streams: dict[str, Iterator[dict]]) -> dict[str, dict]:
-    """First batch of each stream, fetched in parallel threads: each Ray Data pipeline pays its
-    start-up (listing files, first read and decode tasks) concurrently with the others."""
-    if len(streams) < 2:
-        return {}
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(len(streams)) as pool:
-        futures = {name: pool.submit(next, it) for name, it in streams.items()}
-        return {name: f.result() for name, f in futures.items()}
-
-
-def _to_device_batch(batch: dict, cfg: TrainConfig, device, crop: int | None):
-    """A batch from either decode path -> (uint8 images NCHW on device, label tensors, is_synthetic)."""
+def _optimizer(w: WorkerState, phase: Phase, index: int):
+    """A fresh AdamW + warm-up/cosine schedule + scaler per phase, restored when resuming inside it."""
     import torch
 
-    from synthfar_ray.transforms import decode_to_tensor, labels_to_numpy
+    opt = torch.optim.AdamW(w.model.parameters(), lr=phase.lr, weight_decay=w.cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(w.cfg.warmup_steps, phase.end - phase.start))
+    scaler = torch.amp.GradScaler(w.device.type, enabled=w.use_scaler)
+    if w.restored is not None and int(w.restored["phase_index"]) == index:
+        opt.load_state_dict(w.restored["optimizer"])
+        sched.load_state_dict(w.restored["scheduler"])
+        scaler.load_state_dict(w.restored["scaler"])
+    return opt, sched, scaler
 
-    if cfg.decode_on == "worker":
-        images = decode_to_tensor(list(batch["image"]), cfg.image_size, crop, device=device)
-        labels = {k: torch.from_numpy(v).to(device) for k, v in labels_to_numpy(batch).items()}
-        syn = torch.from_numpy(np.array(batch["is_synthetic"], dtype=np.int8)).to(device)
-        return images, labels, syn
-    images = batch["image"].permute(0, 3, 1, 2)  # NHWC uint8 from the data tasks
-    return images, {k: batch[k] for k in LABEL_COLUMNS}, batch["is_synthetic"]
+
+def _streams(w: WorkerState, phase: Phase) -> dict[str, Any]:
+    import ray.train
+
+    from synthfar_ray.train_data import BatchStream, prefetch_all
+
+    crops = {"synthetic": w.cfg.synthetic_center_crop, "real": w.cfg.center_crop}
+    streams = {name: BatchStream(ray.train.get_dataset_shard(name), w.cfg.worker_batch(), w.cfg, w.rank, w.device,
+                                 crops[name]) for name in phase.datasets}
+    prefetch_all(streams)  # start every pipeline at once, not one after the other
+    return streams
 
 
-def _concat(parts: list[tuple]):
+def train_step(w: WorkerState, batch: tuple, augment, opt, sched, scaler, weights: LossWeights):
+    """One optimizer step on a device batch; returns the (device) loss and its per-head parts."""
     import torch
 
-    if len(parts) == 1:
-        return parts[0]
-    images = torch.cat([p[0] for p in parts])
-    labels = {k: torch.cat([p[1][k] for p in parts]) for k in LABEL_COLUMNS}
-    syn = torch.cat([p[2] for p in parts])
-    return images, labels, syn
+    from synthfar_ray.losses import multitask_loss
+    from synthfar_ray.transforms import to_model_input
+
+    images, labels, _ = batch
+    x = to_model_input(images, augment, channels_last=w.cfg.channels_last, nhwc=False)
+    with torch.autocast(device_type=w.device.type, dtype=w.amp_dtype or torch.float32, enabled=w.amp_dtype is not None):
+        outputs = w.model(x)
+    loss, parts = multitask_loss(outputs, labels, weights)
+    scaler.scale(loss).backward()
+    if w.cfg.grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(w.model.parameters(), w.cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
 
-class ValSet:
-    """Rank 0's view of the val split: read through Ray Data once, then kept decoded in memory (on the
-    device) when it fits in `val_cache_mb`, so later validations cost only the forward passes."""
+class LossWindow:
+    """Running sums of the loss between two log lines, kept on the device (no host sync per step)."""
 
-    def __init__(self, shard, cfg: TrainConfig, device, crop: int | None):
-        self.shard, self.cfg, self.device, self.crop = shard, cfg, device, crop
-        self.cached: list[tuple] | None = None
-        self._thread = None
-        self._error: Exception | None = None
+    def __init__(self, device):
+        self.device = device
+        self.reset()
 
-    def prefetch(self) -> None:
-        """Make the first pass (and fill the cache) in a background thread while training starts."""
-        import threading
+    def reset(self) -> None:
+        import torch
 
-        def run() -> None:
-            try:
-                for _ in self.batches():
-                    pass
-            except Exception as e:  # re-raised by wait()
-                self._error = e
+        self.loss = torch.zeros((), device=self.device)
+        self.parts: dict[str, Any] = {}
+        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
 
-        self._thread = threading.Thread(target=run, name="val-prefetch", daemon=True)
-        self._thread.start()
+    def add(self, loss, parts: dict[str, Any], images: int) -> None:
+        self.loss += loss
+        for k, v in parts.items():
+            self.parts[k] = self.parts[k] + v if k in self.parts else v.clone()
+        self.steps += 1
+        self.images += images
 
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            raise RuntimeError(f"reading the val split failed: {self._error}") from self._error
-
-    def batches(self) -> Iterator[tuple]:
-        if self.cached is not None:
-            yield from self.cached
-            return
-        cfg = self.cfg
-        if cfg.decode_on == "worker":
-            it = self.shard.iter_batches(batch_format="numpy", batch_size=cfg.val_batch_size)
-        else:
-            it = self.shard.iter_torch_batches(batch_size=cfg.val_batch_size, device=self.device)
-        kept: list[tuple] | None = []
-        size = 0
-        for batch in it:
-            item = _to_device_batch(batch, cfg, self.device, self.crop)
-            if kept is not None:
-                size += item[0].numel()
-                if size <= cfg.val_cache_mb * 2**20:
-                    kept.append(item)
-                else:
-                    kept = None
-            yield item
-        self.cached = kept
+    def means(self) -> dict[str, float]:
+        n = max(1, self.steps)
+        return {"loss": float(self.loss) / n, **{f"loss_{k}": float(v) / n for k, v in self.parts.items()}}
 
 
-def _validate(model, val: ValSet, amp_dtype, age_mode: str, channels_last: bool) -> dict[str, float]:
-    from synthfar_ray.metrics import compute_metrics
-    from synthfar_ray.model import predict
+def log_window(w: WorkerState, window: LossWindow, phase: Phase, lr: float) -> None:
+    elapsed = time.perf_counter() - window.t0
+    ips = window.images * w.world / elapsed if elapsed > 0 else 0.0
+    means = window.means()
+    if w.rank == 0:
+        logger.info("step %d/%d [%s] %s lr %.2e %.1f img/s", w.step, w.cfg.steps, phase.name,
+                    " ".join(f"{k} {v:.4f}" for k, v in means.items()), lr, ips)
+        for k, v in means.items():
+            w.writer.add_scalar(f"train/{k}", v, w.step)
+        w.writer.add_scalar("train/lr", lr, w.step)
+        w.writer.add_scalar("train/images_per_second", ips, w.step)
+    w.last_metrics.update(means)
+    window.reset()
 
-    outs: dict[str, list[np.ndarray]] = {}
-    labs: dict[str, list[np.ndarray]] = {k: [] for k in LABEL_COLUMNS}
-    val.wait()
-    for images, labels, _ in val.batches():
-        for k, v in predict(model, images, amp_dtype, channels_last, nhwc=False).items():
-            outs.setdefault(k, []).append(v.cpu().numpy())
-        for k in LABEL_COLUMNS:
-            labs[k].append(labels[k].cpu().numpy())
-    if not labs["gender"]:
-        return {}
-    metrics = compute_metrics({k: np.concatenate(v) for k, v in outs.items()},
-                              {k: np.concatenate(v) for k, v in labs.items()},
-                              age_bins_from="regression" if age_mode == "regression" else "logits")
-    return {f"val_{k}": float(v) for k, v in metrics.items()}
+
+def report(w: WorkerState, phase: Phase, index: int, opt, sched, scaler, validate_now: bool, checkpoint_now: bool) -> None:
+    """Validate (rank 0), write TensorBoard, and report metrics (+ a checkpoint) to Ray Train."""
+    import ray.train
+
+    from synthfar_ray.train_data import validate
+
+    metrics: dict[str, Any] = {**w.last_metrics, "step": w.step, "phase": phase.name,
+                               "synthetic_fraction": w.synthetic_fraction}
+    if validate_now and w.rank == 0:
+        metrics.update(validate(w.raw_model, w.val, w.amp_dtype, w.cfg.model.age_mode, w.cfg.channels_last))
+        for k, v in metrics.items():
+            if k.startswith("val_") and isinstance(v, float) and not math.isnan(v):
+                w.writer.add_scalar(f"val/{k[4:]}", v, w.step)
+    w.last_metrics = metrics
+    if w.rank == 0:
+        w.history.append(dict(metrics))
+        w.writer.flush()
+        checkpoints.upload_tensorboard(w.writer.log_dir, w.cfg)
+    with tempfile.TemporaryDirectory(prefix="synthfar-ckpt-") as d:
+        ckpt = None
+        if checkpoint_now and w.rank == 0:
+            checkpoints.save_training_state(d, w.raw_model, w.cfg, opt, sched, scaler, w.step, phase.name, index,
+                                            metrics)
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt,
+                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{w.step:09d}" if ckpt else None)
+
+
+def run_phase(w: WorkerState, index: int, phase: Phase) -> None:
+    """Train one phase from the current step to its end, logging, validating and checkpointing."""
+    import torch
+
+    from synthfar_ray.train_data import MixSchedule, concat_batches, val_source_of
+    from synthfar_ray.transforms import BatchAugment
+
+    cfg = w.cfg
+    opt, sched, scaler = _optimizer(w, phase, index)
+    streams = _streams(w, phase)
+    mix = MixSchedule(phase.datasets, cfg.worker_batch(), cfg.mix_ratio if cfg.plan == "mix" else None, cfg.seed, w.rank)
+    # Rows decoded here can only be augmented here.
+    augment = BatchAugment() if cfg.augment and (cfg.augment_on == "device" or cfg.decode_on == "worker") else None
+    has_val = val_source_of(cfg) != "none"  # the same on every rank: all of them report together
+    ckpt_every = cfg.checkpoint_every or cfg.val_every
+    if w.rank == 0:
+        logger.info("phase %s: steps %d..%d on %s (lr %g, %d workers x %d images)", phase.name,
+                    max(w.step, phase.start), phase.end, "+".join(phase.datasets), phase.lr, w.world, cfg.worker_batch())
+    window = LossWindow(w.device)
+    mark = time.perf_counter()  # training time excludes validation and checkpointing
+    while w.step < phase.end:
+        counts = mix.counts(w.step)
+        batch = concat_batches([streams[n].take(counts[n]) for n in phase.datasets])
+        loss, parts = train_step(w, batch, augment, opt, sched, scaler, phase.weights)
+        w.step += 1
+        w.steps_run += 1
+        n = int(batch[0].shape[0])
+        w.syn_rows += batch[2].sum()
+        w.all_rows += n
+        w.images_seen += n
+        window.add(loss, parts, n)
+        if w.step % cfg.log_every == 0 or w.step == phase.end:
+            log_window(w, window, phase, sched.get_last_lr()[0])
+        at_end = w.step == phase.end
+        validate_now = has_val and (w.step % cfg.val_every == 0 or at_end)
+        checkpoint_now = w.step % ckpt_every == 0 or at_end
+        if validate_now or checkpoint_now:
+            if w.device.type == "cuda":
+                torch.cuda.synchronize()  # the queued steps belong to training time
+            w.train_seconds += time.perf_counter() - mark
+            report(w, phase, index, opt, sched, scaler, validate_now, checkpoint_now)
+            mark = time.perf_counter()
+        _maybe_inject_failure(w.step, w.rank)
 
 
 def _maybe_inject_failure(step: int, rank: int) -> None:
@@ -470,231 +503,75 @@ def _maybe_inject_failure(step: int, rank: int) -> None:
         raise RuntimeError(f"injected training failure after step {step} ({FAULT_ENV})")
 
 
-def save_model(directory: str, model, meta: dict[str, Any]) -> None:
-    """The loadable part of a checkpoint: model.pt (state_dict) + meta.json (how to rebuild the net)."""
-    import torch
-
-    os.makedirs(directory, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(directory, MODEL_FILE))
-    with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-
-
-def _save_checkpoint_dir(directory: str, model, cfg: TrainConfig, opt, sched, scaler, step: int,
-                         phase: Phase, phase_index: int, metrics: dict[str, Any]) -> None:
-    import torch
-
-    save_model(directory, model, checkpoint_meta(cfg) | {"step": step, "phase": phase.name})
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "phase": phase.name, "phase_index": phase_index, "metrics": metrics},
-               os.path.join(directory, STATE_FILE))
-
-
-def checkpoint_meta(cfg: TrainConfig) -> dict[str, Any]:
-    """What evaluate and the sampling stage need to rebuild the net from a checkpoint alone."""
-    return {"format": 1, "backbone": cfg.model.backbone, "age_mode": cfg.model.age_mode, "image_size": cfg.image_size,
-            "center_crop": cfg.center_crop, "synthetic_center_crop": cfg.synthetic_center_crop,
-            "channels_last": cfg.channels_last, "run": cfg.name, "plan": cfg.plan}
-
-
-def _upload_tensorboard(local_dir: str, cfg: TrainConfig) -> None:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(storage.join(cfg.run_uri, TENSORBOARD_DIR), cfg.storage)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    import ray.train
-    import ray.train.torch
-    import torch
-    from torch.utils.tensorboard import SummaryWriter
-
-    from synthfar_ray.losses import multitask_loss
-    from synthfar_ray.model import MultiTaskNet
-    from synthfar_ray.transforms import BatchAugment, to_model_input
-
+    """The Ray Train worker function: set up, train each phase not yet done, return the summary."""
     _setup_worker_logging()
-    # Prefer the object ("cfg"): JSON masks the storage secrets. "cfg_json" is kept for callers that
-    # build their own TorchTrainer around this loop.
-    cfg: TrainConfig = config["cfg"] if "cfg" in config else TrainConfig.model_validate_json(config["cfg_json"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    amp_dtype, use_scaler = _amp(cfg, device.type)
-    phases = phases_of(cfg)
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    checkpoint = ray.train.get_checkpoint()
-    pretrained = None if checkpoint else _local_weights(cfg.model.pretrained, cfg.storage)  # resuming: no need
-    net = MultiTaskNet(cfg.model.backbone, pretrained, cfg.model.age_mode)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-
-    start_step, restored_phase, restored, last_metrics = 0, -1, None, {}
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            net.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
-            restored = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-        start_step, restored_phase = int(restored["step"]), int(restored["phase_index"])
-        last_metrics = dict(restored.get("metrics") or {})
-        if rank == 0:
-            logger.info("resuming %s from step %d (phase %s)", cfg.name, start_step, restored["phase"])
-    model = ray.train.torch.prepare_model(net)
-    raw_model = model.module if hasattr(model, "module") else model
-    torch.manual_seed(cfg.seed + 1 + rank + 7919 * start_step)  # augmentation stream per rank and resume point
-
-    # Rows decoded here can only be augmented here.
-    augment = BatchAugment() if cfg.augment and (cfg.augment_on == "device" or cfg.decode_on == "worker") else None
-    ckpt_every = cfg.checkpoint_every or cfg.val_every
-    wb = cfg.worker_batch()
-    counts = dict(zip(("synthetic", "real"), cfg.mix_counts())) if cfg.plan == "mix" else {}
-    crops = {"synthetic": cfg.synthetic_center_crop, "real": cfg.center_crop}
-    source = val_source_of(cfg)
-    val = ValSet(ray.train.get_dataset_shard("val"), cfg, device, crops[source]) \
-        if source != "none" and rank == 0 else None
-    if val is not None and start_step < cfg.steps:
-        val.prefetch()
-
-    writer = SummaryWriter(tempfile.mkdtemp(prefix="synthfar-tb-")) if rank == 0 else None
-    history: list[dict[str, Any]] = []
-    step, steps_run, images_seen, train_seconds = start_step, 0, 0, 0.0
-    syn_rows, all_rows = torch.zeros((), dtype=torch.long, device=device), 0  # a tensor: no host sync per step
-    for index, phase in enumerate(phases):
-        if phase.end <= step:
-            continue
-        opt = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, phase.end - phase.start))
-        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        if restored is not None and restored_phase == index:
-            opt.load_state_dict(restored["optimizer"])
-            sched.load_state_dict(restored["scheduler"])
-            scaler.load_state_dict(restored["scaler"])
-        streams = {name: _infinite_batches(ray.train.get_dataset_shard(name), counts.get(name, wb), cfg, rank, device)
-                   for name in phase.datasets}
-        pending = _first_batches(streams)  # start every pipeline at once, not one after the other
-        if rank == 0:
-            logger.info("phase %s: steps %d..%d on %s (lr %g, %d workers x %d images)",
-                        phase.name, max(step, phase.start), phase.end, "+".join(phase.datasets), phase.lr, world, wb)
-        loss_sum = torch.zeros((), device=device)
-        part_sums: dict[str, torch.Tensor] = {}
-        window_t, window_images, window_steps = time.perf_counter(), 0, 0
-        mark = time.perf_counter()  # training time excludes validation and checkpointing
-        while step < phase.end:
-            images, labels, syn = _concat([_to_device_batch(pending.pop(n) if n in pending else next(streams[n]),
-                                                            cfg, device, crops[n]) for n in phase.datasets])
-            x = to_model_input(images, augment, channels_last=cfg.channels_last, nhwc=False)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                outputs = model(x)
-            loss, parts = multitask_loss(outputs, labels, phase.weights)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            steps_run += 1
-            loss_sum += loss.detach()
-            for k, v in parts.items():
-                part_sums[k] = part_sums.get(k, torch.zeros((), device=device)) + v.detach()
-            syn_rows += syn.sum()
-            all_rows += int(syn.shape[0])
-            images_seen += int(images.shape[0])
-            window_images += int(images.shape[0])
-            window_steps += 1
-
-            if step % cfg.log_every == 0 or step == phase.end:
-                elapsed = time.perf_counter() - window_t
-                ips = window_images * world / elapsed if elapsed > 0 else 0.0
-                mean_loss = float(loss_sum) / window_steps
-                if rank == 0:
-                    logger.info("step %d/%d [%s] loss %.4f %s lr %.2e %.1f img/s", step, cfg.steps, phase.name,
-                                mean_loss, " ".join(f"{k} {float(v) / window_steps:.3f}" for k, v in part_sums.items()),
-                                sched.get_last_lr()[0], ips)
-                    writer.add_scalar("train/loss", mean_loss, step)
-                    for k, v in part_sums.items():
-                        writer.add_scalar(f"train/loss_{k}", float(v) / window_steps, step)
-                    writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
-                    writer.add_scalar("train/images_per_second", ips, step)
-                last_metrics.update({"loss": mean_loss, **{f"loss_{k}": float(v) / window_steps for k, v in part_sums.items()}})
-                loss_sum.zero_()
-                part_sums.clear()
-                window_t, window_images, window_steps = time.perf_counter(), 0, 0
-
-            at_end = step == phase.end
-            do_val = source != "none" and (step % cfg.val_every == 0 or at_end)
-            do_ckpt = step % ckpt_every == 0 or at_end
-            if do_val or do_ckpt:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()  # the queued steps belong to training time
-                train_seconds += time.perf_counter() - mark
-                metrics: dict[str, Any] = {**last_metrics, "step": step, "phase": phase.name,
-                                           "synthetic_fraction": int(syn_rows) / max(1, all_rows)}
-                if do_val and rank == 0:
-                    metrics.update(_validate(raw_model, val, amp_dtype, cfg.model.age_mode, cfg.channels_last))
-                    for k, v in metrics.items():
-                        if k.startswith("val_") and isinstance(v, float) and not math.isnan(v):
-                            writer.add_scalar(f"val/{k[4:]}", v, step)
-                last_metrics = metrics
-                if rank == 0:
-                    history.append(dict(metrics))
-                    writer.flush()
-                    _upload_tensorboard(writer.log_dir, cfg)
-                with tempfile.TemporaryDirectory(prefix="synthfar-ckpt-") as d:
-                    ckpt = None
-                    if do_ckpt and rank == 0:
-                        _save_checkpoint_dir(d, raw_model, cfg, opt, sched, scaler, step, phase, index, metrics)
-                        ckpt = ray.train.Checkpoint.from_directory(d)
-                    ray.train.report(metrics, checkpoint=ckpt,
-                                     checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:09d}" if ckpt else None)
-                mark = time.perf_counter()
-            _maybe_inject_failure(step, rank)
-
-    if writer is not None:
-        writer.close()
-        _upload_tensorboard(writer.log_dir, cfg)
-    return {"metrics": last_metrics, "step": step, "start_step": start_step, "steps_run": steps_run,
-            "images_per_second": images_seen * world / train_seconds if train_seconds > 0 else 0.0,
-            "synthetic_fraction": int(syn_rows) / all_rows if all_rows else None, "history": history}
+    cfg: TrainConfig = config["cfg"]  # the object, not JSON: JSON would mask the storage secrets
+    w = setup_worker(cfg)
+    for index, phase in enumerate(phases_of(cfg)):
+        if phase.end > w.step:
+            run_phase(w, index, phase)
+    if w.writer is not None:
+        w.writer.close()
+        checkpoints.upload_tensorboard(w.writer.log_dir, cfg)
+    return {"metrics": w.last_metrics, "step": w.step, "start_step": w.start_step, "steps_run": w.steps_run,
+            "images_per_second": w.images_seen * w.world / w.train_seconds if w.train_seconds > 0 else 0.0,
+            "synthetic_fraction": w.synthetic_fraction, "history": w.history}
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver
 
+
 def _scaling(cfg: TrainConfig):
-    import ray
     from ray.train import ScalingConfig
 
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    from synthfar_ray.raycluster import use_gpu
+
+    gpu = use_gpu(cfg.use_gpu)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker=resources)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+def needed_datasets(cfg: TrainConfig) -> set[str]:
+    return {n for p in phases_of(cfg) for n in p.datasets}
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Every input the run will read exists: checked on the driver before Ray starts."""
+    from synthfar_ray.selection import read_selection_ids
+    from synthfar_ray.train_data import check_dataset, val_source_of
+
+    needed = needed_datasets(cfg) | ({val_source_of(cfg)} - {"none"})
+    for name in ("synthetic", "real"):
+        if name in needed:
+            check_dataset(getattr(cfg, name), name, cfg.storage)
+    if cfg.synthetic_selection and "synthetic" in needed:
+        read_selection_ids(cfg.synthetic_selection, cfg.storage)
+
+
+def _stored_result(cfg: TrainConfig, stored: dict[str, Any]) -> TrainResult:
+    names = {f for f in TrainResult.__dataclass_fields__}
+    return TrainResult(**{k: v for k, v in stored.items() if k in names})
 
 
 def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
-    """Train as `cfg` says (resuming `<storage_path>/<name>` if it exists); `callbacks` are Ray Train
-    UserCallbacks added to the RunConfig (e.g. Tune's reporting)."""
-    import ray
+    """Train as `cfg` says (resuming `<storage_path>/<name>` if it holds the same config);
+    `callbacks` are Ray Train UserCallbacks added to the RunConfig (e.g. Tune's reporting)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init()
+    from synthfar_ray.raycluster import ensure_ray
+    from synthfar_ray.train_data import build_datasets
+
     t0 = time.time()
-    datasets = build_datasets(cfg)
+    check_inputs(cfg)
+    finished = checkpoints.claim_run(cfg)
+    if finished is not None:
+        logger.info("run %s already finished %d steps with this config; nothing to do", cfg.run_uri, finished["steps"])
+        return _stored_result(cfg, finished)
+    ensure_ray()
+    datasets = build_datasets(cfg, needed_datasets(cfg))
     fs, path = storage.resolve(cfg.storage_path, cfg.storage)
     fs.create_dir(path, recursive=True)
     env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
@@ -707,7 +584,6 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        # The model object itself, not JSON: JSON would mask the storage credentials (SecretStr).
         train_loop_config={"cfg": cfg},
         scaling_config=_scaling(cfg),
         run_config=run_config,
@@ -720,7 +596,7 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     result = trainer.fit()
     seconds = time.time() - t0
     if result.error is not None:
-        raise result.error
+        raise StageFailed(f"training run {cfg.run_uri} failed: {last_line(result.error)}") from result.error
     out = result.return_value or {}
     ckpt_uri = (storage.join(cfg.run_uri, posixpath.basename(result.checkpoint.path.rstrip("/")))
                 if result.checkpoint is not None else None)
@@ -728,51 +604,14 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         checkpoint=ckpt_uri, metrics=dict(out.get("metrics") or result.metrics or {}), steps=int(out.get("step", 0)),
         seconds=seconds, images_per_second=float(out.get("images_per_second") or 0.0),
         start_step=int(out.get("start_step", 0)), steps_run=int(out.get("steps_run", 0)),
-        run_uri=cfg.run_uri, history=list(out.get("history") or []))
-    summary = asdict(train_result) | {"name": cfg.name, "plan": cfg.plan, "synthetic_fraction": out.get("synthetic_fraction"),
+        run_uri=cfg.run_uri, history=list(out.get("history") or []), synthetic_fraction=out.get("synthetic_fraction"))
+    summary = asdict(train_result) | {"name": cfg.name, "plan": cfg.plan, "finished": train_result.steps >= cfg.steps,
+                                      "mix_ratio": cfg.mix_ratio if cfg.plan == "mix" else None,
                                       "config": dump_config(cfg)}
-    storage.write_bytes(storage.join(cfg.run_uri, RESULT_FILE),
-                        json.dumps(_json_safe(summary), indent=2).encode(), cfg.storage)
+    checkpoints.write_json(storage.join(cfg.run_uri, checkpoints.RESULT_FILE), summary, cfg.storage)
     logger.info("done: %s step %d in %.1f s (%.1f img/s); checkpoint %s", cfg.name, train_result.steps, seconds,
                 train_result.images_per_second, ckpt_uri)
     return train_result
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a trained net (evaluate, sampling)
-
-def resolve_checkpoint(uri: str, opts: StorageOptions | None = None) -> str:
-    """A checkpoint folder URI, or a run folder (-> its latest checkpoint_* folder)."""
-    import pyarrow.fs as pafs
-
-    if storage.exists(storage.join(uri, META_FILE), opts):
-        return uri
-    fs, path = storage.resolve(uri, opts)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    ckpts = sorted(posixpath.basename(i.path) for i in infos
-                   if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith(CHECKPOINT_PREFIX))
-    ckpts = [c for c in ckpts if storage.exists(storage.join(uri, c, META_FILE), opts)]
-    if not ckpts:
-        raise FileNotFoundError(f"{uri} is neither a checkpoint (no {META_FILE}) nor a run folder with checkpoints")
-    return storage.join(uri, ckpts[-1])
-
-
-def load_model(checkpoint_uri: str, storage_opts: StorageOptions | None = None):
-    """(MultiTaskNet in eval mode on CPU, meta dict) from a checkpoint folder or run folder URI."""
-    import io
-
-    import torch
-
-    from synthfar_ray.model import MultiTaskNet
-
-    uri = resolve_checkpoint(checkpoint_uri, storage_opts)
-    meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE), storage_opts))
-    net = MultiTaskNet(meta["backbone"], None, meta["age_mode"])
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, MODEL_FILE), storage_opts)),
-                       map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
-    meta["checkpoint"] = uri
-    return net.eval(), meta
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,13 +25,8 @@ from synthfar_ray import storage
 from synthfar_ray.config import ConfigError, load_config
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.labels import CORE_FIELDS, age_to_bin
-from synthfar_ray.train import (
-    FAULT_ENV,
-    TrainConfig,
-    build_datasets,
-    load_model,
-    run_train,
-)
+from synthfar_ray.train import FAULT_ENV, TrainConfig, load_model, needed_datasets, run_train
+from synthfar_ray.train_data import build_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PALETTE = np.array([(210, 50, 50), (50, 210, 50), (50, 50, 210), (210, 210, 50), (50, 210, 210)], np.float32)
@@ -146,7 +141,7 @@ def test_datasets_follow_splits_subsets_and_selection(ray_cluster, data, tmp_pat
     pq.write_table(pa.table({"id": syn_ids, "chosen": np.isin(syn_ids, chosen)}), tmp_path / "selection.parquet")
     cfg = _cfg(data, tmp_path, plan="pretrain_finetune", synthetic=data["synthetic"], real_subset=25,
                synthetic_selection=str(tmp_path / "selection.parquet"), steps=2)
-    ds = build_datasets(cfg)
+    ds = build_datasets(cfg, needed_datasets(cfg))
     assert set(ds) == {"synthetic", "real", "val"}
     got = {name: sorted(ds[name].select_columns(["id"]).to_pandas()["id"].tolist()) for name in ds}
     real = data["real_table"]
@@ -203,11 +198,86 @@ def test_ddp_learns_and_recovers_from_a_worker_failure(ddp_run):
 
 
 def test_mix_batches_hold_the_synthetic_share(ddp_run):
-    cfg, _, _ = ddp_run
+    cfg, result, _ = ddp_run
     summary = json.loads((Path(cfg.storage_path) / "ddp" / "result.json").read_text())
-    # Counted from the rows' own is_synthetic tags: round(0.25 * 16) = 4 of each worker's 16.
-    assert summary["synthetic_fraction"] == 4 / 16
-    assert cfg.mix_counts() == (4, 12)
+    # Counted from the rows' own is_synthetic tags over the resumed attempt: 40 steps x 2 workers x
+    # 16 rows = 1280 binomial draws at p = 0.25 (sd 0.012): 0.06 is five standard deviations.
+    assert abs(summary["synthetic_fraction"] - 0.25) < 0.06, summary["synthetic_fraction"]
+    assert summary["synthetic_fraction"] == result.synthetic_fraction
+    assert summary["mix_ratio"] == 0.25
+
+
+def test_mix_ratio_is_exact_in_expectation_at_any_batch_size():
+    """Rounding 0.05 x 8 gives 0 synthetic rows per batch (the stream was silently dropped); the
+    seeded binomial counts average to the ratio and are a pure function of (seed, rank, step)."""
+    from synthfar_ray.train_data import MixSchedule
+
+    mix = MixSchedule(("synthetic", "real"), 8, 0.05, seed=42, rank=0)
+    counts = [mix.counts(step) for step in range(4000)]
+    assert all(c["synthetic"] + c["real"] == 8 for c in counts)
+    share = sum(c["synthetic"] for c in counts) / (8 * 4000)
+    assert abs(share - 0.05) < 0.01, share  # sd 0.0039
+    assert [mix.counts(s) for s in (0, 7, 3999)] == [counts[0], counts[7], counts[3999]]  # same after a resume
+    other_rank = MixSchedule(("synthetic", "real"), 8, 0.05, seed=42, rank=1)
+    assert [other_rank.counts(s) for s in range(200)] != counts[:200]  # ranks draw independently
+
+
+def test_batch_stream_hands_out_any_row_count_without_losing_rows(ray_cluster, data, tmp_path):
+    """take(n) for varying n returns exactly n rows, in order, every row of a pass once."""
+    import ray
+    import torch
+
+    from synthfar_ray.train_data import BatchStream
+
+    cfg = _cfg(data, tmp_path, shuffle_buffer=0)
+    ds = ray.data.from_items([{"id": i, "image": np.zeros((4, 4, 3), np.uint8), "age": 1.0, "age_bin": 0, "gender": 0,
+                               "ethnicity": 0, "is_synthetic": 1} for i in range(40)])
+    stream = BatchStream(ds, 16, cfg, 0, torch.device("cpu"), None)
+    taken = [stream.take(n) for n in (0, 5, 11, 0, 16)]
+    assert [int(t[0].shape[0]) for t in taken] == [0, 5, 11, 0, 16]
+    assert int(torch.cat([t[2] for t in taken]).sum()) == 32  # every row tagged synthetic, none lost
+
+
+def test_run_refuses_another_config_under_the_same_name(ray_cluster, data, tmp_path):
+    """Same name, other lr: refused with the key named (it would continue the old optimizer and
+    schedule). A finished run re-run keeps its result.json; overwrite=true starts over."""
+    from synthfar_ray.config import ConfigError
+
+    cfg = _cfg(data, tmp_path, name="guard", steps=4, val_every=4)
+    first = run_train(cfg)
+    result_file = Path(cfg.storage_path) / "guard" / "result.json"
+    before = json.loads(result_file.read_text())
+    assert first.steps == 4 and before["history"] and before["finished"]
+
+    with pytest.raises(ConfigError, match=r"\blr\b") as err:
+        run_train(_cfg(data, tmp_path, name="guard", steps=4, val_every=4, lr=1e-2))
+    assert "overwrite=true" in str(err.value)
+    with pytest.raises(ConfigError, match="model.backbone"):
+        run_train(_cfg(data, tmp_path, name="guard", steps=4, val_every=4, model={"backbone": "resnet18"}))
+
+    again = run_train(cfg)  # finished with this config: nothing to do, nothing overwritten
+    assert json.loads(result_file.read_text()) == before
+    assert again.steps == 4 and again.history == before["history"]
+
+    fresh = run_train(_cfg(data, tmp_path, name="guard", steps=4, val_every=4, lr=1e-2, overwrite=True))
+    assert (fresh.start_step, fresh.steps_run) == (0, 4)
+    assert json.loads(result_file.read_text())["config"]["lr"] == 1e-2
+
+
+def test_missing_dataset_is_named_before_ray_starts(tmp_path):
+    """`synthetic=/x/does/not/exist`: one line naming the setting and the path, and Ray never started."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ray; from synthfar_ray.cli import main; "
+            "rc = main(['train', sys.argv[1], 'synthetic=/x/does/not/exist']); print('RC', rc, ray.is_initialized())")
+    cfg_file = tmp_path / "t.yaml"
+    cfg_file.write_text(f"name: x\nstorage_path: {tmp_path}/runs\nplan: synthetic\n")
+    out = subprocess.run([sys.executable, "-c", code, str(cfg_file)], capture_output=True, text=True, timeout=120)
+    assert "RC 2 False" in out.stdout, out.stdout + out.stderr
+    err = [ln for ln in out.stderr.splitlines() if "error" in ln]
+    assert len(err) == 1 and "synthetic:" in err[0] and "/x/does/not/exist" in err[0], out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_pretrain_finetune_on_s3_and_resume_by_name_from_the_cli(ray_cluster, data, s3_bucket, tmp_path):

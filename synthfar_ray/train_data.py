@@ -1,0 +1,297 @@
+"""Training data plumbing: Parquet -> Ray Data on the driver, batches on the Train workers.
+
+Driver side (`build_datasets`): each train set is read with file-level shuffling (a new file order
+every pass; the datasets are written in a seeded permuted row order, so files are label-mixed),
+filtered to its split / subset / selection, and decoded + resized by Ray Data CPU tasks. Read and
+decode tasks ask for `data_cpus` each, so several trials on a small node still leave room for them.
+
+Worker side: `BatchStream` cycles a dataset shard forever and hands out any number of rows per step
+(leftover rows wait for the next step), `MixSchedule` draws each step's synthetic row count from a
+seeded binomial, so the synthetic share is exact in expectation at any batch size, and `ValSet`
+keeps the decoded val split in memory for repeated validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from synthfar_ray import storage
+from synthfar_ray.errors import UserError
+from synthfar_ray.storage import StorageOptions
+from synthfar_ray.transforms import LABEL_COLUMNS
+
+if TYPE_CHECKING:
+    from synthfar_ray.train import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: Ray Datasets
+
+
+def check_dataset(uri: str | None, setting: str, opts: StorageOptions) -> None:
+    """Fail on the driver, before Ray starts, when a dataset setting points at nothing readable."""
+    if uri is None:
+        return
+    try:
+        storage.parquet_files(uri, opts)
+    except storage.StorageError as e:
+        raise UserError(f"{setting}: {e}") from None
+
+
+def read_rows(uri: str, opts: StorageOptions, splits: tuple[str, ...], *, subset: int | None = None,
+              chosen_ids: np.ndarray | None = None, limit: int | None = None, shuffle_seed: int | None = None,
+              num_cpus: float = 1.0):
+    import ray
+    from ray.data.expressions import col
+
+    fs, path = storage.resolve(uri, opts)
+    # Train sets read their files in a new order each pass (streaming, unlike randomize_block_order,
+    # which waits for every read to finish); each worker's local shuffle buffer mixes rows further.
+    shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    ds = ray.data.read_parquet(path, filesystem=fs, shuffle=shuffle, num_cpus=num_cpus)
+    pred = col("split").is_in(list(splits))
+    if subset is not None and subset < 100:
+        if "subset" not in ds.columns():
+            raise UserError(f"real_subset={subset} but {uri} has no `subset` column")
+        pred = pred & (col("subset") <= subset)
+    if chosen_ids is not None:
+        pred = pred & col("id").is_in([int(i) for i in chosen_ids])
+    ds = ds.filter(expr=pred).select_columns(["id", "image", *LABEL_COLUMNS])
+    return ds.limit(limit) if limit else ds
+
+
+def decode_rows(ds, cfg: TrainConfig, crop: int | None, augment: bool, is_synthetic: int):
+    from synthfar_ray.transforms import decode_batch
+
+    if cfg.decode_on == "worker":  # the worker decodes; just tag the rows
+        def tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            batch["is_synthetic"] = np.full(len(batch["id"]), is_synthetic, dtype=np.int8)
+            return batch
+        return ds.map_batches(tag, batch_format="numpy", num_cpus=min(0.25, cfg.data_cpus))
+    return ds.map_batches(decode_batch, batch_format="numpy", batch_size=64, num_cpus=cfg.data_cpus,
+                          fn_kwargs={"size": cfg.image_size, "center_crop": crop, "augment": augment,
+                                     "is_synthetic": is_synthetic})
+
+
+def val_source_of(cfg: TrainConfig) -> str:
+    return cfg.val_source if cfg.val_source != "auto" else ("real" if cfg.real else "synthetic")
+
+
+def build_datasets(cfg: TrainConfig, needed: set[str]) -> dict[str, Any]:
+    """Ray Datasets: "synthetic" / "real" train rows (those in `needed`) and "val" (unsplit)."""
+    from synthfar_ray.selection import read_selection_ids
+
+    data_aug = cfg.augment and cfg.augment_on == "data"
+    out: dict[str, Any] = {}
+    if "synthetic" in needed:
+        chosen = read_selection_ids(cfg.synthetic_selection, cfg.storage) if cfg.synthetic_selection else None
+        ds = read_rows(cfg.synthetic, cfg.storage, ("train",), chosen_ids=chosen, shuffle_seed=cfg.seed,
+                       num_cpus=cfg.data_cpus)
+        out["synthetic"] = decode_rows(ds, cfg, cfg.synthetic_center_crop, data_aug, 1)
+    if "real" in needed:
+        ds = read_rows(cfg.real, cfg.storage, ("train",), subset=cfg.real_subset, shuffle_seed=cfg.seed,
+                       num_cpus=cfg.data_cpus)
+        out["real"] = decode_rows(ds, cfg, cfg.center_crop, data_aug, 0)
+    source = val_source_of(cfg)
+    if source != "none":
+        uri, crop = (cfg.real, cfg.center_crop) if source == "real" else (cfg.synthetic, cfg.synthetic_center_crop)
+        val = read_rows(uri, cfg.storage, ("val",), limit=cfg.val_limit, num_cpus=cfg.data_cpus)
+        out["val"] = decode_rows(val, cfg, crop, False, int(source == "synthetic"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: device batches
+
+
+def to_device_batch(batch: dict, cfg: TrainConfig, device, crop: int | None):
+    """A batch from either decode path -> (uint8 images NCHW on device, label tensors, is_synthetic)."""
+    import torch
+
+    from synthfar_ray.transforms import decode_to_tensor, labels_to_numpy
+
+    if cfg.decode_on == "worker":
+        images = decode_to_tensor(list(batch["image"]), cfg.image_size, crop, device=device)
+        labels = {k: torch.from_numpy(v).to(device) for k, v in labels_to_numpy(batch).items()}
+        syn = torch.from_numpy(np.array(batch["is_synthetic"], dtype=np.int8)).to(device)
+        return images, labels, syn
+    images = batch["image"].permute(0, 3, 1, 2)  # NHWC uint8 from the data tasks
+    return images, {k: batch[k] for k in LABEL_COLUMNS}, batch["is_synthetic"]
+
+
+def concat_batches(parts: list[tuple]):
+    import torch
+
+    parts = [p for p in parts if p[0].shape[0] > 0] or parts[:1]
+    if len(parts) == 1:
+        return parts[0]
+    images = torch.cat([p[0] for p in parts])
+    labels = {k: torch.cat([p[1][k] for p in parts]) for k in LABEL_COLUMNS}
+    syn = torch.cat([p[2] for p in parts])
+    return images, labels, syn
+
+
+def _slice(item: tuple, start: int, stop: int) -> tuple:
+    images, labels, syn = item
+    return images[start:stop], {k: v[start:stop] for k, v in labels.items()}, syn[start:stop]
+
+
+class BatchStream:
+    """One dataset shard as an endless source of device rows: `take(n)` returns exactly n rows,
+    keeping what is left of the last batch for the next call; passes are reshuffled one after another."""
+
+    def __init__(self, shard, read_batch: int, cfg: TrainConfig, rank: int, device, crop: int | None):
+        self.shard, self.read_batch, self.cfg, self.rank, self.device, self.crop = shard, read_batch, cfg, rank, device, crop
+        self._batches = self._cycle()
+        self._left: tuple | None = None  # rows of the last batch not handed out yet
+
+    def _cycle(self) -> Iterator[tuple]:
+        cfg, epoch = self.cfg, 0
+        while True:
+            n = 0
+            kwargs = dict(batch_size=self.read_batch, drop_last=True,
+                          local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                          local_shuffle_seed=(cfg.seed + 1009 * epoch + self.rank) if cfg.shuffle_buffer else None,
+                          prefetch_batches=2)
+            if cfg.decode_on == "worker":
+                it = self.shard.iter_batches(batch_format="numpy", **kwargs)
+            else:
+                it = self.shard.iter_torch_batches(device=self.device, **kwargs)
+            for batch in it:
+                n += 1
+                yield to_device_batch(batch, cfg, self.device, self.crop)
+            if n == 0:
+                raise UserError(f"a worker's data shard holds fewer than one batch ({self.read_batch} rows): "
+                                "use a smaller batch_size or fewer workers, or more data")
+            epoch += 1
+
+    def prefetch(self) -> None:
+        """Pull the first batch now (pays this pipeline's start-up: listing, first read and decode)."""
+        if self._left is None:
+            self._left = next(self._batches)
+
+    def take(self, n: int) -> tuple:
+        if n == 0:  # an empty batch with the right shapes and dtypes
+            self.prefetch()
+            return _slice(self._left, 0, 0)
+        parts, have = [], 0
+        while have < n:
+            self.prefetch()
+            size = int(self._left[0].shape[0])
+            use = min(size, n - have)
+            parts.append(_slice(self._left, 0, use))
+            self._left = _slice(self._left, use, size) if use < size else None
+            have += use
+        return concat_batches(parts)
+
+
+def prefetch_all(streams: dict[str, BatchStream]) -> None:
+    """First batch of every stream in parallel threads: the Ray Data pipelines start together."""
+    if len(streams) < 2:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(streams)) as pool:
+        for f in [pool.submit(s.prefetch) for s in streams.values()]:
+            f.result()
+
+
+class MixSchedule:
+    """Rows per dataset of each step's (worker) batch.
+
+    The mix plan's synthetic count is Binomial(batch, mix_ratio), drawn from a generator seeded by
+    (seed, rank, step): exact in expectation at any batch size and ratio (rounding would quantise a
+    ratio, and drop the synthetic stream when it rounds to 0), and the same after a resume."""
+
+    def __init__(self, names: tuple[str, ...], batch: int, mix_ratio: float | None, seed: int, rank: int):
+        self.names, self.batch, self.ratio, self.seed, self.rank = names, batch, mix_ratio, seed, rank
+
+    def counts(self, step: int) -> dict[str, int]:
+        if len(self.names) == 1 or self.ratio is None:
+            return {self.names[0]: self.batch}
+        rng = np.random.default_rng([self.seed, self.rank, step, 0x313])
+        n_syn = int(rng.binomial(self.batch, self.ratio))
+        return {"synthetic": n_syn, "real": self.batch - n_syn}
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: validation
+
+
+class ValSet:
+    """Rank 0's view of the val split: read through Ray Data once, then kept decoded in memory (on the
+    device) when it fits in `val_cache_mb`, so later validations cost only the forward passes."""
+
+    def __init__(self, shard, cfg: TrainConfig, device, crop: int | None):
+        self.shard, self.cfg, self.device, self.crop = shard, cfg, device, crop
+        self.cached: list[tuple] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: Exception | None = None
+
+    def prefetch(self) -> None:
+        """Make the first pass (and fill the cache) in a background thread while training starts."""
+        def run() -> None:
+            try:
+                for _ in self.batches():
+                    pass
+            except Exception as e:  # re-raised by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="val-prefetch", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise RuntimeError(f"reading the val split failed: {self._error}") from self._error
+
+    def batches(self) -> Iterator[tuple]:
+        if self.cached is not None:
+            yield from self.cached
+            return
+        cfg = self.cfg
+        if cfg.decode_on == "worker":
+            it = self.shard.iter_batches(batch_format="numpy", batch_size=cfg.val_batch_size)
+        else:
+            it = self.shard.iter_torch_batches(batch_size=cfg.val_batch_size, device=self.device)
+        kept: list[tuple] | None = []
+        size = 0
+        for batch in it:
+            item = to_device_batch(batch, cfg, self.device, self.crop)
+            if kept is not None:
+                size += item[0].numel()
+                if size <= cfg.val_cache_mb * 2**20:
+                    kept.append(item)
+                else:
+                    kept = None
+            yield item
+        self.cached = kept
+
+
+def validate(model, val: ValSet, amp_dtype, age_mode: str, channels_last: bool) -> dict[str, float]:
+    from synthfar_ray.metrics import compute_metrics
+    from synthfar_ray.model import predict
+
+    outs: dict[str, list[np.ndarray]] = {}
+    labs: dict[str, list[np.ndarray]] = {k: [] for k in LABEL_COLUMNS}
+    val.wait()
+    for images, labels, _ in val.batches():
+        for k, v in predict(model, images, amp_dtype, channels_last, nhwc=False).items():
+            outs.setdefault(k, []).append(v.cpu().numpy())
+        for k in LABEL_COLUMNS:
+            labs[k].append(labels[k].cpu().numpy())
+    if not labs["gender"]:
+        return {}
+    metrics = compute_metrics({k: np.concatenate(v) for k, v in outs.items()},
+                              {k: np.concatenate(v) for k, v in labs.items()},
+                              age_bins_from="regression" if age_mode == "regression" else "logits")
+    return {f"val_{k}": float(v) for k, v in metrics.items()}
