@@ -8,95 +8,83 @@ Methods (the sampling paper's, adapted to diffusion data):
   fields of `class_key`. High score = the image clearly shows the class it was generated for.
 - `cr-sam`: class realism. A real-vs-synthetic discriminator (a binary head on a `build_backbone`
   encoder, trained here on real train rows vs synthetic rows, class-balanced batches) gives
-  p(real | x). High score = hard to tell from a real photo.
+  p(real | x). High score = hard to tell from a real photo. Cross-fitted: the synthetic train rows
+  are split into `scorer_train.cross_fit_folds` folds (seeded hash of the id) and each fold is
+  scored by a discriminator trained on the other folds, so no row is scored by a model that saw it.
 
-Data flow: cl-sam / cr-sam scores are one Ray Data batch-inference job over every synthetic row
-(`map_batches` with an actor class that loads its model once; random reads only ids), cached as Parquet under
-`<synthetic>/_scores/<method>-<fingerprint>/` so Tune and repeated runs score each method once.
+Only the synthetic *train* split (split == 'train') is scored and selected: those are the rows
+training reads, so K is met from rows training actually uses.
+
+Data flow: cl-sam / cr-sam scores are one Ray Data batch-inference job over the synthetic train rows
+(`map_batches` with an actor class that loads its model(s) once; random reads only ids), cached as
+Parquet under `<synthetic>/_scores/<method>-<fingerprint>/` so Tune and repeated runs score each
+method once. The fingerprint is of what the scores depend on, by *content*: the synthetic set (its
+`_manifest.json` fingerprint and its Parquet parts: name, size, row count), the real set the same
+way where a scorer is trained on it, the classifier checkpoint's weights and metadata, and the
+method's settings. A synthetic set that grew, or a retrained classifier, gets new scores.
 The selection (top-K per class, K split equally over the classes present, ties broken by id) is
 pure pandas on the cached scores, written to `<synthetic>/_selections/<method>-<K>/`:
 `selection.parquet` (id, score, class, chosen, rank, method) + `_manifest.json`.
 
 Why folders starting with `_`: Ray Data's `read_parquet` skips paths starting with `_` or `.`, so a
 reader of the synthetic dataset folder never picks up score or selection files by accident.
+
+Module layout: `selection.py` (pure top-K, selection files and their one reader),
+`scorers.py` (classifier / discriminators, the scoring actor), this module (config, score cache,
+the stage and its CLI). The public names of all three are importable from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch import nn
 
 from synthfar_ray import storage as st
-from synthfar_ray.config import StageConfig, StrictModel, dump_config, load_config
-from synthfar_ray.labels import AGE_BIN_NAMES, ETHNICITIES, GENDERS
-from synthfar_ray.model import build_backbone
+from synthfar_ray.config import ConfigError, StageConfig, dump_config, load_config
+from synthfar_ray.paths import InputPath, OutputPath
+from synthfar_ray.raycluster import actor_pool, ensure_ray
+from synthfar_ray.scorers import (DISCRIMINATORS_DIR, Combine, Discriminator, DiscriminatorFit,  # noqa: F401
+                                  ScoreActor, ScorerTrain, cl_sam_scores, classifier_train_config,
+                                  count_real_train, discriminator_bytes, fit_discriminator,
+                                  fit_fold_discriminators, fold_model_uri, fold_of, fold_trained_on_uri,
+                                  head_for, load_discriminator, load_discriminator_meta, open_dataset,
+                                  realism_scores, train_classifier, train_discriminator, train_filter)
+from synthfar_ray.selection import (CLASS_FIELDS, CLASS_NAMES, MANIFEST, SELECTION_FILE,  # noqa: F401
+                                    SELECTIONS_DIR, UNKNOWN_CLASS, ClassField, SelectionError, class_names,
+                                    class_quotas, label_array, random_scores, read_parquet, read_selection_ids,
+                                    resolve_k, select_top_k, selection_uri, write_parquet, write_selection)
 from synthfar_ray.storage import StorageOptions
-from synthfar_ray.transforms import BatchAugment, decode_resize, to_model_input
 
 logger = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("random", "cl-sam", "cr-sam")
-CLASS_FIELDS: tuple[str, ...] = ("ethnicity", "gender", "age_bin")
-CLASS_NAMES: dict[str, tuple[str, ...]] = {"ethnicity": ETHNICITIES, "gender": GENDERS, "age_bin": AGE_BIN_NAMES}
-MANIFEST = "_manifest.json"
-SELECTIONS_DIR = "_selections"
 SCORES_DIR = "_scores"
-SELECTION_FILE = "selection.parquet"
 SCORES_FILE = "scores.parquet"
-DISCRIMINATOR_FILE = "discriminator.pt"
-UNKNOWN_CLASS = "unknown"
+# Bumped when what a cached score means changes (2: train split only, content keys, cr-sam cross-fit).
+SCORES_VERSION = 2
 
 Method = Literal["random", "cl-sam", "cr-sam"]
-ClassField = Literal["ethnicity", "gender", "age_bin"]
-Combine = Literal["product", "mean", "min"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Config
 
 
-class ScorerTrain(StrictModel):
-    """Small training budget for the models this stage trains itself (cl-sam classifier when none
-    is given, cr-sam discriminator)."""
-
-    backbone: str = Field("resnet18", description="model.build_backbone name (tiny, resnet18/34/50/101, timm/...)")
-    pretrained: str | None = Field(None, description="local backbone weights file, or 'torchvision' (hub cache)")
-    image_size: int = Field(64, ge=8, description="side of the square inputs")
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(64, ge=2, description="discriminator: half real, half synthetic")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    augment: bool = Field(True, description="paper augmentations on the training batches")
-    max_rows: int = Field(20000, ge=2, description="discriminator: rows read per domain (random, seeded), "
-                                                   "held decoded in memory")
-    center_crop: int | None = Field(None, ge=8, description="real images: centre square crop side before resizing "
-                                                            "(FairFace 448 px: 300), as in train.py")
-    synthetic_center_crop: int | None = Field(None, ge=8, description="synthetic images: the same")
-    use_gpu: bool | None = Field(None, description="default: when the cluster has GPUs")
-    cpus_per_worker: float = Field(1.0, gt=0, description="classifier: CPUs of its Ray Train worker")
-    data_cpus: float = Field(0.5, gt=0, description="classifier: CPUs per Ray Data decode task")
-
-
 class SampleConfig(StageConfig):
-    synthetic: str = Field(description="synthetic dataset URI")
-    real: str = Field(description="real dataset URI (its split=='train' rows are used)")
+    synthetic: InputPath = Field(description="synthetic dataset URI (its split=='train' rows are scored)")
+    real: InputPath = Field(description="real dataset URI (its split=='train' rows are used)")
     real_subset: Literal[25, 50, 75, 100] = Field(100, description="real rows with subset <= this")
     method: Method = "cl-sam"
     k: int | None = Field(None, ge=1, description="absolute number of synthetic rows to keep ...")
@@ -105,11 +93,11 @@ class SampleConfig(StageConfig):
                                         description="fields that make a class for top-K per class")
     combine: Combine = Field("product", description="cl-sam: how the per-field probabilities combine")
     redistribute: bool = Field(False, description="give the shortfall of short classes to the other classes")
-    classifier: str | None = Field(None, description="cl-sam: checkpoint URI of a model trained on real data")
+    classifier: InputPath | None = Field(None, description="cl-sam: checkpoint URI of a model trained on real data")
     scorer_train: ScorerTrain = ScorerTrain()
-    output: str | None = Field(None, description="selection URI; default <synthetic>/_selections/<method>-<K>")
-    reuse_scores: bool = Field(True, description="use cached scores for the same method and settings")
-    seed: int = 0
+    output: OutputPath | None = Field(None, description="selection URI; default <synthetic>/_selections/<method>-<K>")
+    reuse_scores: bool = Field(True, description="use cached scores of the same inputs (by content) and settings")
+    seed: int = Field(0, description="random scores, cr-sam folds and scorer training")
     batch_size: int = Field(64, ge=1, description="scoring batch")
     num_actors: int | None = Field(None, ge=1, description="scoring actors; default: one per GPU, else 1")
     cpus_per_actor: float = Field(0.5, gt=0)
@@ -145,519 +133,255 @@ class SampleResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure pieces: random scores, class names, top-K per class
+# What the scores depend on, by content
 
 
-def random_scores(ids: np.ndarray, seed: int) -> np.ndarray:
-    """Uniform [0, 1) score per id, a pure function of (seed, id) (splitmix64 hash), so the same
-    row gets the same score however the data is split into batches."""
-    x = np.asarray(ids, dtype=np.int64).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15) * np.uint64((seed & 0xFFFFFFFF) + 1)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _label_array(col: Any, n: int) -> np.ndarray:
-    """A label column (numpy, possibly float with NaN or object with None) -> int64, -1 unknown."""
-    if col is None:
-        return np.full(n, -1, dtype=np.int64)
-    arr = np.asarray(col)
-    if arr.dtype == object:
-        arr = np.array([-1 if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in arr], dtype=np.float64)
-    if arr.dtype.kind == "f":
-        arr = np.where(np.isnan(arr), -1, arr)
-    return arr.astype(np.int64)
+@dataclass
+class DatasetContent:
+    """A dataset's Parquet parts as they are now: the files scoring reads and their identity."""
+
+    uri: str
+    fs: Any
+    files: list[str]  # paths inside fs, sorted
+    parts: list[tuple[str, int, int]]  # (path relative to the dataset, bytes, rows from the footer)
+    manifest_fingerprint: str | None
+
+    @property
+    def rows(self) -> int:
+        return sum(p[2] for p in self.parts)
+
+    def key(self) -> dict[str, Any]:
+        return {"manifest_fingerprint": self.manifest_fingerprint, "parts": len(self.parts), "rows": self.rows,
+                "digest": _sha(self.parts)[:24]}
+
+    def dataset(self) -> pads.Dataset:
+        return pads.dataset(self.files, filesystem=self.fs, format="parquet")
 
 
-def class_names(scores: pd.DataFrame, class_key: Iterable[str]) -> pd.Series:
-    """"white/female/20-29" per row (fields in class_key order); UNKNOWN_CLASS where a field is unknown."""
-    parts = []
-    unknown = np.zeros(len(scores), dtype=bool)
-    for key in class_key:
-        if key not in scores.columns:
-            raise ValueError(f"scores have no column {key!r} (columns: {list(scores.columns)})")
-        values = _label_array(scores[key].to_numpy(), len(scores))
-        names = CLASS_NAMES[key]
-        bad = (values < 0) | (values >= len(names))
-        unknown |= bad
-        parts.append(np.array([names[v] if not b else "" for v, b in zip(values, bad)], dtype=object))
-    joined = ["/".join(p) for p in zip(*parts)] if parts else [""] * len(scores)
-    return pd.Series(np.where(unknown, UNKNOWN_CLASS, np.array(joined, dtype=object)), index=scores.index, dtype=object)
+def dataset_content(uri: str, opts: StorageOptions | None, setting: str = "dataset") -> DatasetContent:
+    """List a dataset's Parquet parts (as Ray Data would read them) with size and footer row count,
+    plus the `fingerprint` of its `_manifest.json` when it has one. `setting` names the config field
+    in errors."""
+    try:
+        fs, files, base = st.parquet_files(uri, opts)
+    except st.StorageError as e:
+        raise st.StorageError(f"{setting}: {e}") from e
+
+    def part(path: str) -> tuple[str, int, int]:
+        with fs.open_input_file(path) as f:
+            size = f.size()
+            rows = pq.ParquetFile(f).metadata.num_rows
+        return path[len(base):].lstrip("/"), int(size), int(rows)
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+            parts = list(pool.map(part, files))
+    except OSError as e:
+        raise st.StorageError(f"{setting}: cannot read the Parquet footers of {uri}: {e}") from e
+    manifest_fp = None
+    _, path = st.resolve(uri, opts)
+    if base == path.rstrip("/"):  # a folder (not a single file): it may have a manifest
+        try:
+            manifest = json.loads(st.read_bytes(st.join(uri, MANIFEST), opts))
+            manifest_fp = manifest.get("fingerprint") if isinstance(manifest, dict) else None
+        except (st.StorageError, ValueError):
+            manifest_fp = None
+    return DatasetContent(uri=uri, fs=fs, files=files, parts=parts, manifest_fingerprint=manifest_fp)
 
 
-def class_quotas(available: dict[str, int], k: int, redistribute: bool = False) -> tuple[dict[str, int], dict[str, int]]:
-    """Split k equally over the classes (the remainder goes one each to the first classes by name).
+def classifier_content(uri: str, opts: StorageOptions | None, class_key: list[str]) -> tuple[str, str, list[str]]:
+    """(resolved checkpoint URI, digest of its weights + metadata, class_key fields it has heads for).
 
-    Returns (kept per class, wanted per class). A class with fewer rows than its share keeps all its
-    rows; with `redistribute` the shortfall is shared again among the classes that have rows left
-    (water-filling), so the total is min(k, all rows)."""
-    names = sorted(c for c, n in available.items() if n > 0)
-    kept = {c: 0 for c in available}
-    wanted: dict[str, int] = {c: 0 for c in available}
-    remaining, active, first = k, names, True
-    while remaining > 0 and active:
-        share, extra = divmod(remaining, len(active))
-        for i, c in enumerate(active):
-            want = share + (1 if i < extra else 0)
-            if first:
-                wanted[c] = want
-            give = min(want, available[c] - kept[c])
-            kept[c] += give
-            remaining -= give
-        first = False
-        if not redistribute:
-            break
-        active = [c for c in active if kept[c] < available[c]]
-    return kept, wanted
+    Loads the net on the driver (CPU) once: the digest is of what scores are computed with, so a
+    retrained or replaced checkpoint (or a run folder with a newer checkpoint) is a new cache key."""
+    import torch
 
+    from synthfar_ray.train import load_model
 
-def select_top_k(scores: pd.DataFrame, k: int, class_key: list[str], redistribute: bool = False) -> pd.DataFrame:
-    """Top-K per class of a score table.
-
-    scores: columns id, score and the class_key fields (label indices, < 0 or null = unknown).
-    K is split equally over the classes present (see `class_quotas`); within a class rows rank by
-    score, highest first, ties by id (ascending), so the result is deterministic. Rows with an
-    unknown class field are never chosen (class "unknown").
-    Returns one row per input row: id, score, class, rank (1 = best in its class), chosen, sorted
-    by class then rank.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    for col in ("id", "score"):
-        if col not in scores.columns:
-            raise ValueError(f"scores have no column {col!r} (columns: {list(scores.columns)})")
-    if scores["id"].duplicated().any():
-        dup = scores.loc[scores["id"].duplicated(), "id"].iloc[0]
-        raise ValueError(f"scores hold id {dup} more than once")
-    out = pd.DataFrame({"id": scores["id"].astype(np.int64).to_numpy(),
-                        "score": scores["score"].astype(np.float64).to_numpy(),
-                        "class": class_names(scores, class_key).to_numpy()})
-    if out["score"].isna().any():
-        raise ValueError(f"{int(out['score'].isna().sum())} scores are NaN")
-    out = out.sort_values(["class", "score", "id"], ascending=[True, False, True], kind="stable").reset_index(drop=True)
-    out["rank"] = out.groupby("class", sort=False).cumcount().astype(np.int64) + 1
-
-    known = out["class"] != UNKNOWN_CLASS
-    n_unknown = int((~known).sum())
-    if n_unknown:
-        logger.warning("%d rows have an unknown %s label and are never chosen", n_unknown, "/".join(class_key))
-    available = out.loc[known, "class"].value_counts().to_dict()
-    kept, wanted = class_quotas(available, k, redistribute)
-    short = {c: (available[c], wanted[c]) for c in sorted(available) if available[c] < wanted[c]}
-    for c, (have, want) in short.items():
-        logger.warning("class %s: %d rows < %d wanted; keeping all %d", c, have, want, have)
-    if short:
-        total = sum(kept.values())
-        if redistribute:
-            logger.warning("shortfall of %d rows redistributed over the other classes: %d of K=%d kept",
-                           sum(w - h for h, w in short.values()), total, k)
-        else:
-            logger.warning("%d of K=%d rows kept (shortfall not redistributed)", total, k)
-    quota = out["class"].map(kept).fillna(0).astype(np.int64)
-    out["chosen"] = known & (out["rank"] <= quota)
-    return out[["id", "score", "class", "rank", "chosen"]]
+    try:
+        net, meta = load_model(uri, opts)
+    except (FileNotFoundError, st.StorageError) as e:
+        raise ConfigError(f"classifier={uri}: {e}") from e
+    fields = [f for f in class_key if head_for(f, net)]
+    missing = [f for f in class_key if f not in fields]
+    if not fields:
+        raise ConfigError(f"classifier={uri} has no head for any field of class_key={list(class_key)}")
+    if missing:
+        logger.warning("classifier %s has no head for %s: cl-sam combines %s only", uri, missing, fields)
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checkpoint"}, sort_keys=True,
+                                  default=str).encode())
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return str(meta["checkpoint"]), h.hexdigest()[:24], fields
 
 
-def resolve_k(cfg_k: int | None, k_multiple: float | None, real_train_rows: int) -> int:
-    if cfg_k is not None:
-        return int(cfg_k)
-    if real_train_rows <= 0:
-        raise ValueError("k_multiple needs real training rows, but the real set has none (split=='train')")
-    return max(1, int(round(float(k_multiple) * real_train_rows)))
+def score_key(cfg: SampleConfig, synthetic: DatasetContent, real: DatasetContent | None = None,
+              classifier_digest: str | None = None) -> dict[str, Any]:
+    """What the scores depend on (not K, not the output, not where the inputs live)."""
+    key: dict[str, Any] = {"version": SCORES_VERSION, "method": cfg.method, "rows": "split=='train'",
+                           "synthetic": synthetic.key()}
+    scorer = cfg.scorer_train.model_dump(mode="json")
+    if cfg.method == "random":
+        key["seed"] = cfg.seed
+        return key
+    if cfg.method == "cl-sam":
+        key.update(class_key=list(cfg.class_key), combine=cfg.combine)
+        if cfg.classifier is not None:
+            key["classifier"] = classifier_digest
+            return key
+        scorer.pop("cross_fit_folds", None)
+    else:
+        for name in ("cpus_per_worker", "data_cpus"):  # the classifier's Ray Train resources
+            scorer.pop(name, None)
+    key.update(real=real.key() if real else None, real_subset=cfg.real_subset, scorer=scorer, seed=cfg.seed)
+    return key
 
 
-def selection_uri(synthetic: str, method: str, k: int) -> str:
-    return st.join(synthetic, SELECTIONS_DIR, f"{method}-{k}")
+def scores_dir(cfg: SampleConfig, fingerprint: str) -> str:
+    return st.join(cfg.synthetic, SCORES_DIR, f"{cfg.method}-{fingerprint}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Dataset access (label columns and sampled images; never every image on the driver)
+# Scoring
 
 
-def open_dataset(uri: str, opts: StorageOptions | None) -> pads.Dataset:
-    return st.open_parquet_dataset(uri, opts)
-
-
-def train_filter(dataset: pads.Dataset, real_subset: int | None = None) -> pc.Expression | None:
-    """split == 'train' (when the set has splits) and subset <= real_subset (when it has subsets)."""
-    names = dataset.schema.names
-    expr = None
-    if "split" in names:
-        expr = pc.field("split") == "train"
-    if real_subset is not None and real_subset < 100 and "subset" in names:
-        sub = pc.field("subset") <= real_subset
-        expr = sub if expr is None else expr & sub
-    return expr
-
-
-def count_real_train(uri: str, real_subset: int, opts: StorageOptions | None) -> int:
-    dataset = open_dataset(uri, opts)
-    return int(dataset.count_rows(filter=train_filter(dataset, real_subset)))
-
-
-def sample_images(uri: str, n: int, size: int, opts: StorageOptions | None, seed: int,
-                  real_subset: int | None = None, center_crop: int | None = None) -> np.ndarray:
-    """Up to n training rows of a dataset (seeded random), decoded to (n, size, size, 3) uint8.
-    Reads ids first, then only the chosen rows' image bytes."""
-    dataset = open_dataset(uri, opts)
-    expr = train_filter(dataset, real_subset)
-    ids = dataset.to_table(columns=["id"], filter=expr).column("id").to_numpy()
-    if len(ids) == 0:
-        raise ValueError(f"dataset {uri} has no training rows")
-    if len(ids) > n:
-        ids = np.sort(np.random.default_rng(seed).choice(ids, size=n, replace=False))
-    id_filter = pc.field("id").isin(pa.array(ids))
-    table = dataset.to_table(columns=["image"], filter=id_filter if expr is None else expr & id_filter)
-    return np.stack([decode_resize(b, size, center_crop) for b in table.column("image").to_pylist()])
-
-
-# ---------------------------------------------------------------------------------------------
-# cr-sam: real-vs-synthetic discriminator
-
-
-class Discriminator(nn.Module):
-    """A `build_backbone` encoder + Linear(feat, 1): the logit of p(real | x)."""
-
-    def __init__(self, backbone: str, pretrained: str | None = None):
-        super().__init__()
-        self.backbone_name = backbone
-        self.backbone, feat = build_backbone(backbone, pretrained)
-        self.head = nn.Linear(feat, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x)).squeeze(-1)
-
-
-def train_discriminator(real: np.ndarray, synthetic: np.ndarray, settings: ScorerTrain, seed: int = 0,
-                        device: str = "cpu"):
-    """Fit the discriminator on uint8 (N, H, W, 3) images: label 1 real, 0 synthetic.
-
-    Every batch is half real, half synthetic (class-balanced whatever the domain sizes)."""
-    if len(real) == 0 or len(synthetic) == 0:
-        raise ValueError(f"discriminator needs rows of both domains (real {len(real)}, synthetic {len(synthetic)})")
-    torch.manual_seed(seed)
-    gen = np.random.default_rng(seed)
-    model = Discriminator(settings.backbone, settings.pretrained).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.steps, pct_start=0.1)
-    aug = BatchAugment() if settings.augment else None
-    real_t, syn_t = torch.from_numpy(real), torch.from_numpy(synthetic)
-    half = settings.batch_size // 2
-    target = torch.cat([torch.ones(half), torch.zeros(half)]).to(device)
-    model.train()
-    t0 = time.time()
-    for step in range(settings.steps):
-        batch = torch.cat([real_t[gen.integers(0, len(real_t), half)], syn_t[gen.integers(0, len(syn_t), half)]])
-        x = to_model_input(batch.to(device), augment=aug)
-        loss = F.binary_cross_entropy_with_logits(model(x), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, settings.steps // 5) == 0 or step + 1 == settings.steps:
-            logger.info("discriminator step %d/%d loss %.4f (%.1f s)", step + 1, settings.steps, loss.item(), time.time() - t0)
-    return model.eval()
-
-
-def realism_scores(model, images: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
-    """p(real | x) for uint8 (N, H, W, 3) images."""
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = to_model_input(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device))
-            out.append(torch.sigmoid(model(x).float()).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
-def _discriminator_bytes(model: Discriminator, settings: ScorerTrain) -> bytes:
-    buf = io.BytesIO()
-    torch.save({"backbone": settings.backbone, "image_size": settings.image_size,
-                "synthetic_center_crop": settings.synthetic_center_crop,
-                "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, buf)
-    return buf.getvalue()
-
-
-def load_discriminator(data: bytes, device: str = "cpu"):
-    """(model, image_size, synthetic_center_crop) from the bytes `fit_discriminator` stores."""
-    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    model = Discriminator(blob["backbone"])
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval(), int(blob["image_size"]), blob.get("synthetic_center_crop")
-
-
-def _fit_discriminator_task(real: str, synthetic: str, real_subset: int, settings_json: str,
-                            opts: StorageOptions | None, seed: int) -> bytes:
-    settings = ScorerTrain.model_validate_json(settings_json)
-    device = "cuda" if torch.cuda.is_available() and settings.use_gpu is not False else "cpu"
-    real_images = sample_images(real, settings.max_rows, settings.image_size, opts, seed, real_subset,
-                                settings.center_crop)
-    syn_images = sample_images(synthetic, settings.max_rows, settings.image_size, opts, seed + 1, None,
-                               settings.synthetic_center_crop)
-    logger.info("discriminator: %d real vs %d synthetic images at %d px on %s",
-                len(real_images), len(syn_images), settings.image_size, device)
-    model = train_discriminator(real_images, syn_images, settings, seed=seed, device=device)
-    return _discriminator_bytes(model, settings)
-
-
-def fit_discriminator(real: str, synthetic: str, settings: ScorerTrain, opts: StorageOptions | None = None,
-                      real_subset: int = 100, seed: int = 0) -> bytes:
-    """Train the cr-sam discriminator as one Ray task (1 GPU when the cluster has GPUs); returns the
-    serialised model (see `load_discriminator`)."""
-    import ray
-
-    _ensure_ray()
-    gpu = _use_gpu(settings.use_gpu)
-    task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=1)(_fit_discriminator_task)
-    return ray.get(task.remote(real, synthetic, real_subset, settings.model_dump_json(), opts, seed))
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring job (Ray Data)
-
-
-class ScoreActor:
-    """Ray Data map_batches actor: loads the scoring model once, scores batches of synthetic rows."""
-
-    def __init__(self, method: str, model_uri: str | None, opts: StorageOptions | None, class_key: list[str],
-                 combine: str, use_gpu: bool):
-        self.method, self.class_key, self.combine = method, list(class_key), combine
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.center_crop: int | None = None
-        if method == "cr-sam":
-            self.model, self.size, self.center_crop = load_discriminator(st.read_bytes(model_uri, opts), self.device)
-        elif method == "cl-sam":
-            from synthfar_ray.train import load_model
-
-            model, meta = load_model(model_uri, opts)
-            self.model = model.to(self.device).eval()
-            self.size, self.center_crop = _input_geometry(meta)
-            fields = [f for f in self.class_key if _head_for(f, self.model)]
-            missing = [f for f in self.class_key if f not in fields]
-            if missing:
-                logger.warning("classifier %s has no head for %s: cl-sam combines %s only", model_uri, missing, fields)
-            if not fields:
-                raise ValueError(f"classifier {model_uri} has no head for any of {self.class_key}")
-            self.fields = fields
-        else:
-            raise ValueError(f"ScoreActor does not score method {method!r}")
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["id"])
-        labels = {f: _label_array(batch.get(f), n) for f in CLASS_FIELDS}
-        images = np.stack([decode_resize(b, self.size, self.center_crop) for b in batch["image"]]) if n \
-            else np.zeros((0, self.size, self.size, 3), np.uint8)
-        with torch.no_grad():
-            x = to_model_input(torch.from_numpy(images).to(self.device))
-            if self.method == "cr-sam":
-                score = torch.sigmoid(self.model(x).float()).cpu().numpy().astype(np.float64)
-            else:
-                score = cl_sam_scores({k: v.float().cpu().numpy() for k, v in self.model(x).items()},
-                                      labels, self.fields, self.combine)
-        return {"id": np.asarray(batch["id"], dtype=np.int64), **{f: labels[f] for f in CLASS_FIELDS},
-                "score": score}
-
-
-def _head_for(field_name: str, model) -> bool:
-    return getattr(model, {"ethnicity": "ethnicity", "gender": "gender", "age_bin": "age_bin"}[field_name], None) is not None
-
-
-def _input_geometry(meta: dict[str, Any]) -> tuple[int, int | None]:
-    """Input size of the classifier and the centre crop it used for synthetic images (train.py's
-    checkpoint meta)."""
-    size, crop = meta.get("image_size"), meta.get("synthetic_center_crop")
-    if not size:
-        raise ValueError(f"classifier metadata does not say its input image_size (keys: {sorted(meta)})")
-    return int(size), (int(crop) if crop else None)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def cl_sam_scores(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], fields: list[str],
-                  combine: str) -> np.ndarray:
-    """Probability of each row's own label per field, combined over `fields`.
-
-    outputs: MultiTaskNet outputs as numpy ("ethnicity_logits", "gender_logit", "age_bin_logits").
-    A row whose label of a field is unknown (< 0) gets probability 0 for it."""
-    probs = []
-    for f in fields:
-        y = labels[f]
-        known = y >= 0
-        if f == "gender":
-            p1 = 1.0 / (1.0 + np.exp(-outputs["gender_logit"].reshape(-1).astype(np.float64)))
-            p = np.where(y == 1, p1, 1.0 - p1)
-        else:
-            key = "ethnicity_logits" if f == "ethnicity" else "age_bin_logits"
-            sm = _softmax(outputs[key].astype(np.float64))
-            p = sm[np.arange(len(y)), np.clip(y, 0, sm.shape[1] - 1)]
-        probs.append(np.where(known, p, 0.0))
-    stacked = np.stack(probs)
-    if combine == "product":
-        return stacked.prod(axis=0)
-    if combine == "mean":
-        return stacked.mean(axis=0)
-    if combine == "min":
-        return stacked.min(axis=0)
-    raise ValueError(f"combine must be product, mean or min, not {combine!r}")
-
-
-def _random_batch(batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    n = len(batch["id"])
-    ids = np.asarray(batch["id"], dtype=np.int64)
-    return {"id": ids, **{f: _label_array(batch.get(f), n) for f in CLASS_FIELDS}, "score": random_scores(ids, seed)}
-
-
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-
-
-def _use_gpu(setting: bool | None) -> bool:
-    import ray
-
-    has = ray.cluster_resources().get("GPU", 0) > 0
-    if setting and not has:
-        raise ValueError("use_gpu is true but the Ray cluster has no GPU")
-    return has if setting is None else bool(setting)
-
-
-def score_dataset(cfg: SampleConfig, model_uri: str | None) -> pd.DataFrame:
-    """Scores of every synthetic row -> DataFrame id, ethnicity, gender, age_bin, score (by id).
-
-    cl-sam / cr-sam: a Ray Data batch-inference job (`ScoreActor` pool). random needs no model and
-    no pixels: it reads the id and label columns only and hashes the ids on the driver."""
-    import ray
-
-    dataset = open_dataset(cfg.synthetic, cfg.storage)
+def _check_synthetic(cfg: SampleConfig, synthetic: DatasetContent) -> list[str]:
+    """The label columns to carry; errors naming the setting when class_key or train rows are missing."""
+    dataset = synthetic.dataset()
     schema = dataset.schema.names
-    labels = [f for f in CLASS_FIELDS if f in schema]
     missing = [f for f in cfg.class_key if f not in schema]
     if missing:
-        raise ValueError(f"synthetic dataset {cfg.synthetic} has no column(s) {missing} named in class_key")
+        raise ConfigError(f"class_key={list(cfg.class_key)} names {missing}, but synthetic={cfg.synthetic} "
+                          f"has no such column (columns: {schema})")
+    for col in ("id", "image") if cfg.method != "random" else ("id",):
+        if col not in schema:
+            raise ConfigError(f"synthetic={cfg.synthetic} has no {col!r} column (columns: {schema})")
+    if "split" not in schema:
+        logger.warning("synthetic=%s has no split column: every row counts as a training row", cfg.synthetic)
+    elif dataset.count_rows(filter=train_filter(dataset)) == 0:
+        raise ConfigError(f"synthetic={cfg.synthetic} has no rows with split=='train' to score "
+                          f"({synthetic.rows} rows in all)")
+    return [f for f in CLASS_FIELDS if f in schema]
+
+
+def score_dataset(cfg: SampleConfig, synthetic: DatasetContent, model_uri: str | None,
+                  labels: list[str] | None = None) -> pd.DataFrame:
+    """Scores of the synthetic train rows -> DataFrame id, ethnicity, gender, age_bin, score (by id);
+    cr-sam adds `fold` (the cross-fit fold whose discriminator scored the row).
+
+    cl-sam / cr-sam: a Ray Data batch-inference job (`ScoreActor` pool) over exactly the files of
+    `synthetic`. random needs no model and no pixels: it reads the id and label columns only and
+    hashes the ids on the driver."""
+    import ray
+
+    labels = _check_synthetic(cfg, synthetic) if labels is None else labels
     t0 = time.time()
     if cfg.method == "random":
-        table = dataset.to_table(columns=["id", *labels])
-        batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-        df = pd.DataFrame(_random_batch(batch, cfg.seed))
+        dataset = synthetic.dataset()
+        table = dataset.to_table(columns=["id", *labels], filter=train_filter(dataset))
+        n = table.num_rows
+        ids = table.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
+        df = pd.DataFrame({"id": ids, **{f: label_array(table.column(f).to_numpy(zero_copy_only=False)
+                                                         if f in labels else None, n) for f in CLASS_FIELDS},
+                           "score": random_scores(ids, cfg.seed)})
     else:
-        _ensure_ray()
-        fs, path = st.resolve(cfg.synthetic, cfg.storage)
-        gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if _use_gpu(None) else 0.0)
-        n_gpu = int(ray.cluster_resources().get("GPU", 0))
-        actors = cfg.num_actors or (max(1, int(n_gpu // gpus)) if gpus > 0 else 1)
-        ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "image", *labels]).map_batches(
+        ensure_ray()
+        actors, gpus = actor_pool(cfg.num_actors, cfg.gpus_per_actor)
+        split = ["split"] if "split" in synthetic.dataset().schema.names else []
+        ds = ray.data.read_parquet(synthetic.files, filesystem=synthetic.fs,
+                                   columns=["id", "image", *labels, *split]).map_batches(
             ScoreActor,
             fn_constructor_kwargs={"method": cfg.method, "model_uri": model_uri, "opts": cfg.storage,
-                                   "class_key": list(cfg.class_key), "combine": cfg.combine, "use_gpu": gpus > 0},
+                                   "class_key": list(cfg.class_key), "combine": cfg.combine, "use_gpu": gpus > 0,
+                                   "folds": cfg.scorer_train.cross_fit_folds if cfg.method == "cr-sam" else None,
+                                   "fold_seed": cfg.seed},
             batch_size=cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
             num_cpus=cfg.cpus_per_actor,
             num_gpus=gpus,
         )
-        frames = list(ds.iter_batches(batch_format="pandas", batch_size=None))
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", *CLASS_FIELDS, "score"])
-    logger.info("%s: scored %d synthetic rows in %.1f s", cfg.method, len(df), time.time() - t0)
+        frames = [f for f in ds.iter_batches(batch_format="pandas", batch_size=None) if len(f)]
+        columns = ["id", *CLASS_FIELDS, "score"] + (["fold"] if cfg.method == "cr-sam" else [])
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    logger.info("%s: scored %d synthetic train rows in %.1f s", cfg.method, len(df), time.time() - t0)
     return df.sort_values("id", kind="stable").reset_index(drop=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Score cache
+def _fit_cr_sam(cfg: SampleConfig, folder: str) -> tuple[list[DiscriminatorFit], dict[str, Any]]:
+    """Train the cross-fit discriminators; store each (`discriminators/fold-<f>.pt`) with the ids it
+    trained on (`discriminators/fold-<f>-trained-on.parquet`: domain, id) under `folder`."""
+    folds = cfg.scorer_train.cross_fit_folds
+    fits = fit_fold_discriminators(cfg.real, cfg.synthetic, cfg.scorer_train, cfg.storage, cfg.real_subset,
+                                   cfg.seed, folds=folds)
+    records = []
+    for fit in fits:
+        st.write_bytes(fold_model_uri(folder, fit.fold), fit.model, cfg.storage)
+        trained_on = pd.DataFrame({"domain": ["real"] * len(fit.real_ids) + ["synthetic"] * len(fit.synthetic_ids),
+                                   "id": np.concatenate([fit.real_ids, fit.synthetic_ids]).astype(np.int64)})
+        write_parquet(trained_on, fold_trained_on_uri(folder, fit.fold), cfg.storage)
+        records.append({"fold": fit.fold, "model": fold_model_uri(folder, fit.fold),
+                        "trained_on": fold_trained_on_uri(folder, fit.fold), "real_rows": len(fit.real_ids),
+                        "synthetic_rows": len(fit.synthetic_ids), "fold_rows": fit.fold_rows})
+    return fits, {"folds": folds, "seed": cfg.seed, "assignment": "scorers.fold_of(id, folds, seed)",
+                  "discriminators": records}
 
 
-def _fingerprint(cfg: SampleConfig) -> str:
-    """What the scores depend on (not K, not the output): method, inputs and scorer settings."""
-    key: dict[str, Any] = {"method": cfg.method, "synthetic": cfg.synthetic}
-    if cfg.method == "random":
-        key["seed"] = cfg.seed
-    elif cfg.method == "cl-sam":
-        key.update(class_key=list(cfg.class_key), combine=cfg.combine, classifier=cfg.classifier)
-        if cfg.classifier is None:
-            key.update(real=cfg.real, real_subset=cfg.real_subset, scorer=cfg.scorer_train.model_dump(mode="json"),
-                       seed=cfg.seed)
-    else:
-        key.update(real=cfg.real, real_subset=cfg.real_subset, scorer=cfg.scorer_train.model_dump(mode="json"),
-                   seed=cfg.seed)
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def scores_dir(cfg: SampleConfig) -> str:
-    return st.join(cfg.synthetic, SCORES_DIR, f"{cfg.method}-{_fingerprint(cfg)}")
-
-
-def _write_parquet(df: pd.DataFrame, uri: str, opts: StorageOptions | None) -> None:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
-    st.write_bytes(uri, buf.getvalue(), opts)
-
-
-def _read_parquet(uri: str, opts: StorageOptions | None) -> pd.DataFrame:
-    return pq.read_table(io.BytesIO(st.read_bytes(uri, opts))).to_pandas()
-
-
-def classifier_train_config(cfg: SampleConfig, storage_path: str):
-    """The train.py TrainConfig of the small real-data classifier cl-sam trains when none is given."""
-    from synthfar_ray.train import ModelConfig, TrainConfig
-
-    s = cfg.scorer_train
-    return TrainConfig(
-        name="classifier", storage_path=storage_path, plan="real", real=cfg.real, real_subset=cfg.real_subset,
-        steps=s.steps, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
-        warmup_steps=max(0, s.steps // 10), augment=s.augment, image_size=s.image_size,
-        center_crop=s.center_crop, synthetic_center_crop=s.synthetic_center_crop,
-        model=ModelConfig(backbone=s.backbone, pretrained=s.pretrained, age_mode="both"),
-        val_source="none", val_every=s.steps, log_every=max(1, s.steps // 5), use_gpu=s.use_gpu,
-        cpus_per_worker=s.cpus_per_worker, data_cpus=s.data_cpus, seed=cfg.seed, keep_checkpoints=1,
-        storage=cfg.storage)
-
-
-def _train_classifier(cfg: SampleConfig, out_dir: str) -> str:
-    """cl-sam without a classifier: train a small one on the real training rows with train.py."""
-    from synthfar_ray.train import run_train
-
-    s = cfg.scorer_train
-    logger.info("cl-sam: training a %s classifier on %s (%d steps at %d px)", s.backbone, cfg.real, s.steps, s.image_size)
-    result = run_train(classifier_train_config(cfg, out_dir))
-    if not result.checkpoint:
-        raise ValueError(f"classifier training in {out_dir} produced no checkpoint")
-    return result.checkpoint
+def _check_cross_fit(df: pd.DataFrame, fits: list[DiscriminatorFit], info: dict[str, Any]) -> None:
+    """Every scored row carries its own fold, and its fold's discriminator never trained on it."""
+    ids = df["id"].to_numpy(dtype=np.int64)
+    fold = df["fold"].to_numpy(dtype=np.int64)
+    if not np.array_equal(fold, fold_of(ids, info["folds"], info["seed"])):
+        raise RuntimeError("cr-sam: scored rows carry folds other than fold_of(id)")
+    for fit, record in zip(fits, info["discriminators"]):
+        scored = ids[fold == fit.fold]
+        leaked = np.intersect1d(scored, fit.synthetic_ids)
+        if len(leaked):
+            raise RuntimeError(f"cr-sam: the discriminator of fold {fit.fold} trained on {len(leaked)} rows it scored")
+        record["scored_rows"] = int(len(scored))
 
 
 def compute_scores(cfg: SampleConfig) -> tuple[pd.DataFrame, str]:
-    """Scores of every synthetic row for cfg.method, from the cache when there (and reuse_scores)."""
-    folder = scores_dir(cfg)
+    """Scores of the synthetic train rows for cfg.method, from the cache when there (and reuse_scores)."""
+    synthetic = dataset_content(cfg.synthetic, cfg.storage, "synthetic")
+    real = None
+    if cfg.method == "cr-sam" or (cfg.method == "cl-sam" and cfg.classifier is None):
+        real = dataset_content(cfg.real, cfg.storage, "real")
+    classifier_uri = classifier_digest = None
+    if cfg.method == "cl-sam" and cfg.classifier is not None:
+        classifier_uri, classifier_digest, _ = classifier_content(cfg.classifier, cfg.storage, list(cfg.class_key))
+    key = score_key(cfg, synthetic, real, classifier_digest)
+    fingerprint = _sha(key)[:12]
+    folder = scores_dir(cfg, fingerprint)
     uri = st.join(folder, SCORES_FILE)
     if cfg.reuse_scores and st.exists(st.join(folder, MANIFEST), cfg.storage):
         logger.info("%s: using cached scores %s", cfg.method, uri)
-        return _read_parquet(uri, cfg.storage), uri
+        return read_parquet(uri, cfg.storage), uri
+    labels = _check_synthetic(cfg, synthetic)  # before any training
     t0 = time.time()
-    info: dict[str, Any] = {"method": cfg.method, "synthetic": cfg.synthetic, "fingerprint": _fingerprint(cfg)}
+    info: dict[str, Any] = {"method": cfg.method, "synthetic": cfg.synthetic, "fingerprint": fingerprint, "key": key}
     model_uri = None
+    fits: list[DiscriminatorFit] = []
     if cfg.method == "cl-sam":
-        model_uri = cfg.classifier or _train_classifier(cfg, folder)
-        info["classifier"] = model_uri
-        info["trained_classifier"] = cfg.classifier is None
+        model_uri = classifier_uri or train_classifier(cfg, folder)
+        info.update(classifier=model_uri, classifier_digest=classifier_digest, trained_classifier=cfg.classifier is None)
     elif cfg.method == "cr-sam":
-        model_uri = st.join(folder, DISCRIMINATOR_FILE)
-        st.write_bytes(model_uri, fit_discriminator(cfg.real, cfg.synthetic, cfg.scorer_train, cfg.storage,
-                                                    cfg.real_subset, cfg.seed), cfg.storage)
-        info["discriminator"] = model_uri
+        fits, info["cross_fit"] = _fit_cr_sam(cfg, folder)
+        model_uri = folder
     if cfg.method != "random":
         info.update(real=cfg.real, real_subset=cfg.real_subset, scorer_train=cfg.scorer_train.model_dump(mode="json"))
-    df = score_dataset(cfg, model_uri)
-    _write_parquet(df, uri, cfg.storage)
+    df = score_dataset(cfg, synthetic, model_uri, labels)
+    if fits:
+        _check_cross_fit(df, fits, info["cross_fit"])
+    write_parquet(df, uri, cfg.storage)
     info.update(rows=len(df), seconds=round(time.time() - t0, 2), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     # Manifest last: it marks the cache entry complete.
-    st.write_bytes(st.join(folder, MANIFEST), json.dumps(info, indent=2).encode(), cfg.storage)
+    st.write_bytes(st.join(folder, MANIFEST), json.dumps(info, indent=2, default=str).encode(), cfg.storage)
     return df, uri
 
 
@@ -665,32 +389,15 @@ def compute_scores(cfg: SampleConfig) -> tuple[pd.DataFrame, str]:
 # Stage
 
 
-def write_selection(selection: pd.DataFrame, output: str, method: str, k: int, opts: StorageOptions | None,
-                    extra: dict[str, Any] | None = None) -> dict[str, dict[str, int]]:
-    """selection.parquet (id, score, class, chosen, rank, method) + _manifest.json; returns per-class counts."""
-    table = selection.assign(method=method)[["id", "score", "class", "chosen", "rank", "method"]]
-    available = table[table["class"] != UNKNOWN_CLASS].groupby("class").size()
-    kept = table[table["chosen"]].groupby("class").size()
-    per_class = {c: {"available": int(available[c]), "kept": int(kept.get(c, 0))} for c in available.index}
-    _write_parquet(table, st.join(output, SELECTION_FILE), opts)
-    manifest = {"method": method, "k": k, "chosen": int(table["chosen"].sum()), "rows": len(table),
-                "classes": per_class, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-    st.write_bytes(st.join(output, MANIFEST), json.dumps(manifest, indent=2).encode(), opts)
-    return per_class
-
-
-def read_selection_ids(uri: str, opts: StorageOptions | None = None) -> np.ndarray:
-    """Sorted ids chosen in a selection folder (what training keeps of the synthetic set)."""
-    path = uri if uri.endswith(".parquet") else st.join(uri, SELECTION_FILE)
-    table = pq.read_table(io.BytesIO(st.read_bytes(path, opts)), columns=["id", "chosen"])
-    ids = table.filter(table.column("chosen")).column("id").to_numpy()
-    return np.sort(ids)
-
-
 def run_sample(cfg: SampleConfig) -> SampleResult:
     t0 = time.time()
-    real_rows = count_real_train(cfg.real, cfg.real_subset, cfg.storage) if cfg.k is None else None
-    k = resolve_k(cfg.k, cfg.k_multiple, real_rows or 0)
+    real_rows = None
+    if cfg.k is None:
+        try:
+            real_rows = count_real_train(cfg.real, cfg.real_subset, cfg.storage)
+        except st.StorageError as e:
+            raise st.StorageError(f"real: {e}") from e
+    k = resolve_k(cfg.k, cfg.k_multiple, real_rows or 0, cfg.real, cfg.real_subset)
     scores, scores_uri = compute_scores(cfg)
     selection = select_top_k(scores, k, list(cfg.class_key), cfg.redistribute)
     output = cfg.output or selection_uri(cfg.synthetic, cfg.method, k)
@@ -699,7 +406,7 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
         "redistribute": cfg.redistribute, "synthetic": cfg.synthetic, "real": cfg.real, "scores": scores_uri,
         "config": dump_config(cfg)})
     chosen = int(selection["chosen"].sum())
-    logger.info("%s: kept %d of %d synthetic rows (K=%d, %d classes) -> %s",
+    logger.info("%s: kept %d of %d synthetic train rows (K=%d, %d classes) -> %s",
                 cfg.method, chosen, len(selection), k, len(per_class), output)
     return SampleResult(output=output, method=cfg.method, k=k, chosen=chosen, scores_uri=scores_uri,
                         per_class=per_class, seconds=time.time() - t0)
