@@ -187,6 +187,9 @@ def tune_plots(trials: pd.DataFrame, metric: str, out_png: str, mode: str = "max
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(title="sampler", fontsize="small")
+        else:  # say so, instead of drawing empty axes
+            ax.text(0.5, 0.5, f"no trial has both {x_label} and a {metric} value", ha="center", va="center",
+                    transform=ax.transAxes, fontsize="large", color="firebrick", wrap=True)
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=100)
     return out_png

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from synthfar_ray.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ def use_gpu(setting: bool | None, what: str = "use_gpu") -> bool:
     `True` on a cluster without GPUs is an error naming the setting, not a hang."""
     has = cluster_gpus() > 0
     if setting and not has:
-        raise ValueError(f"{what} is true but the Ray cluster has no GPU")
+        raise UserError(f"{what} is true but the Ray cluster has no GPU")
     return has if setting is None else bool(setting)
 
 

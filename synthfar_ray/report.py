@@ -324,6 +324,31 @@ def load_tune(uri: str, opts: StorageOptions | None, metric: str | None, mode: s
     return df, metric, mode
 
 
+# Shown in the Tune table when the trial table has them (older tables do not).
+TUNE_OPTIONAL_COLUMNS = ("effective_mix_ratio", "status", "error")
+
+
+def _failed_trials(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Trials with no number to rank: an error status, or a missing metric."""
+    bad = trials[metric].isna()
+    if "status" in trials.columns:
+        bad |= trials["status"].isin(["ERROR", "NO_RESULT"])
+    return trials[bad]
+
+
+def tune_rows(trials: pd.DataFrame, metric: str, extra: list[str]) -> list[list[Cell]]:
+    """Ranked rows: a rank and bold only where there is a number; failed trials last, unranked."""
+    failed = set(_failed_trials(trials, metric).index)
+    rows, rank = [], 0
+    for i, t in trials.iterrows():
+        ok = i not in failed
+        rank += ok
+        rows.append([Cell(str(rank) if ok else MISSING), *[Cell(_fmt(t[c])) for c in TUNE_COLUMNS],
+                     Cell(_fmt_metric(t[metric]) if ok else MISSING, "bold" if ok and rank == 1 else ""),
+                     *[Cell(_fmt(t[c])) for c in extra]])
+    return rows
+
+
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return MISSING
@@ -432,11 +457,14 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
                 blocks.append(Block("heading", _run_name(run_dir, uri), level=3))
             blocks.append(Block("text", f"{len(trials)} trials sorted by {tmetric} "
                                         f"({'higher' if tmode == 'max' else 'lower'} is better), best first."))
-            extra = [c for c in trials.columns if c not in (*TUNE_COLUMNS, tmetric, "metric", "mode")]
-            heads = ["rank", *TUNE_COLUMNS, tmetric]
-            rows = [[Cell(str(r + 1)), *[Cell(_fmt(t[c])) for c in TUNE_COLUMNS],
-                     Cell(_fmt_metric(t[tmetric]), "bold" if r == 0 else "")] for r, t in enumerate(trials.to_dict("records"))]
-            blocks.append(Block("table", headers=heads, rows=rows))
+            shown = [c for c in TUNE_OPTIONAL_COLUMNS if c in trials.columns and trials[c].notna().any()]
+            extra = [c for c in trials.columns if c not in (*TUNE_COLUMNS, *shown, tmetric, "metric", "mode")]
+            blocks.append(Block("table", headers=["rank", *TUNE_COLUMNS, tmetric, *shown],
+                                rows=tune_rows(trials, tmetric, shown)))
+            failed = _failed_trials(trials, tmetric)
+            if len(failed):
+                blocks.append(Block("text", f"{len(failed)} of {len(trials)} trials FAILED and are not ranked: " + "; ".join(
+                    f"{t['trial_id']} ({_fmt(t.get('status'))}: {_fmt(t.get('error'))})" for t in failed.to_dict("records"))))
             if extra:
                 blocks.append(Block("text", f"Other columns in the file: {', '.join(map(str, extra))}."))
             png = plots.tune_plots(trials, tmetric, os.path.join(tmp, f"tune_{i}.png"), tmode)

@@ -31,10 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_config, load_config
+from synthfar_ray.errors import StageFailed, UserError, last_line
+from synthfar_ray.paths import OutputPath, absolute_location
+from synthfar_ray.raycluster import ensure_ray
 from synthfar_ray.sampling import (ClassField, Combine, ScorerTrain, SampleConfig, compute_scores,
                                    count_real_train, resolve_k, select_top_k, write_selection)
 
@@ -144,7 +147,7 @@ class SamplerSettings(StrictModel):
 
 class TuneConfig(StageConfig):
     name: str = Field(description="sweep name: the folder under storage_path; re-running it resumes the sweep")
-    storage_path: str = Field(description="where sweeps live (local path, file:// or s3://)")
+    storage_path: OutputPath = Field(description="where sweeps live (local path, file:// or s3://)")
     plan: Literal["mix", "pretrain_finetune"] = "mix"
     train: dict[str, Any] = Field(description="base train.TrainConfig fields (synthetic, real, steps, model, ...); "
                                               "name, storage_path, plan and the searched fields are set per trial")
@@ -166,7 +169,21 @@ class TuneConfig(StageConfig):
     cpu_worker_cpus: float = Field(0.5, gt=0, description="CPU-only cluster: CPUs per train worker")
     cpu_data_cpus: float = Field(0.25, gt=0, description="CPU-only cluster: CPUs per Ray Data decode task")
     resume: bool = Field(True, description="restore an existing sweep of the same name")
+    trial_max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial within one run")
     seed: int = 0
+
+    @field_validator("train")
+    @classmethod
+    def _absolute_paths(cls, train: dict[str, Any]) -> dict[str, Any]:
+        # Resolved here, on the driver: a trial runs in its own working directory.
+        train = dict(train)
+        for key in ("synthetic", "real"):
+            if isinstance(train.get(key), str):
+                train[key] = absolute_location(train[key])
+        model = train.get("model")
+        if isinstance(model, dict) and model.get("pretrained") not in (None, "torchvision"):
+            train["model"] = {**model, "pretrained": absolute_location(str(model["pretrained"]))}
+        return train
 
     @model_validator(mode="after")
     def _check(self) -> "TuneConfig":
@@ -317,13 +334,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 # Driver
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-
-
 def prepare_selections(cfg: TuneConfig) -> dict[str, str]:
     """Score the synthetic set once per sampler (cached) and write every (sampler, K) selection."""
     base = cfg.train
@@ -396,26 +406,55 @@ def _searcher(cfg: TuneConfig, concurrent: int):
     return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent), None
 
 
+def data_pipelines(cfg: TuneConfig) -> int:
+    """Ray Data pipelines one trial runs at once: each train set it reads, plus the val split."""
+    from synthfar_ray.train_data import val_source_of
+
+    probe = trial_train_config(cfg, _example_params(cfg), "probe", "/tmp/probe", None)
+    mix_sets = 2 if cfg.plan == "mix" else 1  # pretrain_finetune reads one set per phase
+    return mix_sets + int(val_source_of(probe) != "none")
+
+
 def _resources(cfg: TuneConfig) -> tuple[dict[str, Any], int]:
-    """Train settings for the cluster's hardware, and how many trials run at once."""
+    """Train settings for the cluster's hardware, and how many trials run at once.
+
+    A trial launches three kinds of work: its own function (`trial_cpus`), the Train workers and
+    the Ray Data read/decode tasks of each dataset it reads (`data_cpus` each, one per pipeline at
+    least). All of it must fit at once, or trials sit at step 0 while Ray Data waits for a CPU
+    ("Cluster resources are not enough to run any task"): concurrency is what the cluster fits."""
     import ray
 
     res = ray.cluster_resources()
-    n_gpu, n_cpu = int(res.get("GPU", 0)), float(res.get("CPU", 1))
+    n_gpu, n_cpu = int(res.get("GPU", 0)), float(res.get("CPU", 0))
     overrides: dict[str, Any] = {}
+    workers = int(cfg.train.get("num_workers", 1))
     if n_gpu > 0 and cfg.gpus_per_trial != 0:
-        per_trial = cfg.gpus_per_trial or int(cfg.train.get("num_workers", 1))
-        overrides.update(use_gpu=True, num_workers=per_trial)
-        fits = max(1, n_gpu // per_trial)
+        workers = cfg.gpus_per_trial or workers
+        overrides.update(use_gpu=True, num_workers=workers)
+        if workers > n_gpu:
+            raise UserError(f"a trial needs {workers} GPUs (gpus_per_trial) but the cluster has {n_gpu}")
+        fits = n_gpu // workers
     else:
-        # CPU: fractional CPUs so several trials (and their data tasks) share a small machine.
         overrides["use_gpu"] = False
-        overrides.setdefault("cpus_per_worker", cfg.train.get("cpus_per_worker", cfg.cpu_worker_cpus))
-        overrides.setdefault("data_cpus", cfg.train.get("data_cpus", cfg.cpu_data_cpus))
-        workers = int(cfg.train.get("num_workers", 1))
-        per_trial = cfg.trial_cpus + workers * overrides["cpus_per_worker"] + overrides["data_cpus"]
-        fits = max(1, int(n_cpu // per_trial))
-    return overrides, cfg.max_concurrent_trials or fits
+        fits = None
+    cpus_per_worker = float(cfg.train.get("cpus_per_worker", cfg.cpu_worker_cpus if not overrides["use_gpu"] else 1.0))
+    data_cpus = float(cfg.train.get("data_cpus", cfg.cpu_data_cpus if not overrides["use_gpu"] else 1.0))
+    overrides.update(cpus_per_worker=cpus_per_worker, data_cpus=data_cpus)
+    pipelines = data_pipelines(cfg)
+    per_trial = cfg.trial_cpus + workers * cpus_per_worker + pipelines * data_cpus
+    if per_trial > n_cpu + 1e-9:
+        raise UserError(f"a trial needs {per_trial:g} CPUs (trial {cfg.trial_cpus:g} + {workers} workers x "
+                        f"{cpus_per_worker:g} + {pipelines} data pipelines x {data_cpus:g}) but the cluster has "
+                        f"{n_cpu:g}: lower trial_cpus, train.cpus_per_worker or train.data_cpus")
+    cpu_fits = int(n_cpu // per_trial + 1e-9)
+    fits = cpu_fits if fits is None else min(fits, cpu_fits)
+    concurrent = min(cfg.max_concurrent_trials or fits, fits)
+    if cfg.max_concurrent_trials and cfg.max_concurrent_trials > fits:
+        logger.warning("max_concurrent_trials=%d, but the cluster fits %d trials of %g CPUs: running %d at once",
+                       cfg.max_concurrent_trials, fits, per_trial, concurrent)
+    logger.info("each trial reserves %g CPUs (%d workers, %d data pipelines); %d at once on %g CPUs / %d GPUs",
+                per_trial, workers, pipelines, concurrent, n_cpu, n_gpu)
+    return overrides, max(1, concurrent)
 
 
 def _scheduler(cfg: TuneConfig, steps: int):
@@ -442,10 +481,17 @@ def _scheduler(cfg: TuneConfig, steps: int):
 def _status(result, steps: int, metric: str) -> str:
     if result.error is not None:
         return "ERROR"
-    step = (result.metrics or {}).get("step")
+    m = result.metrics or {}
+    value = m.get(metric)
+    if not isinstance(value, (int, float)) or math.isnan(float(value)):
+        return "NO_RESULT"
+    step = m.get("step")
     if isinstance(step, (int, float)) and step < steps:
         return "STOPPED_EARLY"
-    return "TERMINATED" if metric in (result.metrics or {}) else "NO_RESULT"
+    return "TERMINATED"
+
+
+FAILED_STATUSES = ("ERROR", "NO_RESULT")
 
 
 def _trial_table(cfg: TuneConfig, grid, real_rows: int | None, steps: int) -> pd.DataFrame:
@@ -453,6 +499,9 @@ def _trial_table(cfg: TuneConfig, grid, real_rows: int | None, steps: int) -> pd
     for result in grid:
         c, m = result.config or {}, result.metrics or {}
         sampler = c.get("sampler")
+        status = _status(result, steps, cfg.metric)
+        error = last_line(result.error) if result.error is not None else (
+            f"finished without reporting {cfg.metric}" if status == "NO_RESULT" else None)
         rows.append({
             "trial_id": m.get("trial_id") or (os.path.basename(result.path.rstrip("/")) if result.path else None),
             "mix_ratio": c.get("mix_ratio") if cfg.plan == "mix" else None,
@@ -461,7 +510,9 @@ def _trial_table(cfg: TuneConfig, grid, real_rows: int | None, steps: int) -> pd
             "lr": c.get("lr"),
             cfg.metric: m.get(cfg.metric),
             **({"val_score": m.get("val_score")} if cfg.metric != "val_score" else {}),
-            "status": _status(result, steps, cfg.metric),
+            "status": status,
+            "error": error,
+            "effective_mix_ratio": m.get("synthetic_fraction") if cfg.plan == "mix" else None,
             "pretrain_steps": c.get("pretrain_steps"),
             "k": resolve_k(None, c["k_multiple"], real_rows) if real_rows and sampler not in (None, "none") else None,
             "step": m.get("step"),
@@ -474,15 +525,19 @@ def _trial_table(cfg: TuneConfig, grid, real_rows: int | None, steps: int) -> pd
     if df.empty:
         return df
     df[cfg.metric] = pd.to_numeric(df[cfg.metric], errors="coerce")
+    # Failed trials never rank: their metric is missing, and they sort last.
+    df.loc[df["status"].isin(FAILED_STATUSES), cfg.metric] = float("nan")
     return df.sort_values(cfg.metric, ascending=cfg.mode == "min", na_position="last", kind="stable").reset_index(drop=True)
 
 
 def _markdown(df: pd.DataFrame, cfg: TuneConfig) -> str:
     from synthfar_ray.report import markdown_table
 
-    cols = [*TABLE_COLUMNS, cfg.metric, "status"]
+    cols = [*TABLE_COLUMNS, cfg.metric, "status", "error"]
     if cfg.plan == "pretrain_finetune":
         cols.insert(2, "pretrain_steps")
+    else:
+        cols.insert(2, "effective_mix_ratio")
 
     def fmt(v: Any) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -495,9 +550,12 @@ def _markdown(df: pd.DataFrame, cfg: TuneConfig) -> str:
 
 
 def run_tune(cfg: TuneConfig) -> TuneResult:
+    """Run (or restore) the sweep; write its trial tables. Raises StageFailed when any trial failed,
+    after the tables are written (a re-run of the same sweep retries the failed trials only)."""
     from ray import tune
+
     t0 = time.time()
-    _ensure_ray()
+    ensure_ray()
     fs, path = st.resolve(cfg.storage_path, cfg.storage)
     fs.create_dir(path, recursive=True)
     sweep_path = f"{path.rstrip('/')}/{cfg.name}"
@@ -515,13 +573,15 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
 
     restored = cfg.resume and tune.Tuner.can_restore(sweep_path, storage_filesystem=fs)
     if restored:
-        logger.info("restoring sweep %s: finished trials are kept, unfinished ones resume", cfg.sweep_uri)
-        tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
+        # Finished trials are kept; errored ones start again (their training run resumes from its
+        # own last checkpoint), so fixing the cause and re-running completes the sweep.
+        logger.info("restoring sweep %s: finished trials are kept, unfinished and errored ones run again", cfg.sweep_uri)
+        tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, restart_errored=True,
                                    storage_filesystem=fs)
     else:
         scheduler = _scheduler(cfg, steps)
-        logger.info("sweep %s: %d samples, up to %d trials at once, train overrides %s", cfg.name, cfg.num_samples,
-                    concurrent, overrides)
+        logger.info("sweep %s: %d samples, up to %d trials at once, train overrides %s", cfg.sweep_uri,
+                    cfg.num_samples, concurrent, overrides)
         search_alg, max_concurrent = _searcher(cfg, concurrent)
         tuner = tune.Tuner(
             trainable,
@@ -530,7 +590,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
                                         search_alg=search_alg, scheduler=scheduler,
                                         max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures)),
         )
     grid = tuner.fit()
 
@@ -541,16 +601,21 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     st.write_bytes(csv_uri, table.to_csv(index=False).encode(), cfg.storage)
     st.write_bytes(md_uri, _markdown(table, cfg).encode(), cfg.storage)
 
-    best = table.iloc[0].to_dict() if not table.empty and pd.notna(table.iloc[0][cfg.metric]) else None
+    ranked = table[table[cfg.metric].notna()] if not table.empty else table
+    best = ranked.iloc[0].to_dict() if not ranked.empty else None
     best_params = {k: best[k] for k in ("sampler", "top_k", "lr", "mix_ratio", "pretrain_steps")
                    if best and k in best and pd.notna(best[k])} if best else {}
-    errors = int((table["status"] == "ERROR").sum()) if not table.empty else 0
-    if errors:
-        logger.warning("%d of %d trials failed; see the trial folders under %s", errors, len(table), cfg.sweep_uri)
     result = TuneResult(best_params=best_params, best_metric=float(best[cfg.metric]) if best else None,
                         best_trial_id=best["trial_id"] if best else None, table_path=csv_uri, markdown_path=md_uri,
                         sweep_uri=cfg.sweep_uri, trials=table.to_dict("records"), restored=bool(restored),
                         seconds=time.time() - t0)
+    failed = table[table["status"].isin(FAILED_STATUSES)] if not table.empty else table
+    for r in failed.to_dict("records"):
+        logger.error("trial %s %s: %s", r["trial_id"], r["status"], r["error"])
+    if table.empty or len(failed):
+        summary = "; ".join(f"{r['trial_id']}: {r['error']}" for r in failed.to_dict("records")) or "no trial ran"
+        raise StageFailed(f"sweep {cfg.sweep_uri}: {len(failed)} of {len(table)} trials failed ({summary}); "
+                          f"table {csv_uri}; fix the cause and re-run the same command to retry them")
     logger.info("sweep %s: %d trials in %.1f s; best %s %s = %s", cfg.name, len(table), result.seconds,
                 result.best_trial_id, cfg.metric, result.best_metric)
     return result

@@ -9,6 +9,7 @@ import logging
 import os
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -95,7 +96,9 @@ def test_trial_table_in_report_format(sweep):
     assert df.iloc[0]["trial_id"] == result.best_trial_id and df.iloc[0]["lr"] == 0.03
     assert set(df["sampler"]) == {"random"} and set(df["top_k"]) == {1.0} and set(df["mix_ratio"]) == {0.5}
     md = open(os.path.join(result.sweep_uri, RESULTS_MD)).read()
-    assert "| trial_id | mix_ratio | sampler | top_k | lr | val_score | status |" in md
+    assert "| trial_id | mix_ratio | effective_mix_ratio | sampler | top_k | lr | val_score | status | error |" in md
+    # the share of synthetic rows the trials' batches really held (seeded binomial counts around 0.5)
+    assert all(abs(t["effective_mix_ratio"] - 0.5) < 0.2 for t in result.trials), result.trials
     assert md.index(result.best_trial_id) < md.index([t for t in result.trials if t["lr"] == 1e-6][0]["trial_id"])
 
 
@@ -132,6 +135,62 @@ def test_tensorboard_events_hold_training_scalars(sweep):
     assert any("val/gender_acc" in t for t in tags.values())
     # Tune's own per-trial logs carry the sweep metric
     assert sum("ray/tune/val_score" in t for t in tags.values()) == 2, tags
+
+
+def test_failed_trial_fails_the_sweep_and_a_rerun_retries_only_it(ray_cluster, tmp_path):
+    """A trial that errors makes run_tune raise (one line naming the trial and its error, after the
+    table is written, the failure listed there, never ranked). Fixing the cause and re-running the
+    same sweep retries the failed trial and keeps the finished one."""
+    from synthfar_ray.errors import StageFailed
+    from synthfar_ray.report import build_report
+
+    root = str(tmp_path)
+    # The real train rows hold bytes that are not an image: the 50 % mix trial reads them and
+    # fails; the 100 % synthetic trial never reads real rows (it validates on synthetic val rows).
+    broken = coded_rows(64, 1, 0, "train")
+    broken["image"] = [b"not a jpeg"] * 64
+    write_dataset(os.path.join(root, "real"), [broken])
+    write_dataset(os.path.join(root, "syn"), [coded_rows(64, 3, 0, "train"), coded_rows(32, 4, 1000, "val")])
+    cfg = sweep_config(root, space={"sampler": "none", "k_multiple": 1.0, "mix_ratio": {"grid": [0.5, 1.0]},
+                                    "lr": 0.03},
+                       trial_max_failures=0)
+    cfg = cfg.model_copy(update={"train": {**cfg.train, "val_source": "synthetic", "failure_max": 0}})
+    with pytest.raises(StageFailed, match=r"1 of 2 trials failed") as err:
+        run_tune(cfg)
+    assert "\n" not in str(err.value) and "re-run" in str(err.value)
+    table = pd.read_csv(os.path.join(cfg.sweep_uri, RESULTS_CSV))
+    failed = table[table["status"] == "ERROR"]
+    assert list(failed["mix_ratio"]) == [0.5] and failed["val_score"].isna().all()
+    assert failed["error"].iloc[0] in str(err.value)
+    assert table.iloc[0]["status"] == "TERMINATED" and table.iloc[0]["mix_ratio"] == 1.0  # ranked first: it has a number
+
+    # The report ranks only the trial with a number, and lists the failed one as failed.
+    rep = build_report(root, out_dir=os.path.join(root, "report"))
+    md = open(rep.markdown_path).read()
+    assert "1 of 2 trials FAILED" in md and failed["trial_id"].iloc[0] in md
+    ok_id = table.iloc[0]["trial_id"]
+    ok_record = open(os.path.join(cfg.sweep_uri, "runs", ok_id, TRIAL_FILE)).read()
+
+    write_dataset(os.path.join(root, "real"), [coded_rows(64, 1, 0, "train")])  # the user fixes the data
+    again = run_tune(cfg)
+    assert again.restored and {t["status"] for t in again.trials} == {"TERMINATED"}
+    assert all(np.isfinite(t["val_score"]) for t in again.trials)
+    assert open(os.path.join(cfg.sweep_uri, "runs", ok_id, TRIAL_FILE)).read() == ok_record  # not run again
+
+
+def test_trials_are_sized_to_leave_room_for_their_data_tasks(ray_cluster, tmp_path):
+    """Concurrency counts every CPU a trial launches: its function, its Train workers and one task per
+    Ray Data pipeline; a trial that cannot fit at all is refused with the numbers."""
+    from synthfar_ray.errors import UserError
+    from synthfar_ray.tune import _resources, data_pipelines
+
+    cfg = sweep_config(str(tmp_path), trial_cpus=0.25, cpu_worker_cpus=0.5, cpu_data_cpus=0.25)
+    assert data_pipelines(cfg) == 3  # synthetic + real + val
+    overrides, concurrent = _resources(cfg)  # the test cluster has 4 CPUs; a trial takes 0.25 + 0.5 + 3 x 0.25
+    assert concurrent == 2 and overrides["data_cpus"] == 0.25 and overrides["use_gpu"] is False
+    big = cfg.model_copy(update={"train": {**cfg.train, "data_cpus": 2.0}})
+    with pytest.raises(UserError, match=r"needs 6.75 CPUs .* cluster has 4"):
+        _resources(big)
 
 
 def test_config_validation(tmp_path):
