@@ -22,3 +22,10 @@ def last_line(error: BaseException | str | None) -> str:
     text = str(error or "").strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+def first_line(error: BaseException | str | None) -> str:
+    """The first non-empty line: our own multi-line errors (e.g. every bad file of an ingest) lead
+    with their summary."""
+    text = str(error or "").strip()
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__ if isinstance(error, BaseException) else "")

@@ -28,6 +28,8 @@ from pydantic import Field
 
 from synthfar_ray import storage
 from synthfar_ray.config import ConfigError, StageConfig, StrictModel, load_config, validate
+from synthfar_ray.errors import StageFailed, UserError, first_line
+from synthfar_ray.paths import InputPath, OutputPath
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +46,15 @@ class StandInConfig(StrictModel):
 
 class RealConfig(StrictModel):
     dataset: str = Field("utkface", pattern="^(utkface|fairface)$")
-    src: str | None = Field(None, description="the dataset as downloaded (folder or archive); "
-                                              "ignored when `standin` is set")
-    uri: str | None = Field(None, description="an already ingested real set; skips ingest")
+    src: InputPath | None = Field(None, description="the dataset as downloaded (folder or archive); "
+                                                    "ignored when `standin` is set")
+    uri: InputPath | None = Field(None, description="an already ingested real set; skips ingest")
     seed: int = 42
     skip_bad: bool = False
 
 
 class PipelineConfig(StageConfig):
-    run_dir: str = Field(description="folder URI for every output of the pipeline")
+    run_dir: OutputPath = Field(description="folder URI for every output of the pipeline")
     stages: list[str] = Field(default_factory=lambda: list(STAGES))
     generate: dict[str, Any] = Field(default_factory=dict, description="GenerateConfig minus output")
     standin: StandInConfig | None = None
@@ -181,18 +183,26 @@ class PipelineResult:
 
 
 def run_pipeline(cfg: PipelineConfig, source: str = "<pipeline>") -> PipelineResult:
-    import ray
+    """Run the stages in order; the first that fails stops the pipeline with StageFailed naming it."""
+    from synthfar_ray.raycluster import ensure_ray
 
     plan = plan_stages(cfg, source)
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     t_start, times, metrics = time.time(), {}, {}
     opts = cfg.storage
+    logger.info("pipeline %s -> %s (stages: %s)", source, cfg.run_dir, ", ".join(cfg.stages))
 
     def timed(name: str, fn, *args, **kwargs):
         logger.info("=== %s ===", name)
         t0 = time.time()
-        out = fn(*args, **kwargs)
+        try:
+            out = fn(*args, **kwargs)
+        except (UserError, FileNotFoundError, FileExistsError) as e:
+            logger.error("stage %s failed:\n%s", name, e)  # the whole message (e.g. every bad file)
+            raise StageFailed(f"pipeline stopped: stage {name} failed: {first_line(e)}") from e
+        except Exception:
+            logger.error("pipeline stopped: stage %s crashed (traceback below)", name)
+            raise
         times[name] = round(time.time() - t0, 2)
         logger.info("=== %s done in %.1f s ===", name, times[name])
         return out

@@ -82,3 +82,17 @@ def test_generate_workflow_job_writes_parquet(head: LocalHead, tmp_path: Path):
     assert sorted(r["id"] for r in table) == list(range(8))
     sampler = yaml.safe_load((REPO_ROOT / "configs/generate/quickstart.yaml").read_text())["sampler"]
     assert decode_image(table[0]["image"]).shape == (sampler["height"], sampler["width"], 3)
+
+
+def test_relative_output_inside_a_job_is_refused(head: LocalHead):
+    """Inside a job the driver's working directory is Ray's temporary copy of the upload: a relative
+    output would land there and vanish. The job FAILS at config validation, says why in one line,
+    points to s3:// or an absolute path, and writes nothing into the copy."""
+    result = head.submit(
+        ["python", "workflows/generate.py", "--config", "configs/generate/quickstart.yaml",
+         "output=runs/x", "num_images=4", "shard_size=4"],
+        timeout=180,
+    )
+    assert result.returncode != 0 and result.status == "FAILED", result.logs[-4000:]
+    assert "relative output path 'runs/x'" in result.logs and "s3://" in result.logs, result.logs[-4000:]
+    assert "Traceback" not in result.logs  # a user's mistake, not a bug

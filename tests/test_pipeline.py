@@ -8,7 +8,9 @@ sample -> train (pretrain on the selection, finetune on real) -> evaluate -> rep
 from __future__ import annotations
 
 import json
+import os
 
+import pandas as pd
 import pytest
 
 from synthfar_ray import storage
@@ -73,3 +75,65 @@ def test_demo_config_validates():
     plan = plan_stages(cfg, "configs/pipeline/demo.yaml")
     assert plan.standin is not None and plan.tune is not None and set(plan.runs) == {
         "synthetic_only", "real_only", "synthetic_to_real"}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALLER = {  # sizes only: the shipped configs' relative paths stay as they are
+    "pipeline": ["generate.num_images=32", "generate.shard_size=16", "generate.sampler.steps=3", "standin.num_images=64",
+                 "train.steps=4", "train.val_every=2", "train.log_every=2", "sample.scorer_train.steps=5",
+                 "runs.synthetic_to_real.pretrain_steps=2", "runs.synthetic_to_real.finetune_steps=2",
+                 "tune.train.steps=4", "tune.train.val_every=2"],
+    "tune": ["num_samples=2", "train.steps=4", "train.val_every=2", "train.log_every=2", "grace_steps=2",
+             "sampling.scorer_train.steps=5", "sampling.scorer_train.cross_fit_folds=2"],
+}
+
+
+def _trials(csv: str) -> pd.DataFrame:
+    table = pd.read_csv(csv)
+    assert len(table) and set(table["status"]) == {"TERMINATED"}, table[["trial_id", "status", "error"]]
+    assert table["val_score"].notna().all() and table["val_score"].between(0, 1).all()
+    return table
+
+
+def test_shipped_demo_configs_run_from_another_directory(ray_cluster, tmp_path, monkeypatch):
+    """`make demo`'s pipeline config and the README's demo sweep, run from a directory that is not the
+    repo root with their relative paths as shipped: every stage completes, every Tune trial is
+    TERMINATED with a finite score, and every output lands under that directory (not in a trial's
+    working directory)."""
+    from synthfar_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", os.path.join(ROOT, "configs", "pipeline", "demo.yaml"), *SMALLER["pipeline"]]) == 0
+    run_dir = tmp_path / "runs" / "demo"
+    pipeline_trials = _trials(str(run_dir / "tune" / "tune_results.csv"))
+    assert set(pipeline_trials["sampler"]) == {"random", "cl-sam"}
+    for name in ("synthetic_only", "real_only", "synthetic_to_real"):
+        assert (run_dir / "eval" / name / "metrics.json").exists(), name
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "FAILED" not in report and pipeline_trials["trial_id"].iloc[0] in report
+
+    assert main(["tune", os.path.join(ROOT, "configs", "tune", "demo.yaml"), *SMALLER["tune"]]) == 0
+    sweep = _trials(str(run_dir / "tune" / "demo-sweep" / "tune_results.csv"))
+    assert len(sweep) == 2
+    for trial_id in sweep["trial_id"]:  # the trials' training runs live under the sweep folder
+        assert (run_dir / "tune" / "demo-sweep" / "runs" / trial_id / "result.json").exists(), trial_id
+
+
+def test_failed_stage_stops_the_pipeline_with_one_line(ray_cluster, tmp_path, capsys, caplog):
+    """A stage that fails (here: ingest of a folder that is not a UTKFace download) stops the pipeline:
+    no later stage runs and the command exits non-zero with one line naming the stage."""
+    from synthfar_ray.cli import main
+
+    src = tmp_path / "not_utkface"
+    src.mkdir()
+    (src / "holiday.jpg").write_bytes(b"not a face")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nstages: [ingest, train, report]\n"
+                   "generate: {num_images: 4, model: {preset: tiny-random}}\n"
+                   f"real: {{dataset: utkface, src: {src}}}\nsample: null\n"
+                   "runs: {real_only: {plan: real, model: {backbone: tiny}, steps: 2}}\n")
+    assert main(["pipeline", str(cfg)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "stage ingest failed" in err[0] and "bad item" in err[0], err
+    assert "holiday.jpg" in caplog.text  # the log holds the whole list of bad files
+    assert not (tmp_path / "run" / "train").exists() and not (tmp_path / "run" / "report").exists()
