@@ -374,7 +374,7 @@ def cl_sam_scores(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
 
 def classifier_train_config(cfg: SampleConfig, storage_path: str):
     """The train.py TrainConfig of the small real-data classifier cl-sam trains when none is given."""
-    from synthfar_ray.train import ModelConfig, TrainConfig
+    from synthfar_ray.train import NetConfig, TrainConfig
 
     s = cfg.scorer_train
     return TrainConfig(
@@ -382,7 +382,7 @@ def classifier_train_config(cfg: SampleConfig, storage_path: str):
         steps=s.steps, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
         warmup_steps=max(0, s.steps // 10), augment=s.augment, image_size=s.image_size,
         center_crop=s.center_crop, synthetic_center_crop=s.synthetic_center_crop,
-        model=ModelConfig(backbone=s.backbone, pretrained=s.pretrained, age_mode="both"),
+        model=NetConfig(backbone=s.backbone, pretrained=s.pretrained, age_mode="both"),
         val_source="none", val_every=s.steps, log_every=max(1, s.steps // 5), use_gpu=s.use_gpu,
         cpus_per_worker=s.cpus_per_worker, data_cpus=s.data_cpus, seed=cfg.seed, keep_checkpoints=1,
         storage=cfg.storage)

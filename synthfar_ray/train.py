@@ -61,7 +61,9 @@ def _weights_location(value: str | None) -> str | None:
 WeightsPath = Annotated[str | None, AfterValidator(_weights_location)]
 
 
-class ModelConfig(StrictModel):
+class NetConfig(StrictModel):
+    """The recogniser: backbone, its initial weights, and the age head(s)."""
+
     backbone: str = Field("resnet50", description="tiny, resnet18/34/50/101 or timm/<name>")
     pretrained: WeightsPath = Field(None, description="backbone weights: a .pth/.safetensors file (path or URI), "
                                                      "or 'torchvision' for the local torch hub cache")
@@ -93,7 +95,7 @@ class TrainConfig(StageConfig):
     seed: int = 42
     loss_weights: LossWeights = LossWeights()
     finetune_loss_weights: LossWeights | None = Field(None, description="finetune phase weights (default loss_weights)")
-    model: ModelConfig = ModelConfig()
+    model: NetConfig = NetConfig()
     image_size: int = Field(196, ge=8)
     center_crop: int | None = Field(None, ge=8, description="real images: centre square crop side in stored pixels "
                                                              "before resizing (FairFace 448 px: 300)")
