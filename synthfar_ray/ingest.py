@@ -1,21 +1,27 @@
 """`synthfar ingest utkface|fairface SRC OUT`: real face datasets into the shared Parquet schema.
 
 SRC is the dataset as people download it (a folder, or a .tar.gz / .zip of it); OUT is any storage
-URI. The driver lists the files and parses every label first, so a bad name or CSV row stops the
-run before any work starts. Ray Data then decodes and re-encodes the images in parallel and writes
-Parquet; a `_manifest.json` (counts, fractions, skipped items) is written last and marks the output
-complete.
+URI. The driver lists the files and parses every label first; Ray Data then decodes and re-encodes
+the images in parallel. Every bad item (a name or CSV row that does not parse, an unknown label, a
+duplicated CSV row, a missing or unreadable image) is collected: strict mode reports them all in one
+error before anything is written, `skip_bad` leaves them out and lists them in `_manifest.json`. The
+Parquet is written next and the manifest (counts of exactly the rows written, skipped items) last;
+it marks the output complete.
 
 Splits and percent subsets are fixed by the seed and the set of files alone (never by listing
 order): files are sorted, then ranked by a seeded permutation. Subsets are nested by construction:
 `split == "train" and subset <= P` selects the P % subset, and each is a superset of the smaller.
+Rows are written in another seeded permutation, spread over several files: in file-name order
+UTKFace would be sorted by age, which no training shuffle buffer undoes.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -36,7 +42,10 @@ import pyarrow.fs as pafs
 
 from synthfar_ray import labels as L
 from synthfar_ray import storage
+from synthfar_ray.errors import UserError
 from synthfar_ray.images import decode_image, encode_jpeg
+from synthfar_ray.paths import absolute_location, absolute_output
+from synthfar_ray.raycluster import ensure_ray
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -57,19 +66,24 @@ OUTPUT_SCHEMA = pa.schema(L.CORE_FIELDS + [
     pa.field("file", pa.string()),  # path relative to the dataset's root folder
     pa.field("subset", pa.int8()),  # smallest percent subset of train holding the row; null off train
 ])
-_ERROR_COLUMN = "_error"  # per-row decode failure in --skip-bad mode; never written
+_ERROR_COLUMN = "_error"  # per-row read/decode failure; never written
+# Rows per Parquet file: at most MAX_ROWS_PER_FILE, and at least MIN_FILES files where there are rows
+# enough, so Ray Data's file-level shuffle has files to shuffle even for a small dataset.
+MAX_ROWS_PER_FILE = 512
+MIN_FILES = 8
+MAX_LISTED_BAD = 20  # bad items a strict-mode error lists before "and N more"
 _UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_([^_]+?)\.(?:jpg|jpeg|png)(?:\.chip\.jpg)?$", re.IGNORECASE)
 
 
-class IngestError(ValueError):
-    """Bad input (a name, a CSV row, an image); the message names the file and row."""
+class IngestError(UserError, ValueError):
+    """Bad input (names, CSV rows, images, locations); the message names each file and row."""
 
 
 @dataclass
 class IngestResult:
     out: str
     counts: dict[str, int]  # rows written per split
-    skipped: list[dict[str, Any]]  # [{file, row, reason}]
+    skipped: list[dict[str, Any]]  # [{file, row, reason}]; never a file that was written
     seconds: float
     manifest: dict[str, Any] = field(default_factory=dict)
 
@@ -86,6 +100,7 @@ class _Item:
     ethnicity: int
     ethnicity7: int | None = None
     row: int | None = None  # CSV line number (header = 1), FairFace only
+    csv: str | None = None  # the CSV naming the file, FairFace only
     official_split: str | None = None  # FairFace: "train" or "val" CSV
     id: int = -1
     split: str = ""
@@ -122,6 +137,12 @@ def assign_splits(keys: Sequence[str], fractions: dict[str, float], seed: int, s
     names = list(fractions)
     idx = _bucket(_ranked(keys, seed, salt), len(keys), [fractions[k] for k in names])
     return [names[i] for i in idx]
+
+
+def write_order(keys: Sequence[str], seed: int) -> list[int]:
+    """Indices of `keys` in the order rows are written: a seeded permutation of the set of keys,
+    independent of the splits' and subsets' permutations (another salt)."""
+    return np.argsort(_ranked(keys, seed, salt=2), kind="stable").tolist()
 
 
 def assign_subsets(keys: Sequence[str], seed: int) -> list[int]:
@@ -175,7 +196,13 @@ def _walk_files(root: str) -> list[str]:
     return found
 
 
-def _plan_utkface(root: str, skip_bad: bool, skipped: list[dict]) -> tuple[list[_Item], dict]:
+def _bad_item(file: str, row: int | None, reason: str) -> dict[str, Any]:
+    """One bad item as the manifest lists it: `file` is the image, or the CSV for a row naming none."""
+    return {"file": file, "row": row, "reason": reason}
+
+
+def _plan_utkface(root: str) -> tuple[list[_Item], list[dict], dict]:
+    """(items, bad names, manifest extras) of a UTKFace folder."""
     files = _walk_files(root)
     images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     ignored = sorted(set(files) - set(images))
@@ -183,18 +210,18 @@ def _plan_utkface(root: str, skip_bad: bool, skipped: list[dict]) -> tuple[list[
         logger.warning("ignoring %d non-image files under %s (e.g. %s)", len(ignored), root, ignored[0])
     # Order by file name first so that the same images nested under another folder keep ids and splits.
     images.sort(key=lambda f: (posixpath.basename(f), f))
-    items = []
+    items, bad = [], []
     for i, rel in enumerate(images):
         try:
             age, gender, race = parse_utkface_name(posixpath.basename(rel))
         except ValueError as e:
-            _bad(skip_bad, skipped, rel, None, str(e))
+            bad.append(_bad_item(rel, None, str(e)))
             continue
         items.append(_Item(file=rel, path=os.path.join(root, rel), age=float(age), age_bin=int(L.age_to_bin(age)),
                            gender=gender, ethnicity=race, id=i))
     if len({posixpath.basename(it.file) for it in items}) != len(items):
         logger.warning("UTKFace file names are not unique under %s; ids and splits follow full paths", root)
-    return items, {"ignored_files": len(ignored), "ignored_examples": ignored[:20]}
+    return items, bad, {"ignored_files": len(ignored), "ignored_examples": ignored[:20]}
 
 
 def _parse_fairface_row(rec: dict[str, str]) -> tuple[int, int, int, int]:
@@ -212,54 +239,78 @@ def _parse_fairface_row(rec: dict[str, str]) -> tuple[int, int, int, int]:
     return FAIRFACE_AGE_BINS[age], FAIRFACE_GENDERS[gender], eth, L.FAIRFACE_RACES7.index(race)
 
 
-def _plan_fairface(root: str, skip_bad: bool, skipped: list[dict]) -> tuple[list[_Item], dict]:
-    import csv
+def _plan_fairface(root: str) -> tuple[list[_Item], list[dict], dict]:
+    """(items, bad rows, manifest extras) of a FairFace folder.
 
+    A file's first CSV row decides it (kept if good, skipped with that row's reason if bad); every
+    later row naming the same file is a bad row of its own, listed under the CSV, so the manifest never
+    lists an ingested file as skipped and never counts a file twice."""
     items: list[_Item] = []
-    seen: set[str] = set()
+    bad: list[dict] = []
+    first_row: dict[str, tuple[str, int]] = {}  # file -> (CSV, line) of the row that decides it
     for official, csv_name in FAIRFACE_CSVS.items():
-        csv_path = os.path.join(root, csv_name)
-        if not os.path.isfile(csv_path):
-            raise IngestError(f"{csv_name} not found in {root}: expected FairFace's layout "
-                              f"(train/, val/, {', '.join(FAIRFACE_CSVS.values())})")
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"file", "age", "gender", "race"} - set(reader.fieldnames or ())
-            if missing:
-                raise IngestError(f"{csv_name}: missing columns {sorted(missing)} (has {reader.fieldnames})")
-            for rec in reader:
-                line = reader.line_num
-                rel = (rec.get("file") or "").strip().replace("\\", "/")
-                where = rel or csv_name
-                try:
-                    if not rel or rel.startswith("/") or ".." in rel.split("/"):
-                        raise ValueError(f"bad file value {rec.get('file')!r}")
-                    if rel in seen:
-                        raise ValueError("file listed more than once")
-                    age_bin, gender, eth, eth7 = _parse_fairface_row(rec)
-                    if not os.path.isfile(os.path.join(root, rel)):
-                        raise ValueError("missing image file")
-                except ValueError as e:
-                    _bad(skip_bad, skipped, where, line, f"{csv_name} line {line}: {e}")
-                    continue
-                seen.add(rel)
-                items.append(_Item(file=rel, path=os.path.join(root, rel), age=None, age_bin=age_bin, gender=gender,
-                                   ethnicity=eth, ethnicity7=eth7, row=line, official_split=official))
+        for line, rec in _read_fairface_csv(root, csv_name):
+            rel = (rec.get("file") or "").strip().replace("\\", "/")
+            where = f"{csv_name} line {line}"
+            if rel in first_row:
+                first_csv, first_line = first_row[rel]
+                at = f"line {first_line}" if first_csv == csv_name else f"{first_csv} line {first_line}"
+                bad.append(_bad_item(csv_name, line, f"{where}: duplicate row for {rel} (first at {at})"))
+                continue
+            try:
+                if not rel or rel.startswith("/") or ".." in rel.split("/"):
+                    raise ValueError(f"bad file value {rec.get('file')!r}")
+                first_row[rel] = (csv_name, line)
+                age_bin, gender, eth, eth7 = _parse_fairface_row(rec)
+                if not os.path.isfile(os.path.join(root, rel)):
+                    raise ValueError("missing image file")
+            except ValueError as e:
+                bad.append(_bad_item(rel or csv_name, line, f"{where}: {e}"))
+                continue
+            items.append(_Item(file=rel, path=os.path.join(root, rel), age=None, age_bin=age_bin, gender=gender,
+                               ethnicity=eth, ethnicity7=eth7, row=line, csv=csv_name, official_split=official))
     items.sort(key=lambda it: it.file)
     for i, it in enumerate(items):
         it.id = i
-    unlabelled = [f for f in _walk_files(root) if f.lower().endswith(IMAGE_EXTENSIONS) and f not in seen]
+    unlabelled = [f for f in _walk_files(root) if f.lower().endswith(IMAGE_EXTENSIONS) and f not in first_row]
     if unlabelled:
         logger.warning("%d images under %s have no CSV row and are not ingested (e.g. %s)",
                        len(unlabelled), root, unlabelled[0])
-    return items, {"unlabelled_files": len(unlabelled), "unlabelled_examples": sorted(unlabelled)[:20]}
+    return items, bad, {"unlabelled_files": len(unlabelled), "unlabelled_examples": sorted(unlabelled)[:20]}
 
 
-def _bad(skip_bad: bool, skipped: list[dict], file: str, row: int | None, reason: str) -> None:
-    if not skip_bad:
-        raise IngestError(f"{file}: {reason} (use --skip-bad to skip bad items)")
-    logger.warning("skipping %s: %s", file, reason)
-    skipped.append({"file": file, "row": row, "reason": reason})
+def _read_fairface_csv(root: str, csv_name: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, record) of one FairFace label CSV; a missing CSV or column stops the run."""
+    csv_path = os.path.join(root, csv_name)
+    if not os.path.isfile(csv_path):
+        raise IngestError(f"{csv_name} not found in {root}: expected FairFace's layout "
+                          f"(train/, val/, {', '.join(FAIRFACE_CSVS.values())})")
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"file", "age", "gender", "race"} - set(reader.fieldnames or ())
+        if missing:
+            raise IngestError(f"{csv_name}: missing columns {sorted(missing)} (has {reader.fieldnames})")
+        for rec in reader:
+            yield reader.line_num, rec
+
+
+def _describe(bad: dict[str, Any]) -> str:
+    """`FILE: reason`, without repeating the file where the reason starts with it (a CSV row)."""
+    reason = bad["reason"]
+    return reason if reason.startswith(bad["file"] + " ") else f"{bad['file']}: {reason}"
+
+
+def _first_bad(bad: list[dict]) -> str:
+    return f" ({len(bad)} bad items, e.g. {_describe(bad[0])})" if bad else ""
+
+
+def _bad_items_error(bad: list[dict], src: str) -> IngestError:
+    """One error listing every bad item (up to MAX_LISTED_BAD), so one run finds them all."""
+    lines = [_describe(b) for b in bad[:MAX_LISTED_BAD]]
+    if len(bad) > MAX_LISTED_BAD:
+        lines.append(f"and {len(bad) - MAX_LISTED_BAD} more")
+    return IngestError(f"{len(bad)} bad item(s) in {src}; nothing was written (use --skip-bad to skip them "
+                       "and list them in the manifest):\n  " + "\n  ".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,31 +358,28 @@ def _unwrap_single_dir(root: str) -> str:
 # Ray Data: decode + re-encode + write
 
 
-def _decode_batch(batch: pa.Table, skip_bad: bool) -> pa.Table:
-    """Raw file bytes -> re-encoded JPEG + size. Strict mode raises IngestError naming the file."""
+def _decode_batch(batch: pa.Table) -> pa.Table:
+    """Raw file bytes -> re-encoded JPEG + size. A failure goes into `_error` instead of raising, so
+    one run finds every bad image (strict mode then reports them all at once)."""
     images, widths, heights, errors = [], [], [], []
-    for file, raw in zip(batch.column("file").to_pylist(), batch.column("raw").to_pylist()):
-        try:
-            arr = decode_image(raw)
-            images.append(encode_jpeg(arr, quality=JPEG_QUALITY))
-            heights.append(arr.shape[0])
-            widths.append(arr.shape[1])
-            errors.append(None)
-        except ValueError as e:
-            if not skip_bad:
-                raise IngestError(f"{file}: unreadable image: {e} (use --skip-bad to skip bad items)") from e
-            images.append(b"")
-            widths.append(0)
-            heights.append(0)
-            errors.append(f"unreadable image: {e}")
+    for raw, error in zip(batch.column("raw").to_pylist(), batch.column(_ERROR_COLUMN).to_pylist()):
+        image, height, width = b"", 0, 0
+        if error is None:  # not already failed when the driver read the file
+            try:
+                arr = decode_image(raw)
+                image, height, width = encode_jpeg(arr, quality=JPEG_QUALITY), arr.shape[0], arr.shape[1]
+            except ValueError as e:
+                error = f"unreadable image: {e}"
+        images.append(image)
+        heights.append(height)
+        widths.append(width)
+        errors.append(error)
     cols = {name: batch.column(name) for name in OUTPUT_SCHEMA.names if name in batch.column_names}
     cols["image"] = pa.array(images, pa.binary())
     cols["width"] = pa.array(widths, pa.int32())
     cols["height"] = pa.array(heights, pa.int32())
     out = pa.Table.from_arrays([cols[f.name] for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
-    if skip_bad:
-        out = out.append_column(_ERROR_COLUMN, pa.array(errors, pa.string()))
-    return out
+    return out.append_column(_ERROR_COLUMN, pa.array(errors, pa.string()))
 
 
 def _keep_good(batch: pa.Table) -> pa.Table:
@@ -339,76 +387,72 @@ def _keep_good(batch: pa.Table) -> pa.Table:
 
 
 def _keep_bad(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_valid(batch.column(_ERROR_COLUMN))).select(["file", _ERROR_COLUMN])
+    return batch.filter(pc.is_valid(batch.column(_ERROR_COLUMN))).select(["id", _ERROR_COLUMN])
 
 
-def _input_blocks(items: list[_Item], source: str, skip_bad: bool, skipped: list[dict],
-                  chunk_rows: int) -> Iterator[pa.Table]:
-    """Tables of (labels, raw bytes). The driver reads the files: SRC is local to this machine,
-    so workers on other nodes could not open the paths."""
-    started, done = time.monotonic(), 0
-    for start in range(0, len(items), chunk_rows):
-        rows: dict[str, list] = {k: [] for k in ("id", "file", "raw", "age", "age_bin", "gender", "ethnicity",
-                                                 "ethnicity7", "split", "subset")}
-        for it in items[start:start + chunk_rows]:
-            try:
-                with open(it.path, "rb") as fh:
-                    raw = fh.read()
-            except OSError as e:
-                _bad(skip_bad, skipped, it.file, it.row, f"cannot read image file: {e}")
-                continue
-            for k in rows:
-                rows[k].append(raw if k == "raw" else getattr(it, k))
-        done += min(chunk_rows, len(items) - start)
-        n = len(rows["id"])
+def rows_per_file(n: int) -> int:
+    """Rows per Parquet file for n rows: MAX_ROWS_PER_FILE, or fewer to make at least MIN_FILES files."""
+    return max(1, min(MAX_ROWS_PER_FILE, math.ceil(n / MIN_FILES)))
+
+
+def _read_raw(path: str) -> tuple[bytes, str | None]:
+    """(bytes, None), or (b"", reason) for a file that cannot be read: reported with the decode failures."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(), None
+    except OSError as e:
+        return b"", f"cannot read image file: {e}"
+
+
+def _input_blocks(items: list[_Item], source: str, block_rows: int) -> Iterator[pa.Table]:
+    """Tables of (labels, raw bytes, read error) in `items` order, `block_rows` rows each: one block
+    becomes one Parquet file. The driver reads the files: SRC is local to this machine, so workers on
+    other nodes could not open the paths."""
+    started = time.monotonic()
+    for start in range(0, len(items), block_rows):
+        chunk = items[start:start + block_rows]
+        raws, errors = zip(*(_read_raw(it.path) for it in chunk))
         yield pa.table({
-            "id": pa.array(rows["id"], pa.int64()),
-            "file": pa.array(rows["file"], pa.string()),
-            "raw": pa.array(rows["raw"], pa.binary()),
-            "age": pa.array(rows["age"], pa.float32()),
-            "age_bin": pa.array(rows["age_bin"], pa.int8()),
-            "gender": pa.array(rows["gender"], pa.int8()),
-            "ethnicity": pa.array(rows["ethnicity"], pa.int8()),
-            "ethnicity7": pa.array(rows["ethnicity7"], pa.int8()),
-            "source": pa.array([source] * n, pa.string()),
-            "split": pa.array(rows["split"], pa.string()),
-            "subset": pa.array(rows["subset"], pa.int8()),
+            "id": pa.array([it.id for it in chunk], pa.int64()),
+            "file": pa.array([it.file for it in chunk], pa.string()),
+            "raw": pa.array(raws, pa.binary()),
+            "age": pa.array([it.age for it in chunk], pa.float32()),
+            "age_bin": pa.array([it.age_bin for it in chunk], pa.int8()),
+            "gender": pa.array([it.gender for it in chunk], pa.int8()),
+            "ethnicity": pa.array([it.ethnicity for it in chunk], pa.int8()),
+            "ethnicity7": pa.array([it.ethnicity7 for it in chunk], pa.int8()),
+            "source": pa.array([source] * len(chunk), pa.string()),
+            "split": pa.array([it.split for it in chunk], pa.string()),
+            "subset": pa.array([it.subset for it in chunk], pa.int8()),
+            _ERROR_COLUMN: pa.array(errors, pa.string()),
         })
-        if done % (chunk_rows * 20) == 0 or done == len(items):
-            logger.info("read %d/%d files (%.0f files/s)", done, len(items), done / max(time.monotonic() - started, 1e-9))
+        done = start + len(chunk)
+        if done % (block_rows * 20) == 0 or done == len(items):
+            rate = done / max(time.monotonic() - started, 1e-9)
+            logger.info("read %d/%d files (%.0f files/s)", done, len(items), rate)
 
 
-_RAY_INGEST_ERROR = re.compile(r"(?:^|\n)(?:[\w.]+\.)?IngestError: ([^\n]*)")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _run_ray(items: list[_Item], source: str, out_fs: pafs.FileSystem, out_path: str, skip_bad: bool,
-             skipped: list[dict], chunk_rows: int = 512) -> dict[str, str]:
-    """Decode/re-encode/write on Ray Data; returns {file: reason} of images that failed to decode."""
+def _decode_on_ray(items: list[_Item], source: str) -> tuple[Any, dict[int, str]]:
+    """Decode/re-encode every item on Ray Data, in `items` order and blocks of `rows_per_file` rows.
+    Returns (the materialized dataset, {id: reason} of the items that could not be read or decoded);
+    materialized so the failures and the good rows come from one decode."""
     import ray
 
-    refs = [ray.put(t) for t in _input_blocks(items, source, skip_bad, skipped, chunk_rows) if t.num_rows]
-    if not refs:
-        raise IngestError("no readable images to ingest")
-    ds = ray.data.from_arrow_refs(refs).map_batches(
-        _decode_batch, batch_format="pyarrow", batch_size=64, fn_kwargs={"skip_bad": skip_bad})
-    failed: dict[str, str] = {}
-    try:
-        if skip_bad:
-            ds = ds.materialize()  # decode once, then read the failures and the good rows from it
-            for row in ds.map_batches(_keep_bad, batch_format="pyarrow").take_all():
-                failed[row["file"]] = row[_ERROR_COLUMN]
-            ds = ds.map_batches(_keep_good, batch_format="pyarrow")
-        ds.write_parquet(out_path, filesystem=out_fs)
-    except IngestError:
-        raise
-    except Exception as e:
-        # Ray wraps the UDF's exception in its own type; re-raise the clean message naming the file.
-        m = _RAY_INGEST_ERROR.search(_ANSI.sub("", str(e)))
-        if m:
-            raise IngestError(m.group(1)) from e
-        raise
-    return failed
+    refs = [ray.put(t) for t in _input_blocks(items, source, rows_per_file(len(items)))]
+    # batch_size=None: one batch per block, so the blocks (and the files they become) stay as made here.
+    decoded = ray.data.from_arrow_refs(refs).map_batches(_decode_batch, batch_format="pyarrow",
+                                                         batch_size=None).materialize()
+    failed = decoded.map_batches(_keep_bad, batch_format="pyarrow", batch_size=None).take_all()
+    return decoded, {row["id"]: row[_ERROR_COLUMN] for row in failed}
+
+
+def _image_failures(items: list[_Item], failed: dict[int, str]) -> list[dict]:
+    """Bad-item records of the images that failed, in file order, with the CSV line for FairFace."""
+    bad = []
+    for it in sorted((it for it in items if it.id in failed), key=lambda it: it.file):
+        reason = failed[it.id] if it.csv is None else f"{it.csv} line {it.row}: {failed[it.id]}"
+        bad.append(_bad_item(it.file, it.row, reason))
+    return bad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,90 +493,115 @@ def _class_counts(items: list[_Item], dataset: str) -> dict[str, dict[str, dict[
     return result
 
 
+def _plan(dataset: str, root: str, seed: int, val_fraction: float) -> tuple[list[_Item], list[dict], dict, dict]:
+    """(items with splits and subsets, bad items, split fractions, manifest extras) of a dataset folder."""
+    fractions: dict[str, Any]
+    if dataset == "utkface":
+        items, bad, extra = _plan_utkface(root)
+        fractions = dict(UTKFACE_FRACTIONS)
+        for it, split in zip(items, assign_splits([it.file for it in items], fractions, seed)):
+            it.split = split
+    else:
+        items, bad, extra = _plan_fairface(root)
+        fractions = {"train": 1.0 - val_fraction, "val": val_fraction, "test": "official val"}
+        official_train = [it for it in items if it.official_split == "train"]
+        splits = assign_splits([it.file for it in official_train],
+                               {"train": 1.0 - val_fraction, "val": val_fraction}, seed)
+        for it, split in zip(official_train, splits):
+            it.split = split
+        for it in items:
+            it.split = it.split or "test"
+    train = [it for it in items if it.split == "train"]
+    for it, subset in zip(train, assign_subsets([it.file for it in train], seed)):
+        it.subset = subset
+    return items, bad, fractions, extra
+
+
 def _ingest(dataset: str, src: str, out: str, *, seed: int, val_fraction: float, skip_bad: bool,
             overwrite: bool, opts: StorageOptions | None) -> IngestResult:
     t0 = time.monotonic()
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise IngestError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out_fs, out_path, old_files = _check_out(out, opts, overwrite)
+    logger.info("ingest %s: %s -> %s", dataset, src, out)
     root, tmp = _open_source(src)
     try:
-        skipped: list[dict] = []
-        fractions: dict[str, Any]
-        if dataset == "utkface":
-            items, extra = _plan_utkface(root, skip_bad, skipped)
-            fractions = dict(UTKFACE_FRACTIONS)
-            for it, split in zip(items, assign_splits([it.file for it in items], fractions, seed)):
-                it.split = split
-        else:
-            items, extra = _plan_fairface(root, skip_bad, skipped)
-            fractions = {"train": 1.0 - val_fraction, "val": val_fraction, "test": "official val"}
-            official_train = [it for it in items if it.official_split == "train"]
-            splits = assign_splits([it.file for it in official_train],
-                                   {"train": 1.0 - val_fraction, "val": val_fraction}, seed)
-            for it, split in zip(official_train, splits):
-                it.split = split
-            for it in items:
-                it.split = it.split or "test"
+        items, bad, fractions, extra = _plan(dataset, root, seed, val_fraction)
         if not items:
-            raise IngestError(f"no usable images found in {src}")
-        train = [it for it in items if it.split == "train"]
-        for it, subset in zip(train, assign_subsets([it.file for it in train], seed)):
-            it.subset = subset
-        logger.info("%s: planned %d images (%s), %d skipped so far",
+            if bad and not skip_bad:
+                raise _bad_items_error(bad, src)
+            raise IngestError(f"no usable images found in {src}{_first_bad(bad)}")
+        logger.info("%s: planned %d images (%s), %d bad so far",
                     dataset, len(items), ", ".join(f"{s} {sum(it.split == s for it in items)}" for s in L.SPLITS),
-                    len(skipped))
+                    len(bad))
 
-        _ensure_ray()
-        for path in old_files:  # only now that the new input has parsed
-            out_fs.delete_file(path)
-        if old_files:
-            logger.info("--overwrite: deleted %d old files in %s", len(old_files), out)
+        ensure_ray()
         t_ray = time.monotonic()
-        try:
-            failed = _run_ray(items, dataset, out_fs, out_path, skip_bad, skipped)
-        except BaseException:
-            _remove_partial(out_fs, out_path)
-            raise
-        by_file = {it.file: it for it in items}
-        for file, reason in sorted(failed.items()):
-            logger.warning("skipping %s: %s", file, reason)
-            skipped.append({"file": file, "row": by_file[file].row, "reason": reason})
-        dropped = {s["file"] for s in skipped}
-        written = [it for it in items if it.file not in dropped]
+        decoded, failed = _decode_on_ray([items[i] for i in write_order([it.file for it in items], seed)], dataset)
+        bad += _image_failures(items, failed)
+        if bad and not skip_bad:
+            raise _bad_items_error(bad, src)  # before anything is deleted or written
+        for b in bad:
+            logger.warning("skipping %s", _describe(b))
+        written = [it for it in items if it.id not in failed]
+        if not written:
+            raise IngestError(f"no readable images in {src}{_first_bad(bad)}")
+
+        _replace_output(decoded, out_fs, out_path, old_files)
         ray_s = time.monotonic() - t_ray
         logger.info("wrote %d images to %s in %.1f s (%.1f images/s)", len(written), out, ray_s,
                     len(written) / max(ray_s, 1e-9))
 
-        counts = {s: sum(it.split == s for it in written) for s in L.SPLITS}
-        subset_counts = {str(p): sum(it.split == "train" and it.subset <= p for it in written) for p in SUBSET_PERCENTS}
-        seconds = time.monotonic() - t0
-        manifest = {
-            "dataset": dataset,
-            "source": os.path.abspath(src),
-            "out": out,
-            "seed": seed,
-            "fractions": fractions,
-            "subset_percents": list(SUBSET_PERCENTS),
-            "num_rows": len(written),
-            "counts": counts,
-            "subset_counts": subset_counts,  # rows with split == "train" and subset <= P
-            "class_counts": _class_counts(written, dataset),
-            "skipped": skipped,
-            **extra,
-            "columns": OUTPUT_SCHEMA.names,
-            "jpeg_quality": JPEG_QUALITY,
-            "seconds": round(seconds, 3),
-        }
+        manifest = _manifest(dataset, src, out, seed, fractions, written, bad, extra, time.monotonic() - t0)
         storage.write_bytes(storage.join(out, MANIFEST_NAME), json.dumps(manifest, indent=2).encode(), opts)
-        return IngestResult(out=out, counts=counts, skipped=skipped, seconds=seconds, manifest=manifest)
+        return IngestResult(out=out, counts=manifest["counts"], skipped=bad, seconds=manifest["seconds"],
+                            manifest=manifest)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _manifest(dataset: str, src: str, out: str, seed: int, fractions: dict[str, Any], written: list[_Item],
+              skipped: list[dict], extra: dict, seconds: float) -> dict[str, Any]:
+    """The manifest: every count is of `written`, exactly the rows in the Parquet."""
+    return {
+        "dataset": dataset,
+        "source": src,
+        "out": out,
+        "seed": seed,
+        "fractions": fractions,
+        "subset_percents": list(SUBSET_PERCENTS),
+        "num_rows": len(written),
+        "counts": {s: sum(it.split == s for it in written) for s in L.SPLITS},
+        # rows with split == "train" and subset <= P
+        "subset_counts": {str(p): sum(it.split == "train" and it.subset <= p for it in written)
+                          for p in SUBSET_PERCENTS},
+        "class_counts": _class_counts(written, dataset),
+        "row_order": "seeded permutation of the files (ingest.write_order), not file-name order",
+        "skipped": skipped,
+        **extra,
+        "columns": OUTPUT_SCHEMA.names,
+        "jpeg_quality": JPEG_QUALITY,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _replace_output(decoded: Any, fs: pafs.FileSystem, path: str, old_files: list[str]) -> None:
+    """Delete the old ingest output (--overwrite) and write the decoded dataset's good rows, one file
+    per block. Runs only once the whole input has been read, so a bad input never costs the old output."""
+    for old in old_files:
+        fs.delete_file(old)
+    if old_files:
+        logger.info("--overwrite: deleted %d old files in %s", len(old_files), path)
+    try:
+        decoded.map_batches(_keep_good, batch_format="pyarrow", batch_size=None).write_parquet(path, filesystem=fs)
+    except BaseException:
+        _remove_partial(fs, path)
+        raise
+
+
 def _remove_partial(fs: pafs.FileSystem, path: str) -> None:
-    """A failed run leaves no half-written Parquet behind (OUT was empty when it started)."""
+    """A failed write leaves no half-written Parquet behind (OUT was empty, or emptied, before it)."""
     try:
         for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True)):
             if e.type == pafs.FileType.File:
@@ -541,24 +610,26 @@ def _remove_partial(fs: pafs.FileSystem, path: str) -> None:
         logger.warning("could not clean up %s: %s", path, e)
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+def _absolute(src: str, out: str) -> tuple[str, str]:
+    """SRC and OUT made absolute on the driver, before anything is shipped to Ray tasks (whose working
+    directory is not the driver's); a relative OUT inside a `ray job submit` job is refused."""
+    try:
+        return absolute_location(src), absolute_output(out)
+    except ValueError as e:
+        raise IngestError(str(e)) from e
 
 
 def ingest_utkface(src: str, out: str, *, seed: int = 42, skip_bad: bool = False, overwrite: bool = False,
                    storage: StorageOptions | None = None) -> IngestResult:
     """UTKFace folder/archive -> Parquet at `out`, split 70/15/15 (train/val/test) by `seed`."""
-    return _ingest("utkface", src, out, seed=seed, val_fraction=0.0, skip_bad=skip_bad, overwrite=overwrite,
-                   opts=storage)
+    return _ingest("utkface", *_absolute(src, out), seed=seed, val_fraction=0.0, skip_bad=skip_bad,
+                   overwrite=overwrite, opts=storage)
 
 
 def ingest_fairface(src: str, out: str, *, seed: int = 42, val_fraction: float = 0.1, skip_bad: bool = False,
                     overwrite: bool = False, storage: StorageOptions | None = None) -> IngestResult:
     """FairFace folder/zip -> Parquet at `out`: official val = test, official train split train/val."""
-    return _ingest("fairface", src, out, seed=seed, val_fraction=val_fraction, skip_bad=skip_bad,
+    return _ingest("fairface", *_absolute(src, out), seed=seed, val_fraction=val_fraction, skip_bad=skip_bad,
                    overwrite=overwrite, opts=storage)
 
 

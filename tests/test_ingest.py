@@ -22,6 +22,7 @@ from synthfar_ray.cli import main as cli_main
 from synthfar_ray.images import decode_image, encode_jpeg
 from synthfar_ray.ingest import (
     MANIFEST_NAME,
+    MAX_LISTED_BAD,
     OUTPUT_SCHEMA,
     IngestError,
     assign_splits,
@@ -30,6 +31,7 @@ from synthfar_ray.ingest import (
     ingest_utkface,
     parse_utkface_name,
     utkface_file_name,
+    write_order,
 )
 
 N_UTK = 40
@@ -138,6 +140,12 @@ def test_utkface_tar_gz_matches_folder(ray_cluster, utk_tree, utk_out, tmp_path)
     ingest_utkface(str(archive), out, seed=42)
     cols = ["id", "file", "split", "subset", "age", "gender", "ethnicity"]
     assert _read(out).select(cols).to_pylist() == _read(utk_out[0]).select(cols).to_pylist()
+    assert _ids_per_file(out) == _ids_per_file(utk_out[0])  # same rows in the same files, same order
+
+
+def _ids_per_file(folder: str) -> list[list[int]]:
+    names = [p for p in os.listdir(folder) if p.endswith(".parquet")]
+    return sorted(pq.read_table(os.path.join(folder, p), columns=["id"]).column("id").to_pylist() for p in names)
 
 
 def test_utkface_into_s3(ray_cluster, utk_tree, s3_bucket):
@@ -296,6 +304,198 @@ def test_corrupt_jpeg_fails_the_ray_job_with_its_name(ray_cluster, tmp_path):
     with pytest.raises(IngestError, match=name.replace(".", r"\.") + ": unreadable image"):
         ingest_utkface(str(root), str(out))
     assert not [p for p in out.rglob("*") if p.is_file()]  # no partial output left behind
+
+
+def _make_bad_utk(folder) -> dict[str, str]:
+    """A UTKFace folder with one bad item of each kind; returns {bad file: words its reason holds}."""
+    _make_utk(folder, n=30, seed=3)
+    rng = np.random.default_rng(3)
+    bad = {
+        "39_1_20170116174525125.jpg.chip.jpg": "does not match",  # race missing
+        "30_0_7_20170116174525126.jpg.chip.jpg": "race 7",  # no such race
+        utkface_file_name(25, 1, 2, "corrupt"): "unreadable image",  # bytes that are no image
+        utkface_file_name(61, 0, 3, "truncated"): "unreadable image",  # a JPEG cut short
+    }
+    for name, jpeg in zip(bad, (_jpeg(rng), _jpeg(rng), b"\xff\xd8\xff\xe0 not a jpeg", _jpeg(rng)[:60])):
+        (folder / name).write_bytes(jpeg)
+    dangling = utkface_file_name(40, 0, 0, "dangling")  # listed, but cannot be opened
+    (folder / dangling).symlink_to(folder / "no-such-file.jpg")
+    return bad | {dangling: "cannot read image file"}
+
+
+def _make_bad_fairface(folder) -> dict[str, str]:
+    """A FairFace folder with one bad item of each kind; returns {bad file or CSV: words its reason holds}."""
+    _make_fairface(folder, n_train=24, n_val=10, seed=4)
+    (folder / "train/7.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")  # csv line 8
+    train_csv = folder / "fairface_label_train.csv"
+    lines = train_csv.read_text().splitlines()
+    lines[3] = "train/3.jpg,20-29,Female,Martian,False"  # line 4: unknown race
+    lines.append("train/99.jpg,3-9,Male,Black,False")  # line 26: no such image
+    train_csv.write_text("\n".join(lines) + "\n")
+    val_csv = folder / "fairface_label_val.csv"
+    lines = val_csv.read_text().splitlines()
+    lines.append(lines[2])  # line 12: val/2.jpg a second time, same labels
+    val_csv.write_text("\n".join(lines) + "\n")
+    return {"train/3.jpg": "line 4: unknown race 'Martian'", "train/99.jpg": "line 26: missing image file",
+            "train/7.jpg": "line 8: unreadable image",
+            "fairface_label_val.csv": "line 12: duplicate row for val/2.jpg (first at line 3)"}
+
+
+def _counts_in(table: pa.Table, dataset: str) -> dict:
+    """The manifest's counts, computed from the Parquet rows themselves."""
+    rows = table.select(["split", "subset", "gender", "ethnicity", "age_bin", "ethnicity7"]).to_pylist()
+    vocab = {"gender": L.GENDERS, "ethnicity": L.ETHNICITIES, "age_bin": L.AGE_BIN_NAMES}
+    if dataset == "fairface":
+        vocab["ethnicity7"] = L.FAIRFACE_RACES7
+    class_counts = {split: {column: {name: sum(r[column] == i and split in ("all", r["split"]) for r in rows)
+                                     for i, name in enumerate(names)} for column, names in vocab.items()}
+                    for split in ("all", *L.SPLITS)}
+    return {
+        "num_rows": len(rows),
+        "counts": {s: sum(r["split"] == s for r in rows) for s in L.SPLITS},
+        "subset_counts": {str(p): sum(r["split"] == "train" and r["subset"] <= p for r in rows)
+                          for p in (25, 50, 75, 100)},
+        "class_counts": class_counts,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- trust
+
+
+def test_rows_are_written_in_a_seeded_permuted_order(ray_cluster, tmp_path):
+    """In file-name order UTKFace is sorted by age: the stored order and training batches must mix
+    ages and genders."""
+    import ray
+    from ray.data.expressions import col
+
+    root = tmp_path / "UTKFace"
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    tiny = encode_jpeg(np.full((8, 8, 3), 128, np.uint8))
+    for i in range(400):  # ages 10..89, 5 each: file names sort by age, then gender
+        age, gender, race = 10 + i // 5, int(rng.integers(0, 2)), int(rng.integers(0, 5))
+        (root / utkface_file_name(age, gender, race, f"2017{i:05d}")).write_bytes(tiny)
+    out = str(tmp_path / "out")
+    ingest_utkface(str(root), out, seed=42)
+    all_ages = _read(out).column("age").to_numpy()
+
+    # Stored order: every run of 16 rows in a file (what a reader without a shuffle buffer batches
+    # together) is a sample of the whole set. Ray Data reads small files into one block and the
+    # shuffle buffer takes whole blocks, so at this size only this check sees a sorted order.
+    parts = [p for p in os.listdir(out) if p.endswith(".parquet")]
+    assert len(parts) >= 4  # spread over files, so Ray Data's file shuffle has something to shuffle
+    runs = []
+    for part in parts:
+        t = pq.read_table(os.path.join(out, part), columns=["age", "gender"])
+        ages, genders = t.column("age").to_numpy(), t.column("gender").to_numpy()
+        runs += [(ages[i:i + 16], genders[i:i + 16]) for i in range(0, len(ages) - 15, 16)]
+    assert len(runs) >= 16
+    assert np.mean([np.std(a) for a, _ in runs]) > 0.7 * np.std(all_ages)
+    assert np.mean([len(set(g.tolist())) for _, g in runs]) > 1.8
+
+    # Read the train split the way training does: shuffled files, a small local shuffle buffer.
+    ds = (ray.data.read_parquet(out, shuffle=ray.data.FileShuffleConfig(seed=7))
+          .filter(expr=col("split") == "train").select_columns(["id", "image", "age", "gender"]))
+    batches = list(ds.iter_batches(batch_size=16, local_shuffle_buffer_size=64, local_shuffle_seed=7,
+                                   batch_format="numpy", drop_last=True))
+    assert len(batches) == 280 // 16
+    ages = np.concatenate([b["age"] for b in batches])
+    assert np.mean([np.std(b["age"]) for b in batches]) > 0.7 * np.std(ages)
+    assert np.mean([len(set(b["gender"].tolist())) for b in batches]) > 1.8
+
+
+def test_write_order_is_a_function_of_seed_and_files():
+    keys = [f"{i}_0_0_{i}.jpg" for i in range(200)]
+    order = [keys[i] for i in write_order(keys, seed=42)]
+    shuffled = keys[::-1]
+    assert [shuffled[i] for i in write_order(shuffled, seed=42)] == order  # listing order does not matter
+    assert order != sorted(keys) and sorted(order) == sorted(keys)
+    assert [keys[i] for i in write_order(keys, seed=7)] != order
+
+
+@pytest.mark.parametrize("dataset", ["utkface", "fairface"])
+def test_manifest_counts_equal_the_parquet_with_skip_bad(ray_cluster, tmp_path, dataset):
+    root = tmp_path / dataset
+    if dataset == "utkface":
+        bad = _make_bad_utk(root)
+        result = ingest_utkface(str(root), str(tmp_path / "out"), skip_bad=True)
+    else:
+        bad = _make_bad_fairface(root)
+        result = ingest_fairface(str(root), str(tmp_path / "out"), skip_bad=True, val_fraction=0.25)
+    out = str(tmp_path / "out")
+    table, m = _read(out), _manifest(out)
+    assert {k: m[k] for k in ("num_rows", "counts", "subset_counts", "class_counts")} == _counts_in(table, dataset)
+    assert result.counts == m["counts"] and result.skipped == m["skipped"]
+
+    # Each bad item is listed once with its reason, and nothing written is listed as skipped.
+    skipped = [s["file"] for s in m["skipped"]]
+    assert sorted(skipped) == sorted(bad)
+    for s in m["skipped"]:
+        assert bad[s["file"]] in s["reason"], s
+    files = table.column("file").to_pylist()
+    assert len(files) == len(set(files)) and not set(skipped) & set(files)
+    if dataset == "fairface":
+        assert "val/2.jpg" in files and m["counts"]["test"] == 10  # the duplicated row's file, once
+        assert {s["file"]: s["row"] for s in m["skipped"]} == {
+            "train/3.jpg": 4, "train/99.jpg": 26, "train/7.jpg": 8, "fairface_label_val.csv": 12}
+
+
+def test_strict_mode_reports_every_bad_item_at_once(ray_cluster, utk_out, tmp_path):
+    # UTKFace: two bad names (planning), two undecodable images (Ray decode) and one file that
+    # cannot be read, one error.
+    root = tmp_path / "utk"
+    bad = _make_bad_utk(root)
+    n_utk_bad = len(bad)
+    out = tmp_path / "strict"
+    with pytest.raises(IngestError) as info:
+        ingest_utkface(str(root), str(out))
+    message = str(info.value)
+    assert message.startswith(f"{len(bad)} bad item(s) in {root}")
+    for name, reason in bad.items():
+        assert any(line.strip().startswith(f"{name}: ") and reason in line for line in message.splitlines()), name
+    assert not out.exists()  # nothing written, not even a folder
+
+    # FairFace: each CSV line named; an --overwrite run that fails keeps the old output.
+    ff = tmp_path / "ff"
+    bad = _make_bad_fairface(ff)
+    out = tmp_path / "ff_out"
+    shutil.copytree(utk_out[0], out)
+    before = sorted(storage.list_files(str(out)))
+    with pytest.raises(IngestError) as info:
+        ingest_fairface(str(ff), str(out), overwrite=True)
+    message = str(info.value)
+    for name, reason in bad.items():
+        assert any(name in line and reason in line for line in message.splitlines()), name
+    assert "fairface_label_train.csv line 8: unreadable image" in message  # image failures name the row
+    assert sorted(storage.list_files(str(out))) == before
+
+    # Many bad items: the first MAX_LISTED_BAD are listed, then how many more.
+    for i in range(MAX_LISTED_BAD + 3):
+        (root / f"nolabel_{i:02d}.jpg").write_bytes(b"")
+    with pytest.raises(IngestError) as info:
+        ingest_utkface(str(root), str(tmp_path / "many"))
+    lines = str(info.value).splitlines()
+    n_bad = n_utk_bad + MAX_LISTED_BAD + 3
+    assert lines[0].startswith(f"{n_bad} bad item(s)")
+    assert len(lines) == 1 + MAX_LISTED_BAD + 1 and lines[-1].strip() == f"and {n_bad - MAX_LISTED_BAD} more"
+
+
+def test_relative_locations_are_made_absolute_on_the_driver(ray_cluster, utk_tree, tmp_path, monkeypatch):
+    root, _ = utk_tree
+    shutil.copytree(root, tmp_path / "UTKFace")
+    monkeypatch.chdir(tmp_path)
+    result = ingest_utkface("UTKFace", "rel_out")
+    assert result.out == str(tmp_path / "rel_out") and _read(str(tmp_path / "rel_out")).num_rows == N_UTK
+    m = _manifest(result.out)
+    assert (m["source"], m["out"]) == (str(tmp_path / "UTKFace"), str(tmp_path / "rel_out"))
+
+    # Inside a `ray job submit` job the working directory is Ray's temporary copy of the upload.
+    job_dir = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    with pytest.raises(IngestError, match="relative output path 'out'"):
+        ingest_utkface(str(tmp_path / "UTKFace"), "out")
+    assert not (job_dir / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------- CLI, overwrite
