@@ -18,8 +18,14 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
+from synthfar_ray.errors import UserError
+
 # Ray unpacks an uploaded working_dir under <session>/runtime_resources/working_dir_files/<pkg>.
 _JOB_WORKING_DIR_MARK = os.sep + os.path.join("runtime_resources", "working_dir_files") + os.sep
+
+
+class PathError(UserError, ValueError):
+    """A location that cannot mean what the user wants (a ValueError, so pydantic names the field)."""
 
 
 def has_scheme(uri: str) -> bool:
@@ -42,7 +48,7 @@ def absolute_output(uri: str) -> str:
     """`absolute_location` for a location that is written: refuses a relative local path inside a job
     whose working directory is Ray's temporary copy of the upload."""
     if not has_scheme(uri) and not os.path.isabs(os.path.expanduser(uri)) and in_job_working_dir():
-        raise ValueError(
+        raise PathError(
             f"relative output path {uri!r} inside a `ray job submit` job would be written into Ray's temporary "
             f"copy of the working_dir ({os.getcwd()}) and lost: use s3://BUCKET/... or an absolute path on "
             "shared storage")
