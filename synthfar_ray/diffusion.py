@@ -5,6 +5,11 @@
 with random weights offline (`tiny-random` for CPU tests and the laptop demo, `sd15-random` with
 SD1.5's exact shapes for GPU benchmarks). `FaceGenerator` turns (prompt, negative prompt, pose
 image, seed) rows into uint8 images, with A1111-weighted prompts of any length.
+
+A model reference is a local path when it exists, is absolute, starts with ./ ../ or ~, or names a
+checkpoint file (.safetensors, .ckpt, .pt, .pth, .bin); anything else is a hub id. Local paths are
+made absolute when the config is validated (`ModelRef`), and `check_model_paths` lets a driver
+refuse a missing one before it starts any worker.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ import logging
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from synthfar_ray.config import StrictModel
+from synthfar_ray.errors import UserError
+from synthfar_ray.paths import absolute_location
 from synthfar_ray.prompt_weighting import count_chunks, encode_weighted_prompts
 
 logger = logging.getLogger(__name__)
@@ -43,16 +50,31 @@ SCHEDULER_SETTINGS = dict(
 )
 
 
+def is_local_model_ref(ref: str) -> bool:
+    """A local path (it exists, is absolute, starts with ./ ../ ~, or names a checkpoint file);
+    otherwise a hub id such as `owner/name`."""
+    return (os.path.exists(ref) or os.path.isabs(ref) or ref.startswith(("./", "../", "~"))
+            or ref.lower().endswith(SINGLE_FILE_SUFFIXES))
+
+
+def _absolute_if_local(ref: str) -> str:
+    return absolute_location(ref) if is_local_model_ref(ref) else ref
+
+
+# A hub id, or a local path made absolute at validation (workers have other working directories).
+ModelRef = Annotated[str, AfterValidator(_absolute_if_local)]
+
+
 class ModelConfig(StrictModel):
     """Which diffusion model to run."""
 
     # When set, `base`/`controlnet` are ignored and random-weight components are built offline.
     preset: Literal["tiny-random", "sd15-random"] | None = None
-    base: str = REAL_BASE_DEFAULT  # hub id | local diffusers folder | single .safetensors/.ckpt file
+    base: ModelRef = REAL_BASE_DEFAULT  # hub id | local diffusers folder | single .safetensors/.ckpt file
     # For a single file: a diffusers folder or hub id holding the component configs (tokenizer,
     # scheduler, unet/vae/text_encoder config.json), so the file loads without guessing online.
-    base_config: str | None = None
-    controlnet: str = REAL_CONTROLNET_DEFAULT  # hub id | local folder
+    base_config: ModelRef | None = None
+    controlnet: ModelRef = REAL_CONTROLNET_DEFAULT  # hub id | local folder
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile UNet + ControlNet (GPU; costs a warm-up per batch shape)
     seed: int = 0  # seed of the presets' random weights, so every actor builds identical weights
@@ -223,26 +245,53 @@ def hub_offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
-def _looks_like_path(ref: str) -> bool:
-    """A hub id is `name` or `owner/name`; anything else (absolute, ./, ~, deeper, a file suffix,
-    or an existing path) is a local path."""
-    return (
-        os.path.exists(ref)
-        or ref.startswith((".", "/", "~"))
-        or ref.count("/") > 1
-        or "\\" in ref
-        or ref.lower().endswith(SINGLE_FILE_SUFFIXES)
-    )
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A local model path (model.base / base_config / controlnet) that does not exist."""
 
 
-def _check_diffusers_folder(path: str, what: str) -> None:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist; give a hub id, a diffusers folder, or a .safetensors file")
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise ValueError(
-            f"{what} {path!r} is a folder without model_index.json, so it is not a diffusers pipeline "
-            "folder; save one with pipeline.save_pretrained(...) or point at a single .safetensors file"
-        )
+class ModelPathError(UserError, ValueError):
+    """A local model path of the wrong kind (a file where a folder is needed, a folder without its config)."""
+
+
+# (setting, default) of the fields a preset ignores.
+_REAL_MODEL_FIELDS = (("base", REAL_BASE_DEFAULT), ("base_config", None), ("controlnet", REAL_CONTROLNET_DEFAULT))
+
+
+def _check_local_ref(setting: str, ref: str, kind: str) -> None:
+    """One-line errors naming the setting: `kind` is 'pipeline' (a diffusers folder, or a single
+    checkpoint file for model.base), or 'controlnet' (a ControlNet folder)."""
+    path = os.path.expanduser(ref)
+    if not os.path.exists(path):
+        raise ModelNotFoundError(
+            f"{setting}: {ref} does not exist (a local path; on a cluster it must exist on the driver and "
+            "every worker node). Give a hub id such as owner/name, a diffusers folder, or a "
+            f"single checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)})")
+    if os.path.isfile(path):
+        if setting != "model.base":
+            raise ModelPathError(f"{setting}: {ref} is a file; expected a folder")
+        if not path.lower().endswith(SINGLE_FILE_SUFFIXES):
+            raise ModelPathError(f"{setting}: {ref} is a file but not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
+        return
+    marker, how = (("config.json", "ControlNetModel.save_pretrained(...)") if kind == "controlnet"
+                   else ("model_index.json", "pipeline.save_pretrained(...) or point at a single .safetensors file"))
+    if not os.path.isfile(os.path.join(path, marker)):
+        raise ModelPathError(f"{setting}: {ref} is a folder without {marker}, so it is not a diffusers "
+                         f"{'ControlNet' if kind == 'controlnet' else 'pipeline'} folder; save one with {how}")
+
+
+def check_model_paths(model: ModelConfig) -> None:
+    """Refuse, before any worker starts, a local model path that does not exist or has the wrong
+    shape (one line naming the setting); warn about settings a preset ignores."""
+    if model.preset is not None:
+        ignored = [f"model.{name}={getattr(model, name)}" for name, default in _REAL_MODEL_FIELDS
+                   if getattr(model, name) != default]
+        if ignored:
+            logger.warning("model.preset=%s builds random weights: %s ignored", model.preset, ", ".join(ignored))
+        return
+    for name, _ in _REAL_MODEL_FIELDS:
+        ref = getattr(model, name)
+        if ref is not None and is_local_model_ref(ref):
+            _check_local_ref(f"model.{name}", ref, "controlnet" if name == "controlnet" else "pipeline")
 
 
 @contextmanager
@@ -269,13 +318,8 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
 def _load_controlnet(ref: str, torch_dtype: torch.dtype, offline: bool):
     from diffusers import ControlNetModel
 
-    if _looks_like_path(ref):
-        path = os.path.expanduser(ref)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"controlnet {ref!r} does not exist; give a hub id or a local diffusers ControlNet folder")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"controlnet folder {ref!r} has no config.json; save one with ControlNetModel.save_pretrained(...)")
-        return ControlNetModel.from_pretrained(path, **_dtype_kwarg(torch_dtype))
+    if is_local_model_ref(ref):  # checked by check_model_paths
+        return ControlNetModel.from_pretrained(os.path.expanduser(ref), **_dtype_kwarg(torch_dtype))
     with _hub_errors("controlnet", ref, offline):
         return ControlNetModel.from_pretrained(ref, local_files_only=offline, **_dtype_kwarg(torch_dtype))
 
@@ -283,18 +327,12 @@ def _load_controlnet(ref: str, torch_dtype: torch.dtype, offline: bool):
 def _load_real_pipeline(model: ModelConfig, torch_dtype: torch.dtype):
     from diffusers import StableDiffusionControlNetPipeline
 
+    check_model_paths(model)  # the driver checked too; a worker may see other files
     offline = hub_offline()
     base = os.path.expanduser(model.base)
     common = dict(**_dtype_kwarg(torch_dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-    if _looks_like_path(model.base) and not os.path.isdir(base):
-        if not os.path.isfile(base):
-            raise FileNotFoundError(
-                f"base model {model.base!r} does not exist; give a hub id, a diffusers folder, or a "
-                f"single checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)})"
-            )
-        if not base.lower().endswith(SINGLE_FILE_SUFFIXES):
-            raise ValueError(f"base model file {model.base!r} is not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
+    if is_local_model_ref(model.base) and os.path.isfile(base):
         config = model.base_config
         if config is None and offline:
             raise ValueError(
@@ -302,19 +340,17 @@ def _load_real_pipeline(model: ModelConfig, torch_dtype: torch.dtype):
                 "configs cannot be fetched: set model.base_config to a local diffusers SD1.5 folder "
                 f"(or a cached hub id such as {REAL_BASE_DEFAULT!r})"
             )
-        if config is not None and _looks_like_path(config):
+        if config is not None and is_local_model_ref(config):
             config = os.path.expanduser(config)
-            _check_diffusers_folder(config, "base_config")
         controlnet = _load_controlnet(model.controlnet, torch_dtype, offline)
         logger.info("loading single-file checkpoint %s (configs from %s)", base, config or "<inferred>")
-        from_hub = config is None or not _looks_like_path(config)
+        from_hub = config is None or not is_local_model_ref(config)
         with _hub_errors("base_config", config or "<inferred from the checkpoint>", offline) if from_hub else nullcontext():
             return StableDiffusionControlNetPipeline.from_single_file(
                 base, config=config, controlnet=controlnet, local_files_only=offline, **common
             )
 
-    if _looks_like_path(model.base):
-        _check_diffusers_folder(base, "base model")  # before the (slow) ControlNet load
+    if is_local_model_ref(model.base):
         controlnet = _load_controlnet(model.controlnet, torch_dtype, offline)
         return StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=controlnet, **common)
     controlnet = _load_controlnet(model.controlnet, torch_dtype, offline)
@@ -373,7 +409,7 @@ def build_pipeline(model: ModelConfig, device: str | None = None):
 
 
 def _short_ref(ref: str) -> str:
-    if _looks_like_path(ref):
+    if is_local_model_ref(ref):
         return os.path.basename(os.path.normpath(os.path.expanduser(ref))) or ref
     return ref
 
@@ -418,7 +454,24 @@ class FaceGenerator:
         pose_images: list[np.ndarray],
         seeds: list[int],
     ) -> np.ndarray:
-        """(B, H, W, 3) uint8 images, H/W from the sampler config."""
+        """(B, H, W, 3) uint8 images, H/W from the sampler config. An image whose diffusion output
+        holds NaN/inf comes back black, with a warning: callers that keep images use `generate`."""
+        images, finite = self.generate(prompts, negative_prompts, pose_images, seeds)
+        if not finite.all():
+            logger.warning("non-finite pixels in generated images (seeds %s): returned black",
+                           [int(seeds[i]) for i in np.flatnonzero(~finite)])
+        return images
+
+    def generate(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        pose_images: list[np.ndarray],
+        seeds: list[int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """((B, H, W, 3) uint8 images, (B,) bool `finite`): finite[i] is False when image i's float
+        output held NaN/inf (fp16 overflow, a broken checkpoint); that image is black, not clipped
+        noise, and must not be kept as a sample."""
         n = len(prompts)
         if not (len(negative_prompts) == len(pose_images) == len(seeds) == n):
             raise ValueError(
@@ -427,8 +480,9 @@ class FaceGenerator:
             )
         s = self.sampler
         out = np.empty((n, s.height, s.width, 3), dtype=np.uint8)
+        finite = np.ones(n, dtype=bool)
         if n == 0:
-            return out
+            return out, finite
         controls = [_to_pil(img, i) for i, img in enumerate(pose_images)]
 
         unet_dtype = self.pipe.unet.dtype
@@ -452,11 +506,11 @@ class FaceGenerator:
                     output_type="np",
                 )
                 images = np.asarray(result.images, dtype=np.float32)
-                if not np.isfinite(images).all():
-                    logger.warning("non-finite pixels in generated images (seeds %s); clipped", [seeds[i] for i in idx])
-                    images = np.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)
+                ok = np.isfinite(images).reshape(len(idx), -1).all(axis=1)
+                images[~ok] = 0.0
+                finite[idx] = ok
                 out[idx] = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
-        return out
+        return out, finite
 
 
 def _to_pil(image: np.ndarray | Image.Image, index: int) -> Image.Image:
@@ -470,6 +524,7 @@ def _to_pil(image: np.ndarray | Image.Image, index: int) -> Image.Image:
 
 __all__ = [
     "REAL_BASE_DEFAULT", "REAL_CONTROLNET_DEFAULT", "ModelConfig", "SamplerConfig", "FaceGenerator",
-    "build_pipeline", "model_label", "make_scheduler", "build_preset_components", "preset_configs",
+    "build_pipeline", "check_model_paths", "is_local_model_ref", "ModelRef", "model_label", "make_scheduler",
+    "build_preset_components", "preset_configs",
     "byte_level_clip_tokenizer",
 ]

@@ -7,7 +7,25 @@ file `part-<shard>.parquet`.
 
 Why shards own their files: a shard's file is written whole (atomic rename / single PUT) under a
 name fixed by its ids, so a retried task (actor died mid-way) rewrites the same file, a re-run
-skips complete shards, and the output always holds each id exactly once.
+skips complete shards, and the output always holds each id at most once.
+
+What claims an output (`prepare_output` owns all of it): `_manifest.json`'s fingerprint ties the
+folder to the settings that decide a row's bytes, compute.batch_size included (batched fp32
+arithmetic changes the images slightly, so a dataset is extended or resumed only at the batch size
+that made it). A manifest whose run wrote no part yet claims nothing, so a corrected config can
+replace a run that failed before its first shard. Temp files that killed writers left in the
+folder are removed at the start of a run. The manifest keeps totals (shards and images present)
+and the history of the runs that made the folder.
+
+Non-finite images are dropped, never written: an image whose diffusion output holds NaN/inf gets no
+row; its id is listed in the part's Parquet metadata (`synthfar.dropped_ids`), counted in the shard's
+result and totalled in the manifest (`images_dropped`, `dropped_ids`). A shard is complete when its
+rows and dropped ids cover its range, so a re-run does not retry them (the same seed and batch size
+give the same NaN); `overwrite=true` or another seed does.
+
+Timing is stamped where the work is done: each shard's result carries its actor's `time.time()` at
+start and end (results reach the driver bunched), which `GenerateResult.steady_images_per_second`
+uses.
 """
 
 from __future__ import annotations
@@ -19,7 +37,9 @@ import json
 import logging
 import math
 import os
+import socket
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,29 +51,39 @@ from pydantic import Field
 
 from synthfar_ray import storage
 from synthfar_ray.config import StageConfig, StrictModel, dump_config, load_config
-from synthfar_ray.diffusion import FaceGenerator, ModelConfig, SamplerConfig, model_label
+from synthfar_ray.diffusion import FaceGenerator, ModelConfig, SamplerConfig, check_model_paths, model_label
+from synthfar_ray.errors import UserError
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.labels import CORE_FIELDS, age_to_bin, ethnicity_index, gender_index
+from synthfar_ray.paths import OutputPath, display
 from synthfar_ray.poses import HeadPose, PoseConfig, PoseFolder, render_pose, sample_pose
 from synthfar_ray.prompts import PromptConfig, render_prompt, sample_attributes
+from synthfar_ray.raycluster import actor_pool, ensure_ray
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 PART_PREFIX = "part-"
+DROPPED_KEY = b"synthfar.dropped_ids"  # Parquet metadata of a part: JSON list of ids not written
+# Settings that decide the bytes of a row (with compute.batch_size): see fingerprint().
+CONTENT_FIELDS = ("seed", "shard_size", "val_fraction", "jpeg_quality", "model", "sampler", "prompts", "poses")
 # Test-only fault injection: path of a marker file; the first actor to reach it dies hard once.
 FAULT_ENV = "SYNTHFAR_FAULT_CRASH_ONCE"
+
+
+class ManifestError(UserError, ValueError):
+    """An output's `_manifest.json` that cannot be read."""
 
 
 class ComputeConfig(StrictModel):
     num_actors: int | None = Field(None, ge=1, description="pool size; default: one per GPU, or 1 on CPU")
     gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
     cpus_per_actor: float = Field(0.5, gt=0, description="fractional so read tasks still get a core on small nodes")
-    batch_size: int = Field(8, ge=1, description="images per diffusion call")
+    batch_size: int = Field(8, ge=1, description="images per diffusion call; fixed per dataset (the bytes depend on it)")
 
 
 class GenerateConfig(StageConfig):
-    output: str = Field(description="dataset folder URI (local path, file:// or s3://)")
+    output: OutputPath = Field(description="dataset folder URI (local path, file:// or s3://)")
     num_images: int = Field(gt=0)
     seed: int = 0
     shard_size: int = Field(64, ge=1, description="images per Parquet file: the unit of resume and retry")
@@ -67,17 +97,65 @@ class GenerateConfig(StageConfig):
     compute: ComputeConfig = ComputeConfig()
 
 
+@dataclass(frozen=True)
+class ShardReport:
+    """One shard as its actor made it; `start`/`end` are the actor's time.time()."""
+
+    shard: int
+    actor: str  # host:pid of the actor process
+    start: float
+    end: float
+    images: int  # ids diffused: rows written + dropped
+    dropped_ids: tuple[int, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return self.images - len(self.dropped_ids)
+
+
 @dataclass
 class GenerateResult:
     output: str
     num_images: int
-    generated: int  # images made by this run (the rest were already there)
+    generated: int  # rows written by this run (the rest were already there)
     shards_generated: int
     shards_skipped: int
     seconds: float
     images_per_second: float
+    dropped: int = 0  # images of this run dropped for non-finite pixels
     manifest: dict[str, Any] = field(default_factory=dict)
-    shard_times: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, images) per shard
+    shards: list[ShardReport] = field(default_factory=list)  # in arrival order
+
+    def steady_images_per_second(self) -> float:
+        """Throughput once the actors are warm, from actor-side clocks: per actor, the images of its
+        shards after the first over the time from that second shard's start to its last shard's end
+        (gaps between shards included), summed over actors since they run side by side. An actor
+        that made one shard only counts that shard (warm-up included). NaN without shards."""
+        by_actor: dict[str, list[ShardReport]] = {}
+        for r in self.shards:
+            by_actor.setdefault(r.actor, []).append(r)
+        rate = 0.0
+        for reports in by_actor.values():
+            reports.sort(key=lambda r: r.start)
+            warm = reports[1:] or reports
+            span = warm[-1].end - warm[0].start
+            rate += sum(r.images for r in warm) / span if span > 0 else 0.0
+        return rate if by_actor else float("nan")
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    rows: int
+    dropped_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class OutputState:
+    """What `prepare_output` found: shards still to make, complete parts, earlier runs' history."""
+
+    todo: list[tuple[int, int, int]]
+    complete: dict[int, PartInfo]
+    history: list[dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,10 +174,12 @@ def split_for(run_seed: int, image_id: int, val_fraction: float) -> str:
 
 
 def fingerprint(cfg: GenerateConfig) -> str:
-    """Hash of everything that decides the content of a row; num_images, compute and paths excluded
-    so a run may grow the dataset or move to a bigger pool and still resume."""
-    parts = {k: dump_config(cfg)[k] for k in ("seed", "shard_size", "val_fraction", "jpeg_quality",
-                                               "model", "sampler", "prompts", "poses")}
+    """Hash of everything that decides the bytes of a row: the content settings and
+    compute.batch_size (batched fp32 arithmetic is not bit-identical across batch sizes).
+    num_images, the pool's shape and the output path are left out, so a run may grow the dataset or
+    move to a bigger pool and still resume."""
+    dump = dump_config(cfg)
+    parts = {k: dump[k] for k in CONTENT_FIELDS} | {"batch_size": cfg.compute.batch_size}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -157,6 +237,30 @@ def prompt_rows(cfg: GenerateConfig, ids: range) -> list[dict[str, Any]]:
     return rows
 
 
+def control_image(cfg: GenerateConfig, row: dict[str, Any], pose_folder: PoseFolder | None = None) -> np.ndarray:
+    """The OpenPose image of a prompt row: the folder's pick for its id (the row's pose parameters
+    are then replaced by the file name), or the row's head pose rendered."""
+    s = cfg.sampler
+    if pose_folder is not None:
+        name, image = pose_folder.pick(cfg.seed, row["id"])
+        row["pose_file"] = name
+        for k in ("yaw", "pitch", "roll", "scale", "offset_x", "offset_y"):
+            row[f"pose_{k}"] = None  # the folder image decides the pose, not the parameters
+        return image
+    pose = HeadPose(**{k: row[f"pose_{k}"] for k in ("yaw", "pitch", "roll", "scale", "offset_x", "offset_y")})
+    return render_pose(pose, s.width, s.height)
+
+
+def part_bytes(rows: list[dict[str, Any]], dropped_ids: list[int]) -> bytes:
+    """A part file: the rows, plus the ids dropped for non-finite pixels in its metadata."""
+    table = pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA)
+    if dropped_ids:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), DROPPED_KEY: json.dumps(dropped_ids)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------
 # The actor.
 
@@ -171,19 +275,9 @@ class ShardGenerator:
         self.pose_folder = (PoseFolder(self.cfg.poses.folder, self.cfg.storage, s.width, s.height)
                             if self.cfg.poses.folder else None)
         self.model_label = model_label(self.cfg.model)
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.crash_marker = crash_marker
         self.encoder = ThreadPoolExecutor(max_workers=2)  # JPEG encoding overlaps the next diffusion call
-
-    def _control_image(self, row: dict[str, Any]) -> np.ndarray:
-        s = self.cfg.sampler
-        if self.pose_folder is not None:
-            name, image = self.pose_folder.pick(self.cfg.seed, row["id"])
-            row["pose_file"] = name
-            for k in ("yaw", "pitch", "roll", "scale", "offset_x", "offset_y"):
-                row[f"pose_{k}"] = None  # the folder image decides the pose, not the parameters
-            return image
-        pose = HeadPose(**{k: row[f"pose_{k}"] for k in ("yaw", "pitch", "roll", "scale", "offset_x", "offset_y")})
-        return render_pose(pose, s.width, s.height)
 
     def _maybe_crash(self) -> None:
         if self.crash_marker and not os.path.exists(self.crash_marker):
@@ -191,34 +285,48 @@ class ShardGenerator:
             logger.error("fault injection: actor exiting mid-shard (%s)", FAULT_ENV)
             os._exit(1)
 
-    def generate_shard(self, shard: int, start: int, stop: int) -> tuple[int, float]:
-        t0 = time.perf_counter()
+    def generate_shard(self, shard: int, start: int, stop: int) -> ShardReport:
+        began = time.time()
         rows = prompt_rows(self.cfg, range(start, stop))
         bs = self.cfg.compute.batch_size
-        pending = []
+        kept, pending, dropped = [], [], []
         for b in range(0, len(rows), bs):
             chunk = rows[b:b + bs]
-            images = self.generator([r["prompt"] for r in chunk], [r["negative_prompt"] for r in chunk],
-                                    [self._control_image(r) for r in chunk], [r["seed"] for r in chunk])
-            pending.extend(self.encoder.submit(encode_jpeg, img, self.cfg.jpeg_quality) for img in images)
+            images, finite = self.generator.generate(
+                [r["prompt"] for r in chunk], [r["negative_prompt"] for r in chunk],
+                [control_image(self.cfg, r, self.pose_folder) for r in chunk], [r["seed"] for r in chunk])
+            for r, image, ok in zip(chunk, images, finite):
+                if ok:
+                    kept.append(r)
+                    pending.append(self.encoder.submit(encode_jpeg, image, self.cfg.jpeg_quality))
+                else:
+                    dropped.append(r["id"])
             self._maybe_crash()
-        for r, fut in zip(rows, pending):
+        for r, fut in zip(kept, pending):
             r["image"] = fut.result()
             r["model"] = self.model_label
-        table = pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        storage.write_bytes(storage.join(self.cfg.output, part_name(shard)), buf.getvalue(), self.cfg.storage)
-        return len(rows), time.perf_counter() - t0
+        uri = storage.join(self.cfg.output, part_name(shard))
+        if dropped:
+            logger.warning("%s: %d image(s) with non-finite pixels dropped (ids %s)", uri, len(dropped), dropped)
+        storage.write_bytes(uri, part_bytes(kept, dropped), self.cfg.storage)
+        return ShardReport(shard, self.actor, began, time.time(), len(rows), tuple(dropped))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"shard": [], "rows": [], "seconds": []}
-        for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
-            n, secs = self.generate_shard(int(shard), int(start), int(stop))
-            out["shard"].append(int(shard))
-            out["rows"].append(n)
-            out["seconds"].append(secs)
-        return {k: np.asarray(v) for k, v in out.items()}
+        reports = [self.generate_shard(int(shard), int(start), int(stop))
+                   for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"])]
+        return {
+            "shard": np.asarray([r.shard for r in reports]),
+            "actor": np.asarray([r.actor for r in reports]),
+            "start": np.asarray([r.start for r in reports]),
+            "end": np.asarray([r.end for r in reports]),
+            "images": np.asarray([r.images for r in reports]),
+            "dropped_ids": np.asarray([json.dumps(list(r.dropped_ids)) for r in reports]),
+        }
+
+
+def _report_from_row(row: dict[str, Any]) -> ShardReport:
+    return ShardReport(int(row["shard"]), str(row["actor"]), float(row["start"]), float(row["end"]),
+                       int(row["images"]), tuple(json.loads(str(row["dropped_ids"]))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,126 +339,207 @@ def read_manifest(cfg: GenerateConfig) -> dict[str, Any] | None:
     try:
         return json.loads(storage.read_bytes(uri, cfg.storage))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{uri} is not valid JSON ({e}); remove it or run with overwrite=true") from e
+        raise ManifestError(f"{display(uri)} is not valid JSON ({e}); remove it or run with overwrite=true") from e
 
 
 def write_manifest(cfg: GenerateConfig, manifest: dict[str, Any]) -> None:
     storage.write_bytes(storage.join(cfg.output, MANIFEST), json.dumps(manifest, indent=2).encode(), cfg.storage)
 
 
-def _part_rows(cfg: GenerateConfig, name: str) -> int:
-    fs, path = storage.resolve(storage.join(cfg.output, name), cfg.storage)
+def _part_info(cfg: GenerateConfig, name: str) -> PartInfo | None:
+    """Rows and dropped ids of a part; None when it cannot be read (it is then regenerated)."""
+    uri = storage.join(cfg.output, name)
+    fs, path = storage.resolve(uri, cfg.storage)
     try:
         with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
+            meta = pq.ParquetFile(f).metadata
+        dropped = json.loads((meta.metadata or {}).get(DROPPED_KEY, b"[]"))
     except Exception as e:  # a truncated/corrupt part is regenerated, not trusted
-        logger.warning("unreadable part %s (%s): it will be regenerated", name, e)
-        return -1
+        logger.warning("unreadable part %s (%s): it will be regenerated", display(uri), e)
+        return None
+    return PartInfo(meta.num_rows, tuple(int(i) for i in dropped))
 
 
-def prepare_output(cfg: GenerateConfig) -> tuple[list[tuple[int, int, int]], int]:
-    """Check the output against this config; return the shards still to generate and the count
-    of complete ones. Raises before any work if the output belongs to another config."""
+def _with_batch_size(cfg: GenerateConfig, batch_size: int) -> GenerateConfig:
+    return cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"batch_size": batch_size})})
+
+
+def _refusal(cfg: GenerateConfig, manifest: dict[str, Any], fp: str) -> FileExistsError:
+    """The error for an output made by another config; names compute.batch_size when only it differs."""
+    where = display(cfg.output)
+    old_bs = manifest.get("config", {}).get("compute", {}).get("batch_size")
+    if (isinstance(old_bs, int) and old_bs != cfg.compute.batch_size
+            and fingerprint(_with_batch_size(cfg, old_bs)) == manifest.get("fingerprint")):
+        return FileExistsError(
+            f"{where} was generated with compute.batch_size={old_bs}, this run has compute.batch_size="
+            f"{cfg.compute.batch_size}: image bytes depend on the batch size, so a dataset is resumed or "
+            f"extended only at the one that made it. Set compute.batch_size={old_bs}, use another output, "
+            "or overwrite=true")
+    return FileExistsError(
+        f"{where} was generated with a different config (fingerprint {manifest.get('fingerprint')} != {fp}; "
+        "seed/model/sampler/prompts/poses/shard_size/val_fraction/jpeg_quality/compute.batch_size differ). "
+        "Use another output or overwrite=true")
+
+
+def remove_temp_files(cfg: GenerateConfig) -> list[str]:
+    """Delete the temp files killed writers left in the output folder (storage.temp_name)."""
+    names = [n for n in storage.list_files(cfg.output, cfg.storage) if storage.is_temp_name(n)]
+    for n in names:
+        storage.delete(storage.join(cfg.output, n), cfg.storage)
+    if names:
+        logger.info("removed %d leftover temp file(s) from %s", len(names), display(cfg.output))
+    return names
+
+
+def prepare_output(cfg: GenerateConfig) -> OutputState:
+    """Check the output against this config; return the shards still to generate, the complete
+    parts and the history of the runs that made them. Raises before any work if the output belongs
+    to another config; a manifest whose run wrote no part does not count as a claim."""
     fp = fingerprint(cfg)
+    where = display(cfg.output)
     manifest = read_manifest(cfg)
     parts = [p for p in storage.list_files(cfg.output, cfg.storage, suffix=".parquet") if p.startswith(PART_PREFIX)]
     if cfg.overwrite and (manifest or parts):
-        logger.info("overwrite=true: removing %d existing parts in %s", len(parts), cfg.output)
+        logger.info("overwrite=true: removing %d existing parts in %s", len(parts), where)
         for p in parts + ([MANIFEST] if manifest else []):
             storage.delete(storage.join(cfg.output, p), cfg.storage)
         manifest, parts = None, []
     if manifest is None and parts:
-        raise FileExistsError(f"{cfg.output} holds {len(parts)} Parquet parts but no {MANIFEST}: it was not "
+        raise FileExistsError(f"{where} holds {len(parts)} Parquet parts but no {MANIFEST}: it was not "
                               "made by `synthfar generate`; choose another output or set overwrite=true")
     if manifest is not None and manifest.get("fingerprint") != fp:
-        raise FileExistsError(
-            f"{cfg.output} was generated with a different config (fingerprint {manifest.get('fingerprint')} "
-            f"!= {fp}; seed/model/sampler/prompts/poses/shard_size differ). Use another output or overwrite=true")
+        if parts:
+            raise _refusal(cfg, manifest, fp)
+        logger.warning("%s: replacing the manifest of an earlier run (fingerprint %s, status %s) that wrote no part",
+                       where, manifest.get("fingerprint"), manifest.get("status"))
+        manifest = None
     wanted = shard_ranges(cfg.num_images, cfg.shard_size)
     wanted_names = {part_name(s) for s, _, _ in wanted}
     extra = [p for p in parts if p not in wanted_names]
     if extra:
-        raise FileExistsError(f"{cfg.output} holds shards beyond num_images={cfg.num_images} ({extra[0]} ...): "
+        raise FileExistsError(f"{where} holds shards beyond num_images={cfg.num_images} ({extra[0]} ...): "
                               "raise num_images or set overwrite=true")
-    present = set(parts)
-    todo = [r for r in wanted if part_name(r[0]) not in present or _part_rows(cfg, part_name(r[0])) != r[2] - r[1]]
-    return todo, len(wanted) - len(todo)
+    remove_temp_files(cfg)  # the folder is ours from here on
+    present, todo, complete = set(parts), [], {}
+    for s, a, b in wanted:
+        info = _part_info(cfg, part_name(s)) if part_name(s) in present else None
+        if info is not None and info.rows + len(info.dropped_ids) == b - a:
+            complete[s] = info
+        else:
+            todo.append((s, a, b))
+    return OutputState(todo, complete, list(manifest.get("runs", [])) if manifest else [])
 
 
-def pool_shape(cfg: GenerateConfig) -> tuple[int, float, float]:
-    """(actors, GPUs per actor, CPUs per actor) from the config and the cluster."""
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _totals(complete: dict[int, PartInfo], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    dropped = sorted(i for p in complete.values() for i in p.dropped_ids)
+    return {
+        "shards_present": len(complete), "images_present": sum(p.rows for p in complete.values()),
+        "images_dropped": len(dropped), "dropped_ids": dropped,
+        "images_generated": sum(r.get("images_generated", 0) for r in runs),  # all runs; a redone shard counts again
+    }
+
+
+def manifest_for(cfg: GenerateConfig, complete: dict[int, PartInfo], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest: config, totals of the parts present, and every run's record (the last is this one)."""
+    num_shards = len(shard_ranges(cfg.num_images, cfg.shard_size))
+    return {
+        "stage": "generate", "fingerprint": fingerprint(cfg), "status": runs[-1]["status"],
+        "config": dump_config(cfg), "num_images": cfg.num_images, "num_shards": num_shards,
+        **_totals(complete, runs), "runs": runs,
+    }
+
+
+def _run_record(started: float, status: str, reports: list[ShardReport], skipped: int,
+                error: str | None = None) -> dict[str, Any]:
+    seconds = time.time() - started
+    rows = sum(r.rows for r in reports)
+    record = {
+        "started_at": _utc(started), "finished_at": _utc(time.time()), "status": status,
+        "shards_generated": len(reports), "shards_skipped": skipped, "images_generated": rows,
+        "images_dropped": sum(len(r.dropped_ids) for r in reports), "seconds": round(seconds, 3),
+        "images_per_second": round(rows / seconds, 4) if rows else None,
+    }
+    return record | ({"error": error} if error else {})
+
+
+def _generate_shards(cfg: GenerateConfig, todo: list[tuple[int, int, int]]) -> Iterator[ShardReport]:
+    """Run the shards on a Ray Data actor pool; yield each shard's report as it arrives."""
     import ray
 
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = cfg.compute.gpus_per_actor if cfg.compute.gpus_per_actor is not None else (1.0 if cluster_gpus else 0.0)
-    if cfg.compute.num_actors is not None:
-        actors = cfg.compute.num_actors
-    elif gpus > 0:
-        actors = max(1, int(cluster_gpus // gpus))
-    else:
-        actors = 1
-    return actors, gpus, cfg.compute.cpus_per_actor
+    ensure_ray()
+    actors, gpus = actor_pool(cfg.compute.num_actors, cfg.compute.gpus_per_actor)
+    actors = min(actors, len(todo))
+    logger.info("generating %d shards (%d images) into %s on %d actor(s) [%s GPU, %s CPU each]", len(todo),
+                sum(b - a for _, a, b in todo), display(cfg.output), actors, gpus, cfg.compute.cpus_per_actor)
+    items = [{"shard": s, "start": a, "stop": b} for s, a, b in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardGenerator,
+        fn_constructor_kwargs={"cfg": cfg, "crash_marker": os.environ.get(FAULT_ENV)},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
+        num_gpus=gpus,
+        num_cpus=cfg.compute.cpus_per_actor,
+    )
+    for row in ds.iter_rows():
+        yield _report_from_row(row)
+
+
+def _log_shard(report: ShardReport, reports: list[ShardReport], target: int, started: float) -> None:
+    done = sum(r.images for r in reports)
+    elapsed = time.time() - started
+    eta = (target - done) * elapsed / done if done else float("nan")
+    logger.info("shard %d written: %d/%d images (%.2f img/s, ETA %.0f s)", report.shard, done, target,
+                done / elapsed, eta)
 
 
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
-    import ray
-
-    t0 = time.time()
+    """Generate the shards the output still lacks (all of them for a new output) and record the run
+    in the manifest; refuses, before Ray starts, a missing local model or an output of another config."""
+    started = time.time()
+    check_model_paths(cfg.model)  # a missing local model fails here, before Ray starts
     storage.ensure_dir(cfg.output, cfg.storage)
-    todo, done = prepare_output(cfg)
-    total = len(shard_ranges(cfg.num_images, cfg.shard_size))
-    manifest = {
-        "stage": "generate", "fingerprint": fingerprint(cfg), "status": "running",
-        "config": dump_config(cfg), "num_images": cfg.num_images, "num_shards": total,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
-    }
-    write_manifest(cfg, manifest)  # claims the output for this config before any work
-    generated, shard_times = 0, []
-    if todo:
-        if not ray.is_initialized():
-            ray.init()
-        actors, gpus, cpus = pool_shape(cfg)
-        actors = min(actors, len(todo))
-        logger.info("generating %d shards (%d images) on %d actor(s) [%s GPU, %s CPU each]; %d shards already done",
-                    len(todo), sum(b - a for _, a, b in todo), actors, gpus, cpus, done)
-        items = [{"shard": s, "start": a, "stop": b} for s, a, b in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardGenerator,
-            fn_constructor_kwargs={"cfg": cfg, "crash_marker": os.environ.get(FAULT_ENV)},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
-            num_gpus=gpus,
-            num_cpus=cpus,
-        )
-        target = sum(b - a for _, a, b in todo)
-        for row in ds.iter_rows():
-            generated += int(row["rows"])
-            elapsed = time.time() - t0
-            shard_times.append((elapsed, int(row["rows"])))
-            rate = generated / elapsed if elapsed > 0 else 0.0
-            eta = (target - generated) / rate if rate > 0 else float("nan")
-            logger.info("shard %d written: %d/%d images (%.2f img/s, ETA %.0f s)",
-                        int(row["shard"]), generated, target, rate, eta)
-    seconds = time.time() - t0
-    manifest.update({
-        "status": "complete", "shards_generated": len(todo), "shards_skipped": done,
-        "images_generated": generated, "seconds": round(seconds, 3),
-        "images_per_second": round(generated / seconds, 4) if generated else None,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    state = prepare_output(cfg)
+    skipped, target = len(state.complete), sum(b - a for _, a, b in state.todo)
+    if skipped:
+        logger.info("%d shards already complete in %s", skipped, display(cfg.output))
+    runs = state.history + [{"started_at": _utc(started), "status": "running"}]
+    write_manifest(cfg, manifest_for(cfg, state.complete, runs))  # claims the output for this config
+    reports: list[ShardReport] = []
+    try:
+        for report in _generate_shards(cfg, state.todo) if state.todo else ():
+            reports.append(report)
+            state.complete[report.shard] = PartInfo(report.rows, report.dropped_ids)
+            _log_shard(report, reports, target, started)
+    except BaseException as e:
+        runs[-1] = _run_record(started, "failed", reports, skipped, f"{type(e).__name__}: {e}"[:2000])
+        try:
+            write_manifest(cfg, manifest_for(cfg, state.complete, runs))
+        except Exception:  # the run's own error is the one to raise
+            logger.exception("could not record the failed run in %s", display(storage.join(cfg.output, MANIFEST)))
+        raise
+    runs[-1] = record = _run_record(started, "complete", reports, skipped)
+    manifest = manifest_for(cfg, state.complete, runs)
     write_manifest(cfg, manifest)
-    result = GenerateResult(cfg.output, cfg.num_images, generated, len(todo), done, seconds,
-                            generated / seconds if generated else 0.0, manifest, shard_times)
-    logger.info("done: %d images in %s (%d generated now at %.2f img/s, %d shards were already there)",
-                cfg.num_images, cfg.output, generated, result.images_per_second, done)
-    return result
+    logger.info("done: %d images in %s (%d generated now at %.2f img/s, %d dropped for non-finite pixels, "
+                "%d shards were already there); manifest %s", manifest["images_present"], display(cfg.output),
+                record["images_generated"], record["images_per_second"] or 0.0, record["images_dropped"], skipped,
+                display(storage.join(cfg.output, MANIFEST)))
+    return GenerateResult(cfg.output, cfg.num_images, record["images_generated"], len(reports), skipped,
+                          record["seconds"], record["images_per_second"] or 0.0, record["images_dropped"],
+                          manifest, reports)
 
 
 def _cli(args: argparse.Namespace) -> int:
     cfg = load_config(GenerateConfig, args.config, args.overrides)
     result = run_generate(cfg)
-    print(f"generated {result.generated} new images ({result.num_images} in total) "
-          f"at {result.images_per_second:.2f} img/s -> {result.output}")
+    m = result.manifest
+    dropped = f", {m['images_dropped']} dropped for non-finite pixels" if m["images_dropped"] else ""
+    print(f"generated {result.generated} new images ({m['images_present']} in the dataset{dropped}) "
+          f"at {result.images_per_second:.2f} img/s -> {display(result.output)}")
     return 0
 
 

@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 from synthfar_ray import storage
 from synthfar_ray.config import StrictModel
 from synthfar_ray.images import decode_image
+from synthfar_ray.paths import InputPath
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class PoseConfig(StrictModel):
     scale: tuple[float, float] = (0.85, 1.15)
     offset_x: tuple[float, float] = (-0.05, 0.05)  # fraction of the width
     offset_y: tuple[float, float] = (-0.05, 0.05)  # fraction of the height
-    folder: str | None = Field(default=None, description="folder URI of pose PNG/JPEG images to use instead of rendering")
+    folder: InputPath | None = Field(default=None, description="folder URI of pose PNG/JPEG images to use instead of rendering")
 
     @field_validator("yaw", "pitch", "roll", "scale", "offset_x", "offset_y")
     @classmethod

@@ -5,10 +5,17 @@ function: no global state and no dependence on how many images the run makes, so
 regenerated on its own (a retried shard, one bad image) and gets the same face description.
 
 Two ways to choose the labelled attributes (ethnicity, gender, age):
-- `balanced`: every cell ethnicity x gender x age band is equally likely, and over ids 0..N-1 the cell
-  counts differ by at most one. Ids are grouped in blocks of `n_cells`; each block visits every cell
-  once in an order given by a permutation seeded by (run_seed, block). The age is then a uniform
-  integer inside the cell's band. The bands are FairFace's 9 age bins clipped to [min_age, max_age).
+- `balanced`: over ids 0..N-1, for ANY N, every marginal (ethnicity, gender, age band), every pair
+  (ethnicity x gender, ethnicity x band, gender x band) and every cell of the three are balanced:
+  counts differ by at most one. Ids are grouped in blocks of `n_cells` (5 x 2 x bands); a block
+  visits every cell once, in `balanced_order` (an order whose every prefix is balanced on all
+  projections; found by a deterministic search), with the values of each attribute renamed by
+  permutations seeded by (run_seed, block). So consecutive ids, and every shard, hold mixed labels
+  in the proportions of the whole set, never runs of one label. The age is then a uniform integer
+  inside the cell's band. The bands are FairFace's 9 age bins clipped to [min_age, max_age).
+  One exception, with exactly 5 bands (as many as ethnicities): no order was found that keeps the
+  ethnicity counts within one of each other at every prefix together with everything else, so
+  there ethnicity alone is held to within one of N/5 (|count - N/5| <= 1).
 - `target`: given marginal proportions (a missing marginal is uniform; for age, uniform over the
   bands). Each attribute is read off a randomly shifted low-discrepancy (R3 / Kronecker) sequence at
   position `image_id` through the inverse CDF of its proportions, so empirical proportions over any
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import itertools
 import logging
 import math
 import string
@@ -36,6 +44,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from synthfar_ray import storage
 from synthfar_ray.config import ConfigError, StrictModel, validate
 from synthfar_ray.labels import AGE_BIN_EDGES, AGE_BIN_NAMES, ETHNICITIES, GENDERS
+from synthfar_ray.paths import InputPath
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +254,7 @@ class PromptConfig(StrictModel):
     max_age: int = Field(default=85, ge=1, le=151)
     # A user vocab YAML (path or s3:// URI) replacing the packaged one. A local path is checked
     # when the config is validated; on a cluster it must exist on every node (or use s3://).
-    vocab: str | None = None
+    vocab: InputPath | None = None
 
     @field_validator("template")
     @classmethod
@@ -328,9 +337,83 @@ def _rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(entropy)))
 
 
+# A bug guard: the label grids used here need a few thousand search steps at most.
+_ORDER_SEARCH_LIMIT = 200_000
+
+
+def _projections(n_axes: int) -> list[tuple[int, ...]]:
+    """Every non-empty set of axes: each axis, each pair, ..., the whole cell."""
+    return [p for r in range(1, n_axes + 1) for p in itertools.combinations(range(n_axes), r)]
+
+
+@functools.lru_cache(maxsize=32)
+def balanced_order(sizes: tuple[int, ...], loose: tuple[int, ...] = ()) -> tuple[tuple[int, ...], ...]:
+    """Every cell of the grid `sizes` exactly once, ordered so that every prefix is balanced on every
+    projection (each axis, each set of axes, the cell): counts within one of each other; for the
+    single axes listed in `loose`, within one of n/k instead.
+
+    Depth-first search, cells tried in lexicographic order, so the order is a pure function of its
+    arguments. Bounding each count by ceil(n/k) at every prefix n is enough for "within one of each
+    other": at each multiple of k every count is then exactly n/k.
+    """
+    cells = list(itertools.product(*(range(s) for s in sizes)))
+    projections = _projections(len(sizes))
+    widths = [math.prod(sizes[a] for a in p) for p in projections]
+    keys = {c: [tuple(c[a] for a in p) for p in projections] for c in cells}
+    counts: list[dict[tuple[int, ...], int]] = [dict.fromkeys(itertools.product(*(range(sizes[a]) for a in p)), 0)
+                                                for p in projections]
+    order: list[tuple[int, ...]] = []
+    steps = 0
+
+    def fits(cell: tuple[int, ...], n: int) -> bool:
+        for p, k, key, count in zip(projections, widths, keys[cell], counts):
+            c = count[key] + 1
+            if len(p) == 1 and p[0] in loose:
+                if c * k > n + k or any((v + (kk == key)) * k < n - k for kk, v in count.items()):
+                    return False
+            elif c > -(-n // k):
+                return False
+        return True
+
+    def add(cell: tuple[int, ...], step: int) -> None:
+        for key, count in zip(keys[cell], counts):
+            count[key] += step
+
+    def extend() -> bool:
+        nonlocal steps
+        if len(order) == len(cells):
+            return True
+        for cell in cells:
+            steps += 1
+            if steps > _ORDER_SEARCH_LIMIT:
+                raise RuntimeError(f"no balanced order of the grid {sizes} (loose axes {loose}) found in "
+                                   f"{_ORDER_SEARCH_LIMIT} steps")
+            if fits(cell, len(order) + 1):
+                add(cell, 1)
+                order.append(cell)
+                if extend():
+                    return True
+                order.pop()
+                add(cell, -1)
+        return False
+
+    if not extend():
+        raise RuntimeError(f"the grid {sizes} has no balanced order (loose axes {loose})")
+    return tuple(order)
+
+
+def label_grid(cfg: PromptConfig) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+    """((ethnicities, genders, age bands), loose axes) of `balanced`: see the module docstring for
+    why ethnicity is loose when the band count shares a factor with it (only 5 bands)."""
+    sizes = (len(ETHNICITIES), len(GENDERS), len(age_bands(cfg.min_age, cfg.max_age)))
+    return sizes, ((0,) if math.gcd(sizes[0], sizes[2]) > 1 else ())
+
+
 @functools.lru_cache(maxsize=256)
-def _block_permutation(run_seed: int, block: int, n_cells: int) -> tuple[int, ...]:
-    return tuple(int(c) for c in _rng(run_seed, block, n_cells, _TAG_BLOCK).permutation(n_cells))
+def _block_relabel(run_seed: int, block: int, sizes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Per block, a seeded renaming of each attribute's values: renaming keeps every balance."""
+    rng = _rng(run_seed, block, *sizes, _TAG_BLOCK)
+    return tuple(tuple(int(v) for v in rng.permutation(n)) for n in sizes)
 
 
 @functools.lru_cache(maxsize=64)
@@ -344,12 +427,14 @@ def _inverse_cdf(probs: list[float], u: float) -> int:
     return min(int(np.searchsorted(cdf, u, side="right")), len(probs) - 1)
 
 
-def _labels(run_seed: int, image_id: int, cfg: PromptConfig) -> tuple[str, str, AgeBand]:
+def sample_labels(run_seed: int, image_id: int, cfg: PromptConfig) -> tuple[str, str, AgeBand]:
+    """(ethnicity, gender, age band) of one id: a pure function of (run_seed, image_id, cfg)."""
     bands = age_bands(cfg.min_age, cfg.max_age)
     if cfg.distribution == "balanced":
-        n_cells = len(ETHNICITIES) * len(GENDERS) * len(bands)
-        cell = _block_permutation(run_seed, image_id // n_cells, n_cells)[image_id % n_cells]
-        e, g, b = np.unravel_index(cell, (len(ETHNICITIES), len(GENDERS), len(bands)))
+        sizes, loose = label_grid(cfg)
+        order = balanced_order(sizes, loose)
+        block, position = divmod(image_id, len(order))
+        e, g, b = (perm[v] for perm, v in zip(_block_relabel(run_seed, block, sizes), order[position]))
         return ETHNICITIES[e], GENDERS[g], bands[b]
     target = cfg.target
     assert target is not None  # guaranteed by PromptConfig's validator
@@ -372,7 +457,7 @@ def sample_attributes(run_seed: int, image_id: int, cfg: PromptConfig) -> FaceAt
     """The face description of one image id: a pure function of (run_seed, image_id, cfg)."""
     if run_seed < 0 or image_id < 0:
         raise ValueError(f"run_seed and image_id must be >= 0, got {run_seed}, {image_id}")
-    ethnicity, gender, band = _labels(run_seed, image_id, cfg)
+    ethnicity, gender, band = sample_labels(run_seed, image_id, cfg)
     age = int(_rng(run_seed, image_id, _TAG_AGE).integers(band.lo, band.hi))
 
     vocab = load_vocab(cfg.vocab)

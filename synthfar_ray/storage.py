@@ -101,17 +101,31 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
         raise StorageError(f"cannot read {uri}: {e}") from e
 
 
+TEMP_MARK = ".tmp-"
+
+
+def temp_name(name: str) -> str:
+    """`.<name>.tmp-<uuid>`: hidden, and never ending like the target, so a glob such as duckdb's
+    `dir/*.parquet` never picks up a file being written (or left behind by a killed writer)."""
+    return f".{name}{TEMP_MARK}{uuid.uuid4().hex}"
+
+
+def is_temp_name(name: str) -> bool:
+    """A temp file of `write_bytes`: this naming, or the older `.tmp-<uuid>-<name>`."""
+    return name.startswith(".") and TEMP_MARK in name
+
+
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
     """Write a whole object so that readers never see a partial file.
 
-    S3 PUTs are atomic already; on a local disk write a hidden temp file and rename it.
+    S3 PUTs are atomic already; on a local disk write a hidden temp file (`temp_name`) and rename it.
     """
     fs, path = resolve(uri, options)
     try:
         parent = posixpath.dirname(path)
         fs.create_dir(parent, recursive=True)
         if isinstance(fs, pafs.LocalFileSystem):
-            tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+            tmp = posixpath.join(parent, temp_name(posixpath.basename(path)))
             with fs.open_output_stream(tmp) as f:
                 f.write(data)
             os.replace(tmp, path)

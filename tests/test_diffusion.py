@@ -4,6 +4,7 @@ models from files the tests make (diffusers folder, single-file LDM checkpoint),
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from synthfar_ray.diffusion import (
     SamplerConfig,
     build_pipeline,
     build_preset_components,
+    check_model_paths,
     model_label,
     preset_configs,
 )
@@ -281,6 +283,44 @@ def test_batch_validation(gen):
     with pytest.raises(ValueError, match="pose image 0"):
         gen(["a"], ["c"], [np.zeros((SIZE, SIZE), np.uint8)], [1])
     assert gen([], [], [], []).shape == (0, SIZE, SIZE, 3)
+
+
+def test_non_finite_output_is_flagged_and_black_not_clipped(gen, caplog):
+    """A real NaN: a weight of 1e60 overflows the prompt embedding to inf, the image to NaN."""
+    huge = "(face:1" + "0" * 60 + ")"
+    images, finite = gen.generate(["a face", f"a {huge}"], ["bad", "bad"], [pose(), pose()], [4, 5])
+    assert finite.tolist() == [True, False]
+    assert not images[1].any()  # black, not clipped noise
+    alone, ok = gen.generate(["a face"], ["bad"], [pose()], [4])
+    assert ok.all()
+    np.testing.assert_allclose(images[0].astype(int), alone[0].astype(int), atol=2)  # its neighbour is unharmed
+    with caplog.at_level("WARNING", logger="synthfar_ray.diffusion"):
+        assert not gen([f"a {huge}"], ["bad"], [pose()], [5]).any()
+    assert "non-finite" in caplog.text
+
+
+def test_model_paths_checked_up_front_in_one_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    # Local paths are made absolute when validated (workers have other working directories); hub ids stay.
+    cfg = ModelConfig(base="./models/humans.safetensors", base_config="owner/sd15")
+    assert cfg.base == str(tmp_path / "models" / "humans.safetensors") and cfg.base_config == "owner/sd15"
+    assert ModelConfig(base="humans.ckpt").base == str(tmp_path / "humans.ckpt")
+    check_model_paths(ModelConfig())  # hub ids: nothing to check locally
+    ckpt = tmp_path / "humans.safetensors"
+    ckpt.write_bytes(b"")
+    cases = [
+        ("model.base", dict(base="/nonexistent"), "/nonexistent"),
+        ("model.base", dict(base="./humans-v2.safetensors"), str(tmp_path / "humans-v2.safetensors")),
+        ("model.base_config", dict(base=str(ckpt), base_config="~/no-such-sd15"), os.path.expanduser("~/no-such-sd15")),
+        ("model.controlnet", dict(base=str(ckpt), controlnet="./missing-cn"), str(tmp_path / "missing-cn")),
+    ]
+    for setting, kwargs, path in cases:
+        with pytest.raises(FileNotFoundError) as err:
+            check_model_paths(ModelConfig(**kwargs))
+        assert str(err.value).startswith(f"{setting}: {path} does not exist") and "\n" not in str(err.value)
+    with caplog.at_level("WARNING", logger="synthfar_ray.diffusion"):
+        check_model_paths(ModelConfig(preset="tiny-random", base="/nonexistent/humans.safetensors"))
+    assert "model.base=/nonexistent/humans.safetensors ignored" in caplog.text
 
 
 # ---------------------------------------------------------------- loading real models from files

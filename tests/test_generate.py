@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
+import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from synthfar_ray import storage
-from synthfar_ray.generate import (FAULT_ENV, MANIFEST, GenerateConfig, image_seed, part_name,
-                                   prompt_rows, run_generate, shard_ranges)
+from synthfar_ray.config import load_config
+from synthfar_ray.generate import (FAULT_ENV, MANIFEST, GenerateConfig, fingerprint, image_seed, part_name,
+                                   prepare_output, prompt_rows, run_generate, shard_ranges)
 from synthfar_ray.images import decode_image
 from synthfar_ray.labels import ETHNICITIES, GENDERS, age_to_bin
 from synthfar_ray.prompts import render_prompt, sample_attributes
@@ -30,6 +35,10 @@ def make_cfg(output: str, **over) -> GenerateConfig:
             node = node.setdefault(p, {})
         node[last] = v
     return GenerateConfig.model_validate(data)
+
+
+def read_manifest(output: str, opts=None) -> dict:
+    return json.loads(storage.read_bytes(storage.join(output, MANIFEST), opts))
 
 
 def read_parts(output: str, opts=None):
@@ -58,9 +67,54 @@ def test_prompt_rows_are_pure_per_id(tmp_path):
     assert alone["seed"] == image_seed(7, 5) != image_seed(8, 5)
 
 
+def test_missing_model_path_fails_on_the_driver_before_ray(tmp_path, monkeypatch):
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    out = str(tmp_path / "out")
+    cfg = load_config(GenerateConfig, None, [f"output={out}", "num_images=4", "model.base=/nonexistent"])
+    with pytest.raises(FileNotFoundError) as err:
+        run_generate(cfg)
+    assert str(err.value).startswith("model.base: /nonexistent does not exist") and "\n" not in str(err.value)
+    monkeypatch.chdir(tmp_path)  # a relative path is named by its absolute location
+    cfg = make_cfg(out, **{"model.preset": None, "model.controlnet": "./missing-cn"})
+    with pytest.raises(FileNotFoundError, match=f"^model.controlnet: {tmp_path / 'missing-cn'} does not exist"):
+        run_generate(cfg)
+    assert ray.is_initialized() == ray_was_up  # failed before starting Ray
+    assert not os.path.exists(os.path.join(out, MANIFEST))  # and before claiming the output
+
+
+def test_run_that_wrote_no_part_does_not_lock_the_output(tmp_path):
+    """A first run that died before its first shard (bad model, no GPU ...) left a `running`
+    manifest: the corrected config must be allowed in, as no image of the old one exists."""
+    out = str(tmp_path / "out")
+    failed = make_cfg(out, seed=1)
+    os.makedirs(out)
+    storage.write_bytes(storage.join(out, MANIFEST), json.dumps(
+        {"stage": "generate", "fingerprint": fingerprint(failed), "status": "running", "num_images": 10}).encode())
+    corrected = make_cfg(out, seed=2)
+    state = prepare_output(corrected)
+    assert [s for s, _, _ in state.todo] == [0, 1, 2] and state.history == []
+
+
+def test_temp_file_of_a_failed_write_never_matches_parquet_glob(tmp_path):
+    target = tmp_path / "part-000000.parquet"
+    (target / "in-the-way").mkdir(parents=True)  # the rename onto it fails, leaving the temp file
+    with pytest.raises(storage.StorageError):
+        storage.write_bytes(str(target), b"PAR1...")
+    left = [n for n in os.listdir(tmp_path) if n != target.name]
+    assert len(left) == 1 and storage.is_temp_name(left[0])
+    assert not fnmatch.fnmatch(left[0], "*.parquet")  # duckdb's read_parquet('dir/*.parquet') skips it
+
+
 @pytest.fixture(scope="module")
 def first_run(ray_cluster, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gen") / "synthetic")
+    os.makedirs(out)
+    # Leftovers of writers killed mid-write, old naming and new: the run must remove them.
+    for name in (f".tmp-{uuid.uuid4().hex}-part-000001.parquet", storage.temp_name("part-000002.parquet")):
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(b"PAR1 truncated")
     cfg = make_cfg(out)
     return cfg, run_generate(cfg)
 
@@ -70,6 +124,8 @@ def test_job_writes_every_id_once_with_labels(first_run):
     assert (result.generated, result.shards_generated, result.shards_skipped) == (10, 3, 0)
     names, rows = read_parts(cfg.output)
     assert names == [part_name(s) for s in range(3)]
+    # Every file a `*.parquet` glob sees (duckdb's does see hidden files) is a complete part.
+    assert sorted(fnmatch.filter(os.listdir(cfg.output), "*.parquet")) == names
     assert sorted(r["id"] for r in rows) == list(range(10))
     expected = {r["id"]: r for r in prompt_rows(cfg, range(10))}
     for r in rows:
@@ -83,6 +139,10 @@ def test_job_writes_every_id_once_with_labels(first_run):
     manifest = __import__("json").loads(storage.read_bytes(storage.join(cfg.output, MANIFEST)))
     assert manifest["status"] == "complete" and manifest["num_images"] == 10
     assert manifest["images_generated"] == 10 and manifest["config"]["seed"] == 7
+    # Shard times come from the actors: each shard's own start < end.
+    assert sorted(r.shard for r in result.shards) == [0, 1, 2]
+    assert all(r.start < r.end and r.images == (2 if r.shard == 2 else 4) for r in result.shards)
+    assert result.steady_images_per_second() > 0
 
 
 def test_rerun_skips_and_deleted_part_is_regenerated_alone(first_run):
@@ -97,6 +157,13 @@ def test_rerun_skips_and_deleted_part_is_regenerated_alone(first_run):
     assert {n: os.path.getmtime(os.path.join(cfg.output, n)) for n in keep} == keep  # untouched
     _, after = read_parts(cfg.output)
     assert sorted(r["id"] for r in after) == list(range(10))
+    # The manifest totals what is present, and keeps every run, not just the last.
+    manifest = read_manifest(cfg.output)
+    assert (manifest["images_present"], manifest["shards_present"], manifest["images_dropped"]) == (10, 3, 0)
+    runs = manifest["runs"]
+    assert [(r["shards_generated"], r["shards_skipped"], r["images_generated"]) for r in runs] == \
+        [(3, 0, 10), (0, 3, 0), (1, 2, 4)]
+    assert all(r["status"] == "complete" and r["started_at"] <= r["finished_at"] and r["seconds"] >= 0 for r in runs)
     # The regenerated shard is the same data: same seed + id -> same image.
     by_id = {r["id"]: r for r in before}
     for r in after:
@@ -111,6 +178,18 @@ def test_growing_num_images_completes_the_last_shard(first_run):
     assert (grown.generated, grown.shards_generated) == (4, 1)  # shard 2 had 2 of 4 rows
     _, rows = read_parts(cfg.output)
     assert sorted(r["id"] for r in rows) == list(range(12))
+
+
+def test_other_batch_size_is_refused_naming_it(first_run):
+    """Image bytes depend on the batch size: a dataset is resumed or extended only at its own."""
+    cfg, _ = first_run
+    batch_2 = cfg.compute.model_copy(update={"batch_size": 2})
+    for other in (cfg.model_copy(update={"compute": batch_2}),  # resume
+                  cfg.model_copy(update={"compute": batch_2, "num_images": 14})):  # extend
+        with pytest.raises(FileExistsError, match="compute.batch_size=4, this run has compute.batch_size=2"):
+            run_generate(other)
+    _, rows = read_parts(cfg.output)
+    assert len(rows) >= 10
 
 
 def test_other_config_into_same_output_is_refused(first_run):
@@ -166,3 +245,36 @@ def test_foreign_parquet_output_is_refused(ray_cluster, tmp_path):
     (out / "part-000000.parquet").write_bytes(b"not ours")
     with pytest.raises(FileExistsError, match="not made by"):
         run_generate(make_cfg(str(out)))
+
+
+def _vocab_with_a_nan_name(tmp_path) -> tuple[str, str]:
+    """A vocab where one name per gender carries a weight of 1e60: its prompt embedding overflows, so
+    the real pipeline's image for those ids is NaN, and only for them."""
+    import importlib.resources
+
+    bad = "(Zed:1" + "0" * 60 + ")"
+    data = yaml.safe_load((importlib.resources.files("synthfar_ray") / "data" / "vocab.yaml").read_text())
+    for eth in data["ethnicities"].values():
+        eth["countries"] = {"Atlantis": {"male": ["Zed", bad], "female": ["Zora", bad]}}
+    path = tmp_path / "nan_vocab.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path), bad
+
+
+def test_non_finite_images_are_dropped_and_counted(ray_cluster, tmp_path):
+    vocab, bad = _vocab_with_a_nan_name(tmp_path)
+    cfg = make_cfg(str(tmp_path / "out"), num_images=8, **{"prompts.vocab": vocab, "compute.num_actors": 1})
+    nan_ids = sorted(r["id"] for r in prompt_rows(cfg, range(8)) if r["name"] == bad)
+    assert 0 < len(nan_ids) < 8
+    result = run_generate(cfg)
+    _, rows = read_parts(cfg.output)
+    assert sorted(r["id"] for r in rows) == sorted(set(range(8)) - set(nan_ids))  # never written
+    assert all(decode_image(r["image"]).std() > 1 for r in rows)
+    assert result.dropped == len(nan_ids) and result.generated == 8 - len(nan_ids)
+    assert sorted(i for r in result.shards for i in r.dropped_ids) == nan_ids  # in each shard's result
+    manifest = read_manifest(cfg.output)
+    assert manifest["dropped_ids"] == nan_ids and manifest["images_dropped"] == len(nan_ids)
+    assert manifest["images_present"] == 8 - len(nan_ids) and manifest["runs"][-1]["images_dropped"] == len(nan_ids)
+    again = run_generate(cfg)  # a shard with dropped ids is complete: the same seed gives the same NaN
+    assert (again.generated, again.shards_skipped) == (0, 2)
+    assert read_manifest(cfg.output)["dropped_ids"] == nan_ids

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
 from collections import Counter
 
+import numpy as np
 import pytest
 import yaml
 
@@ -18,10 +20,13 @@ from synthfar_ray.prompts import (
     PromptConfig,
     TargetDistribution,
     age_bands,
+    balanced_order,
     gender_phrase,
+    label_grid,
     load_vocab,
     render_prompt,
     sample_attributes,
+    sample_labels,
 )
 
 
@@ -111,6 +116,83 @@ def test_balanced_ages_cover_each_band():
         assert len(in_band) == 100
         if band.hi - band.lo >= 3:  # ages are spread inside the band, not one value
             assert len(set(in_band)) >= 3
+
+
+# Every projection of (ethnicity, gender, age band): the marginals, the pairs, the cell.
+PROJECTIONS = {"ethnicity": (0,), "gender": (1,), "age_bin": (2,), "ethnicity x gender": (0, 1),
+               "ethnicity x age_bin": (0, 2), "gender x age_bin": (1, 2), "cell": (0, 1, 2)}
+# One (min_age, max_age) per number of age bands, 9 down to 1.
+BAND_RANGES = [(0, 85), (3, 85), (10, 85), (20, 85), (30, 85), (40, 85), (50, 85), (60, 85), (70, 85)]
+
+
+def _label_cells(seed: int, n: int, cfg: PromptConfig) -> list[tuple[int, int, int]]:
+    """(ethnicity, gender, band position) index triples of ids 0..n-1."""
+    band_pos = {b.bin_index: i for i, b in enumerate(age_bands(cfg.min_age, cfg.max_age))}
+    cells = []
+    for i in range(n):
+        e, g, band = sample_labels(seed, i, cfg)
+        cells.append((ETHNICITIES.index(e), GENDERS.index(g), band_pos[band.bin_index]))
+    return cells
+
+
+def _prefix_spreads(cells, sizes, checkpoints):
+    """For each checkpoint N: {projection: (max - min count, max |count - N/k|)} over ids 0..N-1."""
+    counts = {name: np.zeros([sizes[a] for a in axes], dtype=int) for name, axes in PROJECTIONS.items()}
+    out = {}
+    for n, cell in enumerate(cells, start=1):
+        for name, axes in PROJECTIONS.items():
+            counts[name][tuple(cell[a] for a in axes)] += 1
+        if n in checkpoints:
+            out[n] = {name: (int(c.max() - c.min()), float(np.abs(c - n / c.size).max())) for name, c in counts.items()}
+    return out
+
+
+@pytest.mark.parametrize("min_age,max_age", BAND_RANGES)
+def test_balanced_on_every_marginal_and_pair_at_every_n(min_age, max_age):
+    """Every N from 1 to 1000 and a few large N: each marginal, pair and cell within one of equal."""
+    cfg = PromptConfig(min_age=min_age, max_age=max_age)
+    sizes, loose = label_grid(cfg)
+    large = [4_321, 12_345] if sizes[2] in (9, 6, 5) else []
+    checkpoints = set(range(1, 1001)) | set(large)
+    spreads = _prefix_spreads(_label_cells(11, max(checkpoints), cfg), sizes, checkpoints)
+    for n, by_projection in spreads.items():
+        for name, (spread, off) in by_projection.items():
+            assert off <= 1, (n, name, off)  # within one of N/k
+            if not (name == "ethnicity" and loose):
+                assert spread <= 1, (n, name, spread)  # and within one of each other
+    assert loose == ((0,) if sizes[2] == 5 else ())  # the documented exception: 5 bands
+
+
+def test_balanced_labels_are_mixed_along_ids_and_seeded():
+    """Datasets written in label order ruin training batches: consecutive ids and every shard must
+    hold mixed labels, in the whole set's proportions; the id -> cell map is seeded per block."""
+    cfg = PromptConfig()
+    cells = _label_cells(3, 1024, cfg)
+    n_cells = 90
+    assert sorted(cells[:n_cells]) == sorted(itertools.product(range(5), range(2), range(9)))  # a block: each cell once
+    eth = [c[0] for c in cells]
+    assert max(len(list(run)) for _, run in itertools.groupby(eth)) <= 2  # no runs of one ethnicity
+    for start in range(0, 1024, 64):  # shards of 64 ids: label spread like the whole set's
+        shard = cells[start:start + 64]
+        for name, axes in PROJECTIONS.items():
+            if len(axes) == 1:
+                k = (5, 2, 9)[axes[0]]
+                counts = Counter(c[axes[0]] for c in shard)
+                assert all(abs(counts[v] - 64 / k) <= 2 for v in range(k)), (start, name, counts)
+    # Seeded: other seeds, and other blocks of the same seed, visit the cells in other orders.
+    orders = {tuple(_label_cells(seed, n_cells, cfg)) for seed in range(5)}
+    assert len(orders) == 5
+    assert cells[:n_cells] != cells[n_cells:2 * n_cells]
+    # The same ids always get the same labels (pure per id).
+    ids = (900, 5, 77)
+    assert [sample_labels(3, i, cfg) for i in ids] == [sample_labels(3, i, PromptConfig()) for i in ids]
+
+
+def test_balanced_order_is_a_deterministic_permutation():
+    for b in range(1, 10):
+        order = balanced_order((5, 2, b), (0,) if b == 5 else ())
+        assert sorted(order) == sorted(itertools.product(range(5), range(2), range(b)))
+        assert balanced_order.__wrapped__((5, 2, b), (0,) if b == 5 else ()) == order
 
 
 # ---------------------------------------------------------------------------------- target
