@@ -147,7 +147,7 @@ def predict_splits(cfg: EvaluateConfig, checkpoint: str, image_size: int) -> dic
         rows = np.flatnonzero(cols["split_index"] == i) if cols else np.zeros(0, dtype=np.int64)
         if not len(rows):
             name = item.split(":")[0]
-            raise ValueError(f"{item} has no rows in {cfg.data[name]}")
+            raise ConfigError(f"--on {item}: no rows with that split in {cfg.data[name]}")
         rows = rows[np.argsort(cols["id"][rows], kind="stable")]  # a fixed row order, whatever the pool did
         outputs = {k[len(OUTPUT_PREFIX):]: v[rows] for k, v in cols.items() if k.startswith(OUTPUT_PREFIX)}
         results[item] = (outputs, {k: cols[k][rows] for k in LABEL_COLUMNS})

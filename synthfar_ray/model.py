@@ -20,9 +20,15 @@ from typing import Literal
 import torch
 from torch import nn
 
+from synthfar_ray.errors import UserError
 from synthfar_ray.labels import ETHNICITIES, NUM_AGE_BINS
 
 logger = logging.getLogger(__name__)
+
+
+class ModelError(UserError, ValueError):
+    """A backbone or weights setting that cannot be built or loaded (names the file or name)."""
+
 
 AgeMode = Literal["regression", "bins", "both"]
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -73,7 +79,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # Lightning-style wrapper
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
+        raise ModelError(f"{path} does not hold a state_dict (got {type(state).__name__})")
     return state
 
 
@@ -87,10 +93,10 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], s
         if key in own:
             cleaned[key] = value
     if not cleaned:
-        raise ValueError(f"no key of {source} matches the backbone (first keys: {list(state)[:5]})")
+        raise ModelError(f"no key of {source} matches the backbone (first keys: {list(state)[:5]})")
     bad = [k for k, v in cleaned.items() if v.shape != own[k].shape]
     if bad:
-        raise ValueError(f"{source}: shape mismatch for {bad[:5]} (e.g. {bad[0]}: {tuple(cleaned[bad[0]].shape)} "
+        raise ModelError(f"{source}: shape mismatch for {bad[:5]} (e.g. {bad[0]}: {tuple(cleaned[bad[0]].shape)} "
                          f"vs {tuple(own[bad[0]].shape)})")
     missing = [k for k in own if k not in cleaned]
     backbone.load_state_dict(cleaned, strict=False)
@@ -114,16 +120,16 @@ def build_backbone(name: str, pretrained: str | None = None) -> tuple[nn.Module,
         try:
             import timm
         except ImportError as e:
-            raise ValueError(f"backbone {name!r} needs the timm package, which is not installed") from e
+            raise ModelError(f"backbone {name!r} needs the timm package, which is not installed") from e
         net = timm.create_model(name[len("timm/"):], pretrained=False, num_classes=0)
         feat = net.num_features
     else:
-        raise ValueError(f"unknown backbone {name!r}: use tiny, {', '.join(TORCHVISION_RESNETS)} or timm/<name>")
+        raise ModelError(f"unknown backbone {name!r}: use tiny, {', '.join(TORCHVISION_RESNETS)} or timm/<name>")
 
     if pretrained:
         if pretrained == "torchvision":
             if name not in TORCHVISION_RESNETS:
-                raise ValueError(f"pretrained='torchvision' only applies to torchvision backbones, not {name!r}")
+                raise ModelError(f"pretrained='torchvision' only applies to torchvision backbones, not {name!r}")
             path = _torchvision_cached_weights(name)
         else:
             path = pretrained

@@ -23,7 +23,14 @@ from synthfar_ray.images import decode_image
 from synthfar_ray.labels import AGE_BIN_NAMES, ETHNICITIES, GENDERS
 from synthfar_ray.storage import StorageOptions, open_parquet_dataset
 
+from synthfar_ray.errors import UserError
+
 logger = logging.getLogger(__name__)
+
+
+class PlotError(UserError, ValueError):
+    """A dataset that cannot be plotted (names the URI)."""
+
 
 LABEL_COLUMNS: tuple[str, ...] = ("age", "age_bin", "gender", "ethnicity")
 # The three panels of the distribution figure: column -> class names on its axis.
@@ -43,7 +50,7 @@ def _dataset(uri: str, storage: StorageOptions | None) -> pads.Dataset:
 def _check_columns(dataset: pads.Dataset, columns: Iterable[str], uri: str) -> None:
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
-        raise ValueError(f"dataset {uri} has no column(s) {missing}; it has {dataset.schema.names}")
+        raise PlotError(f"dataset {uri} has no column(s) {missing}; it has {dataset.schema.names}")
 
 
 def read_labels(uri: str, storage: StorageOptions | None = None,
@@ -104,7 +111,7 @@ def sample_grid(uri: str, out_png: str, storage: StorageOptions | None = None, n
         raise ValueError(f"sample_grid needs n >= 1, columns >= 1, tile >= 8 (got n={n}, columns={columns}, tile={tile})")
     rows = first_rows(uri, n, storage)
     if not rows:
-        raise ValueError(f"dataset {uri} has no rows to show")
+        raise PlotError(f"dataset {uri} has no rows to show")
     cap_h = CAPTION_HEIGHT if caption else 0
     grid_rows = math.ceil(len(rows) / columns)
     canvas = Image.new("RGB", (columns * tile, grid_rows * (tile + cap_h)), "white")
@@ -114,7 +121,7 @@ def sample_grid(uri: str, out_png: str, storage: StorageOptions | None = None, n
         try:
             img = Image.fromarray(decode_image(row["image"]))
         except ValueError as e:
-            raise ValueError(f"dataset {uri}, id {row['id']}: {e}") from e
+            raise PlotError(f"dataset {uri}, id {row['id']}: {e}") from e
         canvas.paste(ImageOps.pad(img, (tile, tile), color=(255, 255, 255)), (x, y))
         if caption:
             text = caption_for(row)

@@ -29,11 +29,17 @@ import pandas as pd
 import pyarrow.fs as pafs
 import yaml
 
+from synthfar_ray.errors import UserError
 from synthfar_ray import plots, storage as st
 from synthfar_ray.config import ConfigError, StrictModel, validate
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
+
+
+class ReportError(UserError, ValueError):
+    """An input of the report that cannot be used (names the file or argument)."""
+
 
 METRICS_FILE = "metrics.json"
 TUNE_FILE = "tune_results.csv"
@@ -204,14 +210,14 @@ def load_metrics(uri: str, opts: StorageOptions | None = None) -> dict[str, dict
     try:
         data = json.loads(st.read_bytes(uri, opts))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{uri} is not valid JSON: {e}") from e
+        raise ReportError(f"{uri} is not valid JSON: {e}") from e
     datasets = data.get("datasets") if isinstance(data, dict) else None
     if not isinstance(datasets, dict):
-        raise ValueError(f"{uri} has no \"datasets\" mapping (not an evaluation metrics.json)")
+        raise ReportError(f"{uri} has no \"datasets\" mapping (not an evaluation metrics.json)")
     out: dict[str, dict[str, float | None]] = {}
     for key, metrics in datasets.items():
         if not isinstance(metrics, dict):
-            raise ValueError(f"{uri}: datasets.{key} must be a mapping of metric -> number")
+            raise ReportError(f"{uri}: datasets.{key} must be a mapping of metric -> number")
         clean: dict[str, float | None] = {}
         for name, value in metrics.items():
             if value is not None and not isinstance(value, (int, float)):
@@ -264,7 +270,7 @@ def _parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     for item in items or []:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
-            raise ValueError(f"--{what} expects name=path, got {item!r}")
+            raise ReportError(f"--{what} expects name=path, got {item!r}")
         out[name] = value
     return out
 
@@ -304,21 +310,21 @@ def load_tune(uri: str, opts: StorageOptions | None, metric: str | None, mode: s
     try:
         df = pd.read_csv(io.BytesIO(st.read_bytes(uri, opts)))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"{uri} is not a readable CSV: {e}") from e
+        raise ReportError(f"{uri} is not a readable CSV: {e}") from e
     if metric is None:
         named = df["metric"].dropna().unique().tolist() if "metric" in df.columns else []
         if len(named) > 1:
-            raise ValueError(f"{uri}: column 'metric' names several metrics {named}; pass --metric")
+            raise ReportError(f"{uri}: column 'metric' names several metrics {named}; pass --metric")
         metric = str(named[0]) if named else "val_score"
     missing = [c for c in (*TUNE_COLUMNS, metric) if c not in df.columns]
     if missing:
-        raise ValueError(f"{uri} lacks column(s) {missing}; it has {list(df.columns)}")
+        raise ReportError(f"{uri} lacks column(s) {missing}; it has {list(df.columns)}")
     if mode is None:
         modes = df["mode"].dropna().unique().tolist() if "mode" in df.columns else []
         lower = any(w in metric.lower() for w in ("mae", "loss", "error"))
         mode = str(modes[0]) if len(modes) == 1 else ("min" if lower else "max")
     if mode not in ("min", "max"):
-        raise ValueError(f"{uri}: mode must be min or max, got {mode!r}")
+        raise ReportError(f"{uri}: mode must be min or max, got {mode!r}")
     df[metric] = pd.to_numeric(df[metric], errors="coerce")
     df = df.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable").reset_index(drop=True)
     return df, metric, mode
