@@ -238,30 +238,31 @@ def test_batch_stream_hands_out_any_row_count_without_losing_rows(ray_cluster, d
     assert int(torch.cat([t[2] for t in taken]).sum()) == 32  # every row tagged synthetic, none lost
 
 
-def test_run_refuses_another_config_under_the_same_name(ray_cluster, data, tmp_path):
-    """Same name, other lr: refused with the key named (it would continue the old optimizer and
-    schedule). A finished run re-run keeps its result.json; overwrite=true starts over."""
+def test_run_refuses_another_config_under_the_same_name(ddp_run, data, tmp_path):
+    """Same name, other lr or model: refused with the key named (it would continue the old optimizer
+    and schedule), before any training. A finished run re-run keeps its result.json; overwrite=true
+    starts over."""
     from synthfar_ray.config import ConfigError
 
-    cfg = _cfg(data, tmp_path, name="guard", steps=4, val_every=4)
-    first = run_train(cfg)
-    result_file = Path(cfg.storage_path) / "guard" / "result.json"
+    cfg, result, _ = ddp_run
+    result_file = Path(cfg.storage_path) / "ddp" / "result.json"
     before = json.loads(result_file.read_text())
-    assert first.steps == 4 and before["history"] and before["finished"]
-
+    assert before["finished"] and before["history"]
     with pytest.raises(ConfigError, match=r"\blr\b") as err:
-        run_train(_cfg(data, tmp_path, name="guard", steps=4, val_every=4, lr=1e-2))
+        run_train(cfg.model_copy(update={"lr": 1e-2}))
     assert "overwrite=true" in str(err.value)
     with pytest.raises(ConfigError, match="model.backbone"):
-        run_train(_cfg(data, tmp_path, name="guard", steps=4, val_every=4, model={"backbone": "resnet18"}))
+        run_train(cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": "resnet18"})}))
 
     again = run_train(cfg)  # finished with this config: nothing to do, nothing overwritten
     assert json.loads(result_file.read_text()) == before
-    assert again.steps == 4 and again.history == before["history"]
+    assert again.steps == 60 and again.history == before["history"]
 
-    fresh = run_train(_cfg(data, tmp_path, name="guard", steps=4, val_every=4, lr=1e-2, overwrite=True))
-    assert (fresh.start_step, fresh.steps_run) == (0, 4)
-    assert json.loads(result_file.read_text())["config"]["lr"] == 1e-2
+    small = _cfg(data, tmp_path, name="guard", steps=2, val_every=2)
+    run_train(small)
+    fresh = run_train(small.model_copy(update={"lr": 1e-2, "overwrite": True}))
+    assert (fresh.start_step, fresh.steps_run) == (0, 2)
+    assert json.loads((Path(small.storage_path) / "guard" / "result.json").read_text())["config"]["lr"] == 1e-2
 
 
 def test_missing_dataset_is_named_before_ray_starts(tmp_path):
