@@ -170,7 +170,7 @@ def metrics_markdown(checkpoint: str, results: dict[str, dict[str, float]]) -> s
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """{"checkpoint": URI, "datasets": {"NAME:SPLIT": metrics}} (also written to metrics.json/.md)."""
-    from synthfar_ray.checkpoints import META_FILE, resolve_checkpoint
+    from synthfar_ray.checkpoints import META_FILE, resolve_checkpoint, write_json
     from synthfar_ray.metrics import compute_metrics
     from synthfar_ray.raycluster import ensure_ray
 
@@ -189,8 +189,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
               "center_crop": {i.split(":")[0]: cfg.center_crop.get(i.split(":")[0]) for i in cfg.on},
               "datasets": results, "seconds": round(time.time() - t0, 3)}
     out = cfg.out or _parent(checkpoint)
-    safe = json.loads(json.dumps(report), parse_constant=lambda _: None)  # NaN -> null
-    storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(safe, indent=2).encode(), cfg.storage)
+    write_json(storage.join(out, "metrics.json"), report, cfg.storage)  # NaN -> null
     storage.write_bytes(storage.join(out, "metrics.md"), metrics_markdown(checkpoint, results).encode(), cfg.storage)
     logger.info("wrote %s", storage.join(out, "metrics.json"))
     return report

@@ -29,13 +29,6 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def cluster_cpus() -> float:
-    import ray
-
-    ensure_ray()
-    return float(ray.cluster_resources().get("CPU", 0))
-
-
 def use_gpu(setting: bool | None, what: str = "use_gpu") -> bool:
     """The `use_gpu` a stage should run with: the setting, or (None) whether the cluster has GPUs.
     `True` on a cluster without GPUs is an error naming the setting, not a hang."""
