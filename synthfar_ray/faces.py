@@ -50,6 +50,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from synthfar_ray.config import StrictModel
+from synthfar_ray.errors import UserError
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.labels import AGE_BIN_EDGES, ETHNICITIES, GENDERS
 
@@ -211,7 +212,7 @@ class PoseBatch:
 
     @classmethod
     def from_poses(cls, poses: Sequence) -> PoseBatch:
-        return cls(**{f: np.array([getattr(p, f) for p in poses], dtype=np.float64) for f in _POSE_FIELDS})
+        return cls(**{f: np.array([getattr(p, f) for p in poses], dtype=np.float64) for f in POSE_FIELDS})
 
     @classmethod
     def frontal(cls, n: int) -> PoseBatch:
@@ -220,12 +221,32 @@ class PoseBatch:
 
     def take(self, index) -> PoseBatch:
         idx = np.atleast_1d(np.arange(len(self))[index])
-        return PoseBatch(**{f: np.asarray(getattr(self, f))[idx] for f in _POSE_FIELDS})
+        return PoseBatch(**{f: np.asarray(getattr(self, f))[idx] for f in POSE_FIELDS})
 
 
-_POSE_FIELDS = ("yaw", "pitch", "roll", "scale", "offset_x", "offset_y")
+POSE_FIELDS: tuple[str, ...] = ("yaw", "pitch", "roll", "scale", "offset_x", "offset_y")
 _POSE_LIMITS = {"yaw": (-90, 90), "pitch": (-90, 90), "roll": (-180, 180), "scale": (0.2, 3.0),
                 "offset_x": (-0.5, 0.5), "offset_y": (-0.5, 0.5)}
+
+
+class VocabError(UserError, ValueError):
+    """A prompt vocabulary with hair the renderer cannot draw."""
+
+
+def check_vocab(vocab) -> None:
+    """Refuse a prompts.Vocab whose hair lengths or colours the renderer does not know (names them)."""
+    hair = vocab.hair
+    colours = set(hair.colors) | set(hair.grey_colors)
+    for e in vocab.ethnicities.values():
+        colours |= set(e.hair_colors or ())
+    bad_len = [x for x in hair.lengths if x not in HAIR_LENGTHS]
+    bad_col = sorted(c for c in colours if c not in HAIR_COLORS)
+    if bad_len or bad_col:
+        raise VocabError(
+            "the procedural generator cannot draw this vocab's "
+            + "; ".join(filter(None, [
+                f"hair.lengths {bad_len} (known: {list(HAIR_LENGTHS)})" if bad_len else "",
+                f"hair colours {bad_col} (known: {list(HAIR_COLORS)})" if bad_col else ""])))
 
 
 def face_seeds(run_seed: int, image_ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -284,7 +305,7 @@ def _validate(attrs: FaceBatch, poses: PoseBatch, seeds) -> dict:
     if len(styles) != n or not all(isinstance(s, str) for s in styles):
         raise ValueError(f"FaceBatch.hair_style must be None or {n} strings")
     v["hair_style"] = styles
-    for f in _POSE_FIELDS:
+    for f in POSE_FIELDS:
         v[f] = _field(f"PoseBatch.{f}", getattr(poses, f), n, np.float64, *_POSE_LIMITS[f])
     s = np.asarray(seeds)
     if s.shape != (n,) or s.dtype.kind not in "iu":

@@ -1,5 +1,13 @@
 """Stage 1: a synthetic face dataset generated on a Ray Data actor pool, written as Parquet.
 
+Two generators make the images of the same rows (same ids, labels, prompts, poses):
+- `diffusion` (default): Stable Diffusion + OpenPose ControlNet (diffusion.py);
+- `procedural`: the ground-truth face renderer (faces.py), which draws each id's face from its
+  labels, hair and head pose, in a `synthetic` or `photo` style, with optional label noise. Its rows
+  also carry the rendered attributes (`render_age`, `render_gender`, `render_ethnicity`): the truth
+  of each picture, which training never reads and selection/quality evaluation use. Rendering is
+  per image, so its bytes do not depend on compute.batch_size.
+
 Data flow: shards of ids -> `map_batches(ShardGenerator, compute=ActorPoolStrategy)` where each
 actor holds one diffusion pipeline, builds the prompt rows and poses of its shard (pure functions
 of run seed and id), generates the images in micro-batches, and writes the shard as one Parquet
@@ -42,22 +50,23 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from synthfar_ray import storage
 from synthfar_ray.config import StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.diffusion import FaceGenerator, ModelConfig, SamplerConfig, check_model_paths, model_label
 from synthfar_ray.errors import UserError
+from synthfar_ray.faces import HAIR_LENGTHS, POSE_FIELDS, FaceBatch, PoseBatch, RenderConfig, check_vocab, face_seeds, render_faces
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.labels import CORE_FIELDS, age_to_bin, ethnicity_index, gender_index
 from synthfar_ray.paths import OutputPath, display
 from synthfar_ray.poses import HeadPose, PoseConfig, PoseFolder, render_pose, sample_pose
-from synthfar_ray.prompts import PromptConfig, render_prompt, sample_attributes
+from synthfar_ray.prompts import PromptConfig, load_vocab, render_prompt, sample_attributes
 from synthfar_ray.raycluster import actor_pool, ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -65,8 +74,9 @@ logger = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 PART_PREFIX = "part-"
 DROPPED_KEY = b"synthfar.dropped_ids"  # Parquet metadata of a part: JSON list of ids not written
-# Settings that decide the bytes of a row (with compute.batch_size): see fingerprint().
-CONTENT_FIELDS = ("seed", "shard_size", "val_fraction", "jpeg_quality", "model", "sampler", "prompts", "poses")
+# Settings that decide the bytes of a row: see fingerprint().
+CONTENT_FIELDS = ("seed", "shard_size", "val_fraction", "prompts", "poses")
+GENERATOR_FIELDS = {"diffusion": ("jpeg_quality", "model", "sampler"), "procedural": ("generator", "render")}
 # Test-only fault injection: path of a marker file; the first actor to reach it dies hard once.
 FAULT_ENV = "SYNTHFAR_FAULT_CRASH_ONCE"
 
@@ -88,13 +98,30 @@ class GenerateConfig(StageConfig):
     seed: int = 0
     shard_size: int = Field(64, ge=1, description="images per Parquet file: the unit of resume and retry")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="share of ids put in split 'val'")
-    jpeg_quality: int = Field(95, ge=1, le=100)
+    jpeg_quality: int = Field(95, ge=1, le=100, description="diffusion only (procedural: render's style decides)")
     overwrite: bool = False
+    generator: Literal["diffusion", "procedural"] = Field(
+        "diffusion", description="diffusion: model + sampler; procedural: the ground-truth face renderer (render)")
     model: ModelConfig = ModelConfig()
     sampler: SamplerConfig = SamplerConfig()
+    render: RenderConfig = RenderConfig()
     prompts: PromptConfig = PromptConfig()
     poses: PoseConfig = PoseConfig()
     compute: ComputeConfig = ComputeConfig()
+
+    @model_validator(mode="after")
+    def _procedural_poses(self) -> GenerateConfig:
+        if self.generator == "procedural" and self.poses.folder:
+            raise ValueError("poses.folder: the procedural generator draws the sampled head pose; "
+                             "a folder of OpenPose images applies to the diffusion generator only")
+        return self
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the images this config makes."""
+        if self.generator == "procedural":
+            return self.render.size, self.render.size
+        return self.sampler.width, self.sampler.height
 
 
 @dataclass(frozen=True)
@@ -174,12 +201,15 @@ def split_for(run_seed: int, image_id: int, val_fraction: float) -> str:
 
 
 def fingerprint(cfg: GenerateConfig) -> str:
-    """Hash of everything that decides the bytes of a row: the content settings and
-    compute.batch_size (batched fp32 arithmetic is not bit-identical across batch sizes).
-    num_images, the pool's shape and the output path are left out, so a run may grow the dataset or
-    move to a bigger pool and still resume."""
+    """Hash of everything that decides the bytes of a row: the content settings, the generator's
+    own settings and, for diffusion, compute.batch_size (batched fp32 arithmetic is not
+    bit-identical across batch sizes). num_images, the pool's shape and the output path are left
+    out, so a run may grow the dataset or move to a bigger pool and still resume. A diffusion
+    config hashes as it did before the procedural generator existed."""
     dump = dump_config(cfg)
-    parts = {k: dump[k] for k in CONTENT_FIELDS} | {"batch_size": cfg.compute.batch_size}
+    parts = {k: dump[k] for k in CONTENT_FIELDS + GENERATOR_FIELDS[cfg.generator]}
+    if cfg.generator == "diffusion":
+        parts["batch_size"] = cfg.compute.batch_size
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -212,18 +242,24 @@ EXTRA_FIELDS: list[pa.Field] = [
     pa.field("pose_offset_y", pa.float32()),
     pa.field("pose_file", pa.string()),
     pa.field("model", pa.string()),
+    # Procedural generator only (null for diffusion): what the picture shows, the ground truth.
+    pa.field("render_age", pa.float32()),
+    pa.field("render_gender", pa.int8()),
+    pa.field("render_ethnicity", pa.int8()),
 ]
+RENDER_COLUMNS: tuple[str, ...] = ("render_age", "render_gender", "render_ethnicity")
 SYNTHETIC_SCHEMA = pa.schema(CORE_FIELDS + EXTRA_FIELDS)
 
 
 def prompt_rows(cfg: GenerateConfig, ids: range) -> list[dict[str, Any]]:
     """Label and prompt fields of each id (everything but the image)."""
     rows = []
+    width, height = cfg.image_size
     for i in ids:
         a = sample_attributes(cfg.seed, i, cfg.prompts)
         pose = sample_pose(cfg.seed, i, cfg.poses)
         rows.append({
-            "id": i, "width": cfg.sampler.width, "height": cfg.sampler.height,
+            "id": i, "width": width, "height": height,
             "age": float(a.age), "age_bin": int(age_to_bin(a.age)),
             "gender": gender_index(a.gender), "ethnicity": ethnicity_index(a.ethnicity),
             "source": "synthetic", "split": split_for(cfg.seed, i, cfg.val_fraction),
@@ -251,6 +287,24 @@ def control_image(cfg: GenerateConfig, row: dict[str, Any], pose_folder: PoseFol
     return render_pose(pose, s.width, s.height)
 
 
+def render_rows(cfg: GenerateConfig, rows: list[dict[str, Any]]) -> list[np.ndarray]:
+    """The procedural images of prompt rows (uint8 HWC); adds each row's render_* truth and puts
+    the render seed in its `seed` column."""
+    attrs = FaceBatch(
+        age=np.array([r["age"] for r in rows], dtype=np.float64),
+        gender=np.array([r["gender"] for r in rows], dtype=np.int64),
+        ethnicity=np.array([r["ethnicity"] for r in rows], dtype=np.int64),
+        hair_length=np.array([HAIR_LENGTHS.index(r["hair_length"]) for r in rows], dtype=np.int64),
+        hair_color=[r["hair_color"] for r in rows], hair_style=[r["hair_style"] for r in rows])
+    poses = PoseBatch(**{k: np.array([r[f"pose_{k}"] for r in rows], dtype=np.float64) for k in POSE_FIELDS})
+    seeds = face_seeds(cfg.seed, [r["id"] for r in rows])
+    images, truth = render_faces(attrs, poses, cfg.render, seeds)
+    for j, r in enumerate(rows):
+        r["seed"] = int(seeds[j])
+        r.update({k: truth[k][j].item() for k in RENDER_COLUMNS})
+    return list(images)
+
+
 def part_bytes(rows: list[dict[str, Any]], dropped_ids: list[int]) -> bytes:
     """A part file: the rows, plus the ids dropped for non-finite pixels in its metadata."""
     table = pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA)
@@ -264,17 +318,24 @@ def part_bytes(rows: list[dict[str, Any]], dropped_ids: list[int]) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # The actor.
 
+def generator_label(cfg: GenerateConfig) -> str:
+    """The `model` column: the diffusion model, or procedural/<style>."""
+    return f"procedural/{cfg.render.style}" if cfg.generator == "procedural" else model_label(cfg.model)
+
+
 class ShardGenerator:
-    """One diffusion pipeline per actor; each call generates and writes whole shards."""
+    """One generator per actor (a diffusion pipeline, or the face renderer); each call generates
+    and writes whole shards."""
 
     def __init__(self, cfg: GenerateConfig, crash_marker: str | None = None):
         # The config object itself, not its JSON: a JSON dump masks the storage credentials (SecretStr).
         self.cfg = cfg
-        self.generator = FaceGenerator(self.cfg.model, self.cfg.sampler)
+        procedural = cfg.generator == "procedural"
+        self.generator = None if procedural else FaceGenerator(self.cfg.model, self.cfg.sampler)
         s = self.cfg.sampler
         self.pose_folder = (PoseFolder(self.cfg.poses.folder, self.cfg.storage, s.width, s.height)
                             if self.cfg.poses.folder else None)
-        self.model_label = model_label(self.cfg.model)
+        self.model_label = generator_label(cfg)
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.crash_marker = crash_marker
         self.encoder = ThreadPoolExecutor(max_workers=2)  # JPEG encoding overlaps the next diffusion call
@@ -285,9 +346,14 @@ class ShardGenerator:
             logger.error("fault injection: actor exiting mid-shard (%s)", FAULT_ENV)
             os._exit(1)
 
-    def generate_shard(self, shard: int, start: int, stop: int) -> ShardReport:
-        began = time.time()
-        rows = prompt_rows(self.cfg, range(start, stop))
+    def _render_shard(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any], list[int]]:
+        """Procedural: every row gets an image (the renderer's pixels are finite by construction)."""
+        images = render_rows(self.cfg, rows)
+        self._maybe_crash()
+        q = self.cfg.render.jpeg_quality
+        return rows, [self.encoder.submit(encode_jpeg, image, q) for image in images], []
+
+    def _diffuse_shard(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any], list[int]]:
         bs = self.cfg.compute.batch_size
         kept, pending, dropped = [], [], []
         for b in range(0, len(rows), bs):
@@ -302,6 +368,13 @@ class ShardGenerator:
                 else:
                     dropped.append(r["id"])
             self._maybe_crash()
+        return kept, pending, dropped
+
+    def generate_shard(self, shard: int, start: int, stop: int) -> ShardReport:
+        began = time.time()
+        rows = prompt_rows(self.cfg, range(start, stop))
+        make = self._diffuse_shard if self.generator is not None else self._render_shard
+        kept, pending, dropped = make(rows)
         for r, fut in zip(kept, pending):
             r["image"] = fut.result()
             r["model"] = self.model_label
@@ -377,7 +450,8 @@ def _refusal(cfg: GenerateConfig, manifest: dict[str, Any], fp: str) -> FileExis
             "or overwrite=true")
     return FileExistsError(
         f"{where} was generated with a different config (fingerprint {manifest.get('fingerprint')} != {fp}; "
-        "seed/model/sampler/prompts/poses/shard_size/val_fraction/jpeg_quality/compute.batch_size differ). "
+        "seed/generator/model/sampler/render/prompts/poses/shard_size/val_fraction/jpeg_quality/"
+        "compute.batch_size differ). "
         "Use another output or overwrite=true")
 
 
@@ -500,7 +574,10 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     """Generate the shards the output still lacks (all of them for a new output) and record the run
     in the manifest; refuses, before Ray starts, a missing local model or an output of another config."""
     started = time.time()
-    check_model_paths(cfg.model)  # a missing local model fails here, before Ray starts
+    if cfg.generator == "diffusion":
+        check_model_paths(cfg.model)  # a missing local model fails here, before Ray starts
+    elif cfg.prompts.vocab is None or storage.is_local(cfg.prompts.vocab):
+        check_vocab(load_vocab(cfg.prompts.vocab))  # hair the renderer cannot draw fails here
     storage.ensure_dir(cfg.output, cfg.storage)
     state = prepare_output(cfg)
     skipped, target = len(state.complete), sum(b - a for _, a, b in state.todo)

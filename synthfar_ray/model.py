@@ -37,17 +37,21 @@ AGE_BIAS_INIT = 35.0  # years
 
 
 class TinyCNN(nn.Module):
-    """Four strided conv blocks + global average pool: learns the test fixtures in seconds on CPU."""
+    """Four strided conv blocks + a 4x4 average pool: learns the test fixtures in seconds on CPU.
 
-    def __init__(self, width: int = 32):
+    The pooled map keeps coarse position (features = 4 * 4 * channels): on photo-style procedural
+    faces (faces.py, 64 px) a global average pool reached gender 0.59 after 1500 steps, the 4x4
+    map 0.67 after 600 at about the same cost per step."""
+
+    def __init__(self, width: int = 32, grid: int = 4):
         super().__init__()
-        chans = [3, width // 2, width, width, width]
+        chans = [3, width // 2, width, 2 * width, 2 * width]
         layers: list[nn.Module] = []
         for cin, cout in zip(chans[:-1], chans[1:]):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = width
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.num_features = chans[-1] * grid * grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(x)), 1)

@@ -61,13 +61,14 @@ from synthfar_ray.scorers import (DISCRIMINATORS_DIR, Combine, Discriminator, Di
                                   fit_fold_discriminators, fold_model_uri, fold_of, fold_trained_on_uri,
                                   head_for, load_discriminator, load_discriminator_meta, open_dataset,
                                   realism_scores, train_classifier, train_discriminator, train_filter)
-from synthfar_ray.selection import (CLASS_FIELDS, CLASS_NAMES, MANIFEST, SELECTION_FILE,  # noqa: F401
-                                    SELECTIONS_DIR, UNKNOWN_CLASS, ClassField, SelectionError, class_names,
+from synthfar_ray.selection import (CLASS_FIELDS, CLASS_NAMES, MANIFEST, RENDER_TRUTH, SELECTION_FILE,  # noqa: F401
+                                    SELECTIONS_DIR, label_precision, UNKNOWN_CLASS, ClassField, SelectionError, class_names,
                                     class_quotas, label_array, random_scores, read_parquet, read_selection_ids,
                                     resolve_k, select_top_k, selection_uri, write_parquet, write_selection)
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
+PRECISION_FILE = "label_precision.json"  # in a selection folder, procedural synthetic sets only
 
 METHODS: tuple[str, ...] = ("random", "cl-sam", "cr-sam")
 SCORES_DIR = "_scores"
@@ -130,6 +131,9 @@ class SampleResult:
     scores_uri: str
     per_class: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    # Procedural synthetic sets only: label precision (selection.label_precision) of the chosen rows
+    # and of every scored row (what a random pick gets on average); None without render_* columns.
+    precision: dict[str, dict[str, float]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,11 +409,33 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
         "k_multiple": cfg.k_multiple, "real_train_rows": real_rows, "class_key": list(cfg.class_key),
         "redistribute": cfg.redistribute, "synthetic": cfg.synthetic, "real": cfg.real, "scores": scores_uri,
         "config": dump_config(cfg)})
+    precision = selection_precision(cfg, selection)
+    if precision is not None:
+        st.write_bytes(st.join(output, PRECISION_FILE), json.dumps(precision, indent=2).encode(), cfg.storage)
+        logger.info("%s: label precision of the chosen rows %.3f (all three labels right), of all scored rows %.3f",
+                    cfg.method, precision["chosen"]["all"], precision["pool"]["all"])
     chosen = int(selection["chosen"].sum())
     logger.info("%s: kept %d of %d synthetic train rows (K=%d, %d classes) -> %s",
                 cfg.method, chosen, len(selection), k, len(per_class), output)
     return SampleResult(output=output, method=cfg.method, k=k, chosen=chosen, scores_uri=scores_uri,
-                        per_class=per_class, seconds=time.time() - t0)
+                        per_class=per_class, seconds=time.time() - t0, precision=precision)
+
+
+def selection_precision(cfg: SampleConfig, selection: pd.DataFrame) -> dict[str, dict[str, float]] | None:
+    """Label precision (chosen rows, all scored rows) when the synthetic set carries the procedural
+    generator's ground truth (render_* columns); None otherwise."""
+    content = dataset_content(cfg.synthetic, cfg.storage, "synthetic")
+    dataset = content.dataset()
+    columns = ["id", "age", "gender", "ethnicity", *RENDER_TRUTH.values()]
+    if any(c not in dataset.schema.names for c in columns):
+        return None
+    truth = dataset.to_table(columns=columns).to_pandas()
+    if truth["render_gender"].isna().all():
+        return None  # a diffusion set: the columns exist but hold no truth
+    scored = truth[truth["id"].isin(selection["id"])]
+    chosen = scored[scored["id"].isin(selection.loc[selection["chosen"], "id"])]
+    return {"chosen": label_precision(chosen), "pool": label_precision(scored),
+            "rows": {"chosen": len(chosen), "pool": len(scored)}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,4 +456,7 @@ def _cli(args: argparse.Namespace) -> int:
     result = run_sample(cfg)
     print(f"{result.method}: kept {result.chosen} rows (K={result.k}) over {len(result.per_class)} classes "
           f"in {result.seconds:.1f} s -> {result.output}")
+    if result.precision is not None:
+        print(f"label precision (all three labels match the picture): chosen {result.precision['chosen']['all']:.3f}, "
+              f"all scored rows {result.precision['pool']['all']:.3f}")
     return 0

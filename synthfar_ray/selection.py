@@ -4,6 +4,8 @@
 - `select_top_k`: top-K per class of a score table (K split equally over the classes present, ties
   broken by id, unknown labels never chosen); `class_quotas` is the split, `class_names` the class
   of each row.
+- `label_precision`: on procedural data (ground truth in render_* columns), the share of rows whose
+  picture shows what their labels say, per attribute and for all three.
 - `resolve_k`: K from `k` or `k_multiple` x the real training rows.
 - `write_selection` / `read_selection_ids`: the files of a selection folder
   (`selection.parquet`: id, score, class, chosen, rank, method; plus `_manifest.json`) and THE one
@@ -200,6 +202,27 @@ def resolve_k(cfg_k: int | None, k_multiple: float | None, real_train_rows: int,
 
 # ---------------------------------------------------------------------------------------------
 # Selection files
+
+
+RENDER_TRUTH: dict[str, str] = {"age_bin": "render_age", "gender": "render_gender", "ethnicity": "render_ethnicity"}
+
+
+def label_precision(rows: pd.DataFrame) -> dict[str, float]:
+    """Share of rows whose labels match what their picture shows (the render_* ground truth of the
+    procedural generator): per attribute (age compared by age bin) and `all` three at once.
+    Needs columns age, gender, ethnicity, render_age, render_gender, render_ethnicity; NaN without rows."""
+    if len(rows) == 0:
+        return {k: float("nan") for k in (*RENDER_TRUTH, "all")}
+    from synthfar_ray.labels import age_to_bin
+
+    ok = {
+        "age_bin": age_to_bin(rows["age"].to_numpy(float)) == age_to_bin(rows["render_age"].to_numpy(float)),
+        "gender": rows["gender"].to_numpy() == rows["render_gender"].to_numpy(),
+        "ethnicity": rows["ethnicity"].to_numpy() == rows["render_ethnicity"].to_numpy(),
+    }
+    out = {k: float(np.mean(v)) for k, v in ok.items()}
+    out["all"] = float(np.mean(ok["age_bin"] & ok["gender"] & ok["ethnicity"]))
+    return out
 
 
 def selection_uri(synthetic: str, method: str, k: int) -> str:

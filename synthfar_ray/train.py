@@ -108,6 +108,9 @@ class TrainConfig(StageConfig):
                                                                      "the train worker (nvJPEG on GPU)")
     channels_last: bool = False
     shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0: none)")
+    train_cache_mb: float = Field(1024, ge=0, description="keep a worker's decoded train shard in (device) memory "
+                                  "after its first pass when it fits in this many MiB; later passes are seeded "
+                                  "permutations of it instead of new Ray Data reads (0: always stream)")
     val_source: Literal["auto", "real", "synthetic", "none"] = Field("auto", description="val split to validate on "
                                                                      "(auto: real if given, else synthetic)")
     val_every: int = Field(1000, ge=1)

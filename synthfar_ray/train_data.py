@@ -138,6 +138,11 @@ def concat_batches(parts: list[tuple]):
     return images, labels, syn
 
 
+def _nbytes(item: tuple) -> int:
+    images, labels, syn = item
+    return int(images.nbytes + syn.nbytes + sum(v.nbytes for v in labels.values()))
+
+
 def _slice(item: tuple, start: int, stop: int) -> tuple:
     images, labels, syn = item
     return images[start:stop], {k: v[start:stop] for k, v in labels.items()}, syn[start:stop]
@@ -154,8 +159,10 @@ class BatchStream:
 
     def _cycle(self) -> Iterator[tuple]:
         cfg, epoch = self.cfg, 0
+        budget = cfg.train_cache_mb * 2**20
+        cache: list[tuple] | None = [] if budget > 0 else None
         while True:
-            n = 0
+            n, size = 0, 0
             kwargs = dict(batch_size=self.read_batch, drop_last=True,
                           local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                           local_shuffle_seed=(cfg.seed + 1009 * epoch + self.rank) if cfg.shuffle_buffer else None,
@@ -166,10 +173,35 @@ class BatchStream:
                 it = self.shard.iter_torch_batches(device=self.device, **kwargs)
             for batch in it:
                 n += 1
-                yield to_device_batch(batch, cfg, self.device, self.crop)
+                item = to_device_batch(batch, cfg, self.device, self.crop)
+                if cache is not None:
+                    size += _nbytes(item)
+                    if size <= budget:
+                        cache.append(item)
+                    else:
+                        cache = None  # too big: stream every pass
+                yield item
             if n == 0:
                 raise UserError(f"a worker's data shard holds fewer than one batch ({self.read_batch} rows): "
                                 "use a smaller batch_size or fewer workers, or more data")
+            epoch += 1
+            if cache is not None:
+                logger.info("rank %d: train shard cached after its first pass (%d rows, %.1f MiB): later passes "
+                            "are permutations of it (train_cache_mb=%g)", self.rank, n * self.read_batch,
+                            size / 2**20, cfg.train_cache_mb)
+                yield from self._cached_passes(concat_batches(cache), epoch)
+
+    def _cached_passes(self, rows: tuple, epoch: int) -> Iterator[tuple]:
+        """Endless passes over the cached shard: a seeded permutation per pass, batches of read_batch."""
+        import torch
+
+        total = int(rows[0].shape[0])
+        while True:
+            gen = torch.Generator().manual_seed(self.cfg.seed + 1009 * epoch + self.rank)
+            order = torch.randperm(total, generator=gen).to(rows[0].device)
+            for start in range(0, total - self.read_batch + 1, self.read_batch):
+                idx = order[start:start + self.read_batch]
+                yield rows[0][idx], {k: v[idx] for k, v in rows[1].items()}, rows[2][idx]
             epoch += 1
 
     def prefetch(self) -> None:

@@ -278,3 +278,59 @@ def test_non_finite_images_are_dropped_and_counted(ray_cluster, tmp_path):
     again = run_generate(cfg)  # a shard with dropped ids is complete: the same seed gives the same NaN
     assert (again.generated, again.shards_skipped) == (0, 2)
     assert read_manifest(cfg.output)["dropped_ids"] == nan_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# The procedural generator (ground-truth faces)
+
+def test_procedural_rows_are_the_renderer_faces_with_their_truth(ray_cluster, tmp_path):
+    from synthfar_ray.faces import FaceBatch, PoseBatch, RenderConfig, encode, face_seeds, render_faces
+    from synthfar_ray.poses import sample_pose
+
+    render = {"size": 48, "style": "photo", "label_noise": 0.3}
+    cfg = make_cfg(str(tmp_path / "proc"), generator="procedural", render=render, num_images=24, shard_size=8)
+    result = run_generate(cfg)
+    assert result.generated == 24
+    _, rows = read_parts(cfg.output)
+    rows.sort(key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == list(range(24))
+    assert {r["model"] for r in rows} == {"procedural/photo"} and {r["width"] for r in rows} == {48}
+    # The same id is the same face as the renderer draws it from the prompt sampler's attributes.
+    attrs = [sample_attributes(cfg.seed, i, cfg.prompts) for i in range(24)]
+    poses = [sample_pose(cfg.seed, i, cfg.poses) for i in range(24)]
+    images, truth = render_faces(FaceBatch.from_attributes(attrs), PoseBatch.from_poses(poses),
+                                 RenderConfig(**render), face_seeds(cfg.seed, range(24)))
+    assert [r["image"] for r in rows] == encode(images, RenderConfig(**render))
+    assert [r["render_gender"] for r in rows] == truth["render_gender"].tolist()
+    assert [r["render_ethnicity"] for r in rows] == truth["render_ethnicity"].tolist()
+    # Labels are the prompt's; with 30 % label noise some pictures disagree with them.
+    assert [r["gender"] for r in rows] == [GENDERS.index(a.gender) for a in attrs]
+    flipped = sum(r["gender"] != r["render_gender"] for r in rows)
+    assert 1 <= flipped <= 16
+    # Resume: a second run makes nothing; the style is part of the fingerprint.
+    assert run_generate(cfg).generated == 0
+    other = make_cfg(cfg.output, generator="procedural", render={**render, "style": "synthetic"}, num_images=24,
+                     shard_size=8)
+    assert fingerprint(other) != fingerprint(cfg)
+    with pytest.raises(FileExistsError, match="different config"):
+        run_generate(other)
+
+
+def test_procedural_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="poses.folder"):
+        make_cfg(str(tmp_path), generator="procedural", **{"poses.folder": str(tmp_path)})
+    # A diffusion config's fingerprint does not depend on the (unused) render settings.
+    assert fingerprint(make_cfg(str(tmp_path))) == fingerprint(make_cfg(str(tmp_path), **{"render.size": 96}))
+
+
+def test_procedural_vocab_with_unknown_hair_is_refused_before_ray(tmp_path):
+    from synthfar_ray.faces import VocabError
+    from synthfar_ray.prompts import _packaged_vocab_text
+
+    vocab = yaml.safe_load(_packaged_vocab_text())
+    vocab["hair"]["colors"] = [*vocab["hair"]["colors"], "neon green"]
+    path = tmp_path / "vocab.yaml"
+    path.write_text(yaml.safe_dump(vocab))
+    cfg = make_cfg(str(tmp_path / "out"), generator="procedural", **{"prompts.vocab": str(path)})
+    with pytest.raises(VocabError, match="neon green"):
+        run_generate(cfg)

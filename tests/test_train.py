@@ -238,6 +238,29 @@ def test_batch_stream_hands_out_any_row_count_without_losing_rows(ray_cluster, d
     assert int(torch.cat([t[2] for t in taken]).sum()) == 32  # every row tagged synthetic, none lost
 
 
+def test_cached_passes_are_permutations_of_the_first(ray_cluster, data, tmp_path):
+    """A shard that fits train_cache_mb is read by Ray Data once: every later pass hands out each of
+    its rows exactly once, in a new seeded order; a zero budget streams every pass from Ray Data."""
+    import ray
+    import torch
+
+    from synthfar_ray.train_data import BatchStream
+
+    rows = [{"id": i, "image": np.full((4, 4, 3), i, np.uint8), "age": float(i), "age_bin": 0, "gender": 0,
+             "ethnicity": 0, "is_synthetic": 1} for i in range(48)]
+    ds = ray.data.from_items(rows)
+    passes = {}
+    for budget in (64.0, 0.0):
+        cfg = _cfg(data, tmp_path, shuffle_buffer=0, train_cache_mb=budget)
+        stream = BatchStream(ds, 16, cfg, 0, torch.device("cpu"), None)
+        passes[budget] = [stream.take(48)[1]["age"].tolist() for _ in range(3)]
+    cached = passes[64.0]
+    assert all(sorted(p) == [float(i) for i in range(48)] for p in cached)  # each row once per pass
+    assert cached[1] != cached[2] and cached[1] != cached[0]  # a new order each pass
+    streamed = passes[0.0]
+    assert all(sorted(p) == [float(i) for i in range(48)] for p in streamed)
+
+
 def test_run_refuses_another_config_under_the_same_name(ddp_run, data, tmp_path):
     """Same name, other lr or model: refused with the key named (it would continue the old optimizer
     and schedule), before any training. A finished run re-run keeps its result.json; overwrite=true
