@@ -7,7 +7,9 @@ crop), the splits are unioned and go through one `map_batches(Predictor)` actor 
 loads the checkpoint once, on a GPU when the cluster has one); outputs and labels are gathered on
 the driver and scored per split with `metrics.compute_metrics`. UTKFace gives age MAE (clipped),
 FairFace age-bin accuracy (from the bin head, or bucketized regression ages for a regression-only
-net); both give gender and ethnicity accuracy. Results go to `metrics.json` and `metrics.md`.
+net); both give gender and ethnicity accuracy. Every metric is also scored per ethnicity, gender
+and age bin, with the worst group and the gap between groups (`by_group`), and a confusion matrix
+per classification attribute (`confusion`). Results go to `metrics.json` and `metrics.md`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pydantic import Field, field_validator, model_validator
 
 from synthfar_ray import storage
 from synthfar_ray.config import ConfigError, StageConfig, validate
+from synthfar_ray.metrics import MIN_GROUP_ROWS, compute_metrics, confusion_matrices, metrics_by_group
 from synthfar_ray.paths import InputPath, OutputPath
 from synthfar_ray.storage import StorageOptions
 from synthfar_ray.transforms import LABEL_COLUMNS
@@ -51,6 +54,8 @@ class EvaluateConfig(StageConfig):
     use_gpu: bool | None = Field(None, description="default: true when the cluster has GPUs")
     cpus_per_actor: float = Field(0.5, gt=0)
     limit: int | None = Field(None, ge=1, description="score at most this many rows per split")
+    min_group_rows: int = Field(MIN_GROUP_ROWS, ge=1, description="groups with fewer rows are flagged and not "
+                                                                    "ranked as the worst group or in the gap")
 
     @field_validator("on")
     @classmethod
@@ -154,24 +159,61 @@ def predict_splits(cfg: EvaluateConfig, checkpoint: str, image_size: int) -> dic
     return results
 
 
-def metrics_markdown(checkpoint: str, results: dict[str, dict[str, float]]) -> str:
+def _format(metric: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "—"
+    return str(int(value)) if metric == "n" else f"{value:.3f}" if metric == "age_mae" else f"{100 * value:.2f} %"
+
+
+def _format_gap(metric: str, gap: float) -> str:
+    return f"{gap:.3f}" if metric == "age_mae" else f"{100 * gap:.2f} pts"
+
+
+def _group_cell(summary: dict, metric: str) -> str:
+    """"black 60.00 % (gap 40.00 pts)": the worst group, its value and the gap; "—" when fewer than
+    two groups with enough rows have the metric."""
+    worst = summary["worst"].get(metric)
+    if worst is None:
+        return "—"
+    return f"{worst['group']} {_format(metric, worst['value'])} (gap {_format_gap(metric, summary['gap'][metric])})"
+
+
+def group_markdown(by_group: dict[str, dict[str, dict]]) -> str:
+    """The compact per-group section: one row per dataset and grouping."""
+    metrics = [m for m in METRIC_ORDER if m != "n" and any(
+        m in s["worst"] for groupings in by_group.values() for s in groupings.values())]
+    min_rows = next((s["min_rows"] for g in by_group.values() for s in g.values()), MIN_GROUP_ROWS)
+    lines = ["## By group", "",
+             f"Worst group and gap (max - min between groups) per metric, over groups with at least {min_rows} rows; "
+             f"absent: no row in the split; few: fewer than {min_rows} rows (in metrics.json, not ranked).", "",
+             "| dataset | by | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " | absent | few rows |",
+             "|---" * (len(metrics) + 4) + "|"]
+    for name, groupings in by_group.items():
+        for by, summary in groupings.items():
+            few = ", ".join(f"{g} ({summary['groups'][g]['n']})" for g in summary["few"])
+            cells = [_group_cell(summary, m) for m in metrics] + [", ".join(summary["absent"]) or "—", few or "—"]
+            lines.append(f"| {name} | {by} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def metrics_markdown(checkpoint: str, results: dict[str, dict[str, float]],
+                     by_group: dict[str, dict[str, dict]] | None = None) -> str:
     present = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
     lines = [f"# Evaluation of `{checkpoint}`", "", "| dataset | " + " | ".join(METRIC_TITLES[m] for m in present) + " |",
              "|---" * (len(present) + 1) + "|"]
     for name, r in results.items():
-        cells = []
-        for m in present:
-            v = r.get(m)
-            cells.append("—" if v is None or (isinstance(v, float) and np.isnan(v)) else
-                         str(int(v)) if m == "n" else f"{v:.3f}" if m == "age_mae" else f"{100 * v:.2f} %")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {name} | " + " | ".join(_format(m, r.get(m)) for m in present) + " |")
+    text = "\n".join(lines) + "\n"
+    if by_group and any(by_group.values()):
+        text += "\n" + group_markdown(by_group)
+    return text
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """{"checkpoint": URI, "datasets": {"NAME:SPLIT": metrics}} (also written to metrics.json/.md)."""
+    """{"checkpoint": URI, "datasets": {"NAME:SPLIT": metrics}, "by_group": {"NAME:SPLIT":
+    metrics.metrics_by_group}, "confusion": {"NAME:SPLIT": metrics.confusion_matrices}, ...}
+    (also written to metrics.json/.md)."""
     from synthfar_ray.checkpoints import META_FILE, resolve_checkpoint, write_json
-    from synthfar_ray.metrics import compute_metrics
     from synthfar_ray.raycluster import ensure_ray
 
     ensure_ray()
@@ -182,15 +224,21 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     bins_from = cfg.age_bins_from if cfg.age_bins_from != "auto" else (
         "regression" if meta["age_mode"] == "regression" else "logits")
     results: dict[str, dict[str, float]] = {}
+    by_group: dict[str, dict[str, dict]] = {}
+    confusion: dict[str, dict[str, dict]] = {}
     for item, (outputs, labels) in predict_splits(cfg, checkpoint, image_size).items():
         results[item] = {k: float(v) for k, v in compute_metrics(outputs, labels, age_bins_from=bins_from).items()}
+        by_group[item] = metrics_by_group(outputs, labels, age_bins_from=bins_from, min_rows=cfg.min_group_rows)
+        confusion[item] = confusion_matrices(outputs, labels, age_bins_from=bins_from)
         logger.info("%s: %s", item, ", ".join(f"{k} {v:.4g}" for k, v in results[item].items()))
     report = {"checkpoint": checkpoint, "image_size": image_size, "age_bins_from": bins_from,
               "center_crop": {i.split(":")[0]: cfg.center_crop.get(i.split(":")[0]) for i in cfg.on},
-              "datasets": results, "seconds": round(time.time() - t0, 3)}
+              "datasets": results, "by_group": by_group, "confusion": confusion,
+              "seconds": round(time.time() - t0, 3)}
     out = cfg.out or _parent(checkpoint)
     write_json(storage.join(out, "metrics.json"), report, cfg.storage)  # NaN -> null
-    storage.write_bytes(storage.join(out, "metrics.md"), metrics_markdown(checkpoint, results).encode(), cfg.storage)
+    storage.write_bytes(storage.join(out, "metrics.md"), metrics_markdown(checkpoint, results, by_group).encode(),
+                        cfg.storage)
     logger.info("wrote %s", storage.join(out, "metrics.json"))
     return report
 
@@ -220,11 +268,11 @@ def _cli(args: argparse.Namespace) -> int:
     if args.crop:
         data["center_crop"] = {k: (None if v.lower() in ("", "none", "null") else int(v))
                                for k, v in _pairs(args.crop, "--crop").items()}
-    for key in ("batch_size", "num_actors", "limit", "image_size"):
+    for key in ("batch_size", "num_actors", "limit", "image_size", "min_group_rows"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     report = run_evaluate(validate(EvaluateConfig, data, "synthfar evaluate arguments"))
-    print(metrics_markdown(report["checkpoint"], report["datasets"]))
+    print(metrics_markdown(report["checkpoint"], report["datasets"], report["by_group"]))
     return 0
 
 
@@ -240,4 +288,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-actors", dest="num_actors", type=int)
     p.add_argument("--image-size", dest="image_size", type=int)
     p.add_argument("--limit", type=int, help="rows per split at most")
+    p.add_argument("--min-group-rows", dest="min_group_rows", type=int,
+                   help=f"groups with fewer rows are flagged, not ranked (default {MIN_GROUP_ROWS})")
     p.set_defaults(func=_cli)

@@ -2,15 +2,20 @@
 [0, 150]) and FairFace age-bin accuracy, from bin logits or from a regression age put into bins.
 
 Missing labels are masked, never counted: a NaN true age (FairFace has only bins) or a label < 0.
+
+By group: `metrics_by_group` scores every metric within each ethnicity, gender and age bin and
+names the worst group and the gap (max - min) per metric; `confusion_matrices` counts true x
+predicted classes per attribute. Groups without rows are listed as absent, never scored as 0.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
 
-from synthfar_ray.labels import AGE_BIN_EDGES, AGE_CLIP
+from synthfar_ray.labels import AGE_BIN_EDGES, AGE_BIN_NAMES, AGE_CLIP, ETHNICITIES, GENDERS
 
 
 def clip_age(pred: np.ndarray) -> np.ndarray:
@@ -50,6 +55,42 @@ def regression_to_bins(pred_age: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, clip_age(pred_age), side="right").astype(np.int64)
 
 
+def true_age_bins(labels: dict[str, np.ndarray]) -> np.ndarray | None:
+    """True FairFace bins: the "age_bin" labels, else bins of the true ages (-1 where unknown);
+    None when the labels have neither."""
+    true_bin = labels.get("age_bin")
+    if true_bin is not None:
+        return np.asarray(true_bin).reshape(-1)
+    true_age = labels.get("age")
+    if true_age is None:
+        return None
+    true_age = np.asarray(true_age, dtype=np.float64).reshape(-1)
+    return np.where(np.isnan(true_age), -1, np.searchsorted(
+        np.asarray(AGE_BIN_EDGES, dtype=np.float64), np.nan_to_num(true_age), side="right"))
+
+
+def true_classes(labels: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    """True class indices per classification attribute (None where the labels lack it)."""
+    return {"age_bin": true_age_bins(labels), "gender": labels.get("gender"), "ethnicity": labels.get("ethnicity")}
+
+
+def predicted_classes(outputs: dict[str, np.ndarray],
+                      age_bins_from: Literal["logits", "regression"] = "logits") -> dict[str, np.ndarray]:
+    """Class indices the net predicts, per classification attribute it has a head for:
+    "age_bin" (from the bin logits, or bucketized regression ages when asked for or when the net
+    has no bin head), "gender" (logit > 0 means female = 1), "ethnicity" (argmax)."""
+    pred: dict[str, np.ndarray] = {}
+    if "age_bin_logits" in outputs and (age_bins_from == "logits" or "age" not in outputs):
+        pred["age_bin"] = np.argmax(np.asarray(outputs["age_bin_logits"]), axis=-1)
+    elif "age" in outputs:
+        pred["age_bin"] = regression_to_bins(outputs["age"])
+    if "gender_logit" in outputs:
+        pred["gender"] = (np.asarray(outputs["gender_logit"], dtype=np.float64).reshape(-1) > 0).astype(np.int64)
+    if "ethnicity_logits" in outputs:
+        pred["ethnicity"] = np.argmax(np.asarray(outputs["ethnicity_logits"]), axis=-1)
+    return pred
+
+
 def compute_metrics(
     outputs: dict[str, np.ndarray],
     labels: dict[str, np.ndarray],
@@ -63,8 +104,7 @@ def compute_metrics(
     Returns "age_mae" (only when the model predicts ages and some true age is known),
     "age_bin_acc", "gender_acc", "ethnicity_acc" (each when its inputs exist) and "n".
     """
-    if age_bins_from not in ("logits", "regression"):
-        raise ValueError(f"age_bins_from must be 'logits' or 'regression', got {age_bins_from!r}")
+    _check_bins_from(age_bins_from)
     n = _num_rows(labels)
     result: dict[str, float] = {}
 
@@ -74,27 +114,141 @@ def compute_metrics(
         if (~np.isnan(true_age)).any():
             result["age_mae"] = age_mae(outputs["age"], true_age)
 
-    true_bin = labels.get("age_bin")
-    if true_bin is None and true_age is not None:  # derive bins from ages where only ages are known
-        true_age = np.asarray(true_age, dtype=np.float64)
-        true_bin = np.where(np.isnan(true_age), -1, np.searchsorted(
-            np.asarray(AGE_BIN_EDGES, dtype=np.float64), np.nan_to_num(true_age), side="right"))
-    if true_bin is not None:
-        if "age_bin_logits" in outputs and (age_bins_from == "logits" or "age" not in outputs):
-            pred_bin = np.argmax(np.asarray(outputs["age_bin_logits"]), axis=-1)
-            result["age_bin_acc"] = accuracy(pred_bin, true_bin)
-        elif "age" in outputs:
-            result["age_bin_acc"] = accuracy(regression_to_bins(outputs["age"]), true_bin)
-
-    if "gender_logit" in outputs and "gender" in labels:
-        pred_gender = (np.asarray(outputs["gender_logit"], dtype=np.float64).reshape(-1) > 0).astype(np.int64)
-        result["gender_acc"] = accuracy(pred_gender, labels["gender"])
-    if "ethnicity_logits" in outputs and "ethnicity" in labels:
-        pred_eth = np.argmax(np.asarray(outputs["ethnicity_logits"]), axis=-1)
-        result["ethnicity_acc"] = accuracy(pred_eth, labels["ethnicity"])
+    pred = predicted_classes(outputs, age_bins_from)
+    true = true_classes(labels)
+    for attr in ("age_bin", "gender", "ethnicity"):
+        if attr in pred and true[attr] is not None:
+            result[f"{attr}_acc"] = accuracy(pred[attr], true[attr])
 
     result["n"] = n
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation by group: every metric within each ethnicity, gender and age bin, the worst group and
+# the gap between groups, and a confusion matrix per classification attribute.
+
+# Label column -> its groups' names (the index of a name is the label value).
+GROUPINGS: dict[str, tuple[str, ...]] = {"ethnicity": ETHNICITIES, "gender": GENDERS, "age_bin": AGE_BIN_NAMES}
+GROUP_METRICS: tuple[str, ...] = ("age_mae", "age_bin_acc", "ethnicity_acc", "gender_acc")
+LOWER_IS_BETTER: frozenset[str] = frozenset({"age_mae"})
+# Groups with fewer rows are flagged and left out of the worst group and the gap (a group of two
+# rows has an accuracy of 0, 0.5 or 1: not a measurement of the model).
+MIN_GROUP_ROWS = 5
+
+
+def confusion_matrix(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts, rows = true class, columns = predicted class.
+
+    Rows whose true label is unknown (outside 0..num_classes-1, e.g. -1) are not counted; a
+    prediction outside that range is a bug and raises ValueError."""
+    pred = np.asarray(pred).reshape(-1).astype(np.int64)
+    true = np.asarray(true).reshape(-1).astype(np.int64)
+    _check_same_length(pred, true, "confusion")
+    keep = (true >= 0) & (true < num_classes)
+    if ((pred[keep] < 0) | (pred[keep] >= num_classes)).any():
+        raise ValueError(f"confusion: predicted classes outside 0..{num_classes - 1}")
+    flat = np.bincount(true[keep] * num_classes + pred[keep], minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def confusion_matrices(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                       age_bins_from: Literal["logits", "regression"] = "logits") -> dict[str, dict]:
+    """{attribute: {"classes": [names], "matrix": [[counts]]}} for gender, ethnicity and age bin,
+    each where the net predicts it and the labels have it (JSON-ready lists)."""
+    _check_bins_from(age_bins_from)
+    pred = predicted_classes(outputs, age_bins_from)
+    true = true_classes(labels)
+    out: dict[str, dict] = {}
+    for attr in ("gender", "ethnicity", "age_bin"):
+        if attr in pred and true[attr] is not None:
+            names = GROUPINGS[attr]
+            matrix = confusion_matrix(pred[attr], true[attr], len(names))
+            out[attr] = {"classes": list(names), "matrix": matrix.tolist()}
+    return out
+
+
+def _take(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[rows] for k, v in arrays.items()}
+
+
+def worst_and_gap(values: dict[str, float], metric: str) -> tuple[str, float, float] | None:
+    """(worst group, its value, gap = max - min) over the groups given; the worst is the lowest
+    accuracy or the highest MAE (ties: the first group in the order given). None with < 2 groups."""
+    if len(values) < 2:
+        return None
+    pick = max if metric in LOWER_IS_BETTER else min
+    worst = pick(values, key=values.__getitem__)
+    return worst, values[worst], max(values.values()) - min(values.values())
+
+
+def group_summary(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], by: str,
+                  age_bins_from: Literal["logits", "regression"] = "logits",
+                  min_rows: int = MIN_GROUP_ROWS) -> dict | None:
+    """Every metric within each group of label column `by` (a key of GROUPINGS).
+
+    Returns None when the labels have no such column, else {
+      "groups": {name: {"n": rows, metric: value, ...}}  groups with rows only; a metric the
+                 group cannot be scored on (no true label of that kind) is left out, never NaN;
+      "absent": [names of groups with no row],
+      "few":    [names of groups with 1 .. min_rows-1 rows: shown, but not ranked],
+      "min_rows": min_rows,
+      "worst":  {metric: {"group": name, "value": v}},  over the ranked groups, where >= 2 have it;
+      "gap":    {metric: max - min over the same groups}}.
+    """
+    if by not in GROUPINGS:
+        raise ValueError(f"unknown grouping {by!r} (known: {', '.join(GROUPINGS)})")
+    group_of = true_age_bins(labels) if by == "age_bin" else labels.get(by)
+    if group_of is None:
+        return None
+    group_of = np.asarray(group_of).reshape(-1)
+    groups: dict[str, dict[str, float]] = {}
+    absent, few = [], []
+    for index, name in enumerate(GROUPINGS[by]):
+        rows = np.flatnonzero(group_of == index)
+        if not len(rows):
+            absent.append(name)
+            continue
+        scored = compute_metrics(_take(outputs, rows), _take(labels, rows), age_bins_from)
+        groups[name] = {k: int(v) if k == "n" else float(v) for k, v in scored.items() if not math.isnan(v)}
+        if len(rows) < min_rows:
+            few.append(name)
+    worst, gap = rank_groups(groups, exclude=few)
+    return {"groups": groups, "absent": absent, "few": few, "min_rows": min_rows, "worst": worst, "gap": gap}
+
+
+def rank_groups(groups: dict[str, dict[str, float | None]],
+                exclude: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, dict], dict[str, float]]:
+    """({metric: {"group", "value"}}, {metric: gap}) per GROUP_METRICS entry over the groups not
+    excluded that have a finite value for it (a missing value, None or NaN, is never ranked);
+    a metric fewer than two groups have is left out of both."""
+    worst: dict[str, dict] = {}
+    gap: dict[str, float] = {}
+    for metric in GROUP_METRICS:
+        ranked = {g: float(m[metric]) for g, m in groups.items()
+                  if g not in exclude and isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])}
+        found = worst_and_gap(ranked, metric)
+        if found is not None:
+            worst[metric] = {"group": found[0], "value": found[1]}
+            gap[metric] = found[2]
+    return worst, gap
+
+
+def metrics_by_group(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                     age_bins_from: Literal["logits", "regression"] = "logits",
+                     min_rows: int = MIN_GROUP_ROWS) -> dict[str, dict]:
+    """{grouping: group_summary} for ethnicity, gender and age bin (those the labels have)."""
+    out = {}
+    for by in GROUPINGS:
+        summary = group_summary(outputs, labels, by, age_bins_from, min_rows)
+        if summary is not None:
+            out[by] = summary
+    return out
+
+
+def _check_bins_from(age_bins_from: str) -> None:
+    if age_bins_from not in ("logits", "regression"):
+        raise ValueError(f"age_bins_from must be 'logits' or 'regression', got {age_bins_from!r}")
 
 
 def _num_rows(labels: dict[str, np.ndarray]) -> int:

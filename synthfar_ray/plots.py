@@ -1,4 +1,5 @@
-"""Pictures of a dataset: label distributions (the paper's Fig. 2), sample grids, Tune curves.
+"""Pictures of a dataset: label distributions (the paper's Fig. 2), sample grids, Tune curves, and
+an evaluation's confusion matrices.
 
 Datasets are Parquet folders in the shared schema (synthfar_ray.labels.CORE_FIELDS), local or on
 object storage. Labels are read without the image column, and a grid reads only the images it
@@ -12,6 +13,7 @@ import math
 import os
 from typing import Iterable
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
@@ -197,6 +199,55 @@ def tune_plots(trials: pd.DataFrame, metric: str, out_png: str, mode: str = "max
         else:  # say so, instead of drawing empty axes
             ax.text(0.5, 0.5, f"no trial has both {x_label} and a {metric} value", ha="center", va="center",
                     transform=ax.transAxes, fontsize="large", color="firebrick", wrap=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    return out_png
+
+
+CONFUSION_TITLES = {"gender": "Gender", "ethnicity": "Ethnicity", "age_bin": "Age bin"}
+
+
+def row_shares(matrix: np.ndarray) -> np.ma.MaskedArray:
+    """Each row as shares of its true class (rows sum to 1); rows without a sample are masked."""
+    m = np.asarray(matrix, dtype=np.float64)
+    totals = m.sum(axis=1, keepdims=True)
+    shares = np.divide(m, totals, out=np.zeros_like(m), where=totals > 0)
+    return np.ma.masked_array(shares, mask=np.broadcast_to(totals == 0, m.shape))
+
+
+def confusion_plots(confusion: dict[str, dict], out_png: str, title: str = "") -> str:
+    """One panel per attribute (metrics.confusion_matrices' {attr: {"classes", "matrix"}}): true
+    class down, predicted class across, colour = share of the true class, the count in each cell.
+    A true class with no sample is a grey row marked "no rows" (never shown as 0 %). Returns out_png."""
+    if not confusion:
+        raise ValueError("confusion_plots needs at least one confusion matrix")
+    sizes = [len(c["classes"]) for c in confusion.values()]
+    fig = Figure(figsize=(sum(max(2.4, 0.55 * k + 1.2) for k in sizes) + 1.0, 0.45 * max(sizes) + 2.0),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(confusion), gridspec_kw={"width_ratios": sizes}))
+    image = None
+    for ax, (attr, c) in zip(axes, confusion.items()):
+        matrix, names = np.asarray(c["matrix"], dtype=np.int64), list(c["classes"])
+        cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#dddddd")
+        image = ax.imshow(row_shares(matrix), cmap=cmap, vmin=0.0, vmax=1.0)
+        for i in range(len(names)):
+            if matrix[i].sum() == 0:
+                ax.text((len(names) - 1) / 2, i, "no rows", ha="center", va="center", fontsize="small", color="dimgray")
+                continue
+            share = matrix[i] / matrix[i].sum()
+            for j, count in enumerate(matrix[i]):
+                ax.text(j, i, str(count), ha="center", va="center", fontsize="x-small",
+                        color="white" if share[j] > 0.6 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 2 else 0, ha="right" if len(names) > 2 else "center")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        n, correct = int(matrix.sum()), int(np.trace(matrix))
+        ax.set_title(f"{CONFUSION_TITLES.get(attr, attr)} (acc {100 * correct / n:.1f} %, n={n})" if n else
+                     f"{CONFUSION_TITLES.get(attr, attr)} (no labelled rows)")
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of the true class")
+    if title:
+        fig.suptitle(title)
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=100)
     return out_png

@@ -5,7 +5,9 @@ Every number shown is read from a file the report names under its table: evaluat
 `metrics.json` files, dataset Parquet folders, a Tune `tune_results.csv`.
 
 Inputs found in RUN_DIR (all optional, overridable from the command line):
-- `**/metrics.json` from `synthfar evaluate`, one table row each (run = folder relative to RUN_DIR);
+- `**/metrics.json` from `synthfar evaluate`, one table row each (run = folder relative to RUN_DIR),
+  and, where the file has them, a per-group table (worst group and gap per metric, by ethnicity,
+  gender and age bin) and a confusion-matrix figure per run and dataset;
 - `report.yaml`: `{title: ..., datasets: {name: uri}}` for the distribution plots and grids;
 - `**/tune_results.csv`: one row per trial (trial_id, mix_ratio, sampler, top_k, lr, metric column).
 """
@@ -32,6 +34,7 @@ import yaml
 from synthfar_ray.errors import UserError
 from synthfar_ray import plots, storage as st
 from synthfar_ray.config import ConfigError, StrictModel, validate
+from synthfar_ray.metrics import rank_groups
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -86,6 +89,7 @@ class ReportResult:
     rows: list[list[str]]  # its cells as shown, without bold/italic marks ("–" where missing)
     values: dict[str, dict[str, float | None]] = field(default_factory=dict)  # run -> "utkface.age_mae" -> value
     sources: list[str] = field(default_factory=list)  # every file the report read
+    groups: dict[str, dict[str, dict[str, GroupTable]]] = field(default_factory=dict)  # run -> dataset -> grouping
 
 
 # ----------------------------------------------------------------------------- document model
@@ -265,6 +269,156 @@ def paper_table(runs: dict[str, dict[str, dict[str, float | None]]]) -> tuple[li
     return headers, grid, values
 
 
+# ----------------------------------------------------------------------------- evaluation by group
+
+# metrics.json grouping key -> its name in the report, in the order shown.
+GROUP_TITLES: tuple[tuple[str, str], ...] = (("ethnicity", "ethnicity"), ("gender", "gender"), ("age_bin", "age bin"))
+# The per-group table's rows: the paper's metrics, shown like its columns (MAE in years, accuracies in %).
+GROUP_COLUMNS: tuple[Column, ...] = (
+    Column("", "age_mae", "age MAE (years) ↓", lower_is_better=True, percent=False),
+    Column("", "age_bin_acc", "age-bin acc (%)"),
+    Column("", "ethnicity_acc", "ethnicity acc (%)"),
+    Column("", "gender_acc", "gender acc (%)"),
+)
+
+
+@dataclass
+class GroupTable:
+    """One dataset's results by one grouping, as read from metrics.json; worst/gap recomputed from
+    the groups' numbers with metrics.rank_groups (a missing value is never ranked)."""
+
+    groups: dict[str, dict[str, float]]  # group -> metric -> value (missing values dropped)
+    absent: list[str]
+    few: list[str]
+    min_rows: int | None
+    worst: dict[str, dict]
+    gap: dict[str, float]
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ReportError(f"{where} must be a list of group names")
+    return value
+
+
+def _group_table(summary: Any, where: str) -> GroupTable:
+    if not isinstance(summary, dict) or not isinstance(summary.get("groups"), dict):
+        raise ReportError(f"{where} must be a mapping with a \"groups\" mapping (group -> metric -> number)")
+    groups: dict[str, dict[str, float]] = {}
+    for name, metrics in summary["groups"].items():
+        if not isinstance(metrics, dict):
+            raise ReportError(f"{where}.groups.{name} must be a mapping of metric -> number")
+        for metric, value in metrics.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ReportError(f"{where}.groups.{name}.{metric} must be a number or null, got {value!r}")
+        groups[name] = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+    few = _string_list(summary.get("few"), f"{where}.few")
+    min_rows = summary.get("min_rows")
+    worst, gap = rank_groups(groups, exclude=few)
+    return GroupTable(groups, _string_list(summary.get("absent"), f"{where}.absent"), few,
+                      int(min_rows) if isinstance(min_rows, (int, float)) else None, worst, gap)
+
+
+def _confusion(value: Any, where: str) -> dict:
+    classes, matrix = (value.get("classes"), value.get("matrix")) if isinstance(value, dict) else (None, None)
+    k = len(classes) if isinstance(classes, list) else -1
+    if not (k > 0 and isinstance(matrix, list) and len(matrix) == k and all(
+            isinstance(row, list) and len(row) == k and all(isinstance(c, int) and c >= 0 for c in row) for row in matrix)):
+        raise ReportError(f"{where} must be {{\"classes\": [names], \"matrix\": [[counts]]}} with a square "
+                          f"matrix of non-negative integer counts, one row and column per class")
+    return {"classes": [str(c) for c in classes], "matrix": matrix}
+
+
+def groups_from(data: dict, uri: str) -> tuple[dict[str, dict[str, GroupTable]], dict[str, dict[str, dict]]]:
+    """An evaluation metrics.json's "by_group" and "confusion" -> ({dataset: {grouping: GroupTable}},
+    {dataset: {attribute: {"classes", "matrix"}}}); both empty for a file from before per-group
+    evaluation. Errors name the file and the key."""
+    by_group, confusion = data.get("by_group") or {}, data.get("confusion") or {}
+    for key, value in (("by_group", by_group), ("confusion", confusion)):
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise ReportError(f"{uri}: {key} must map each dataset to a mapping")
+    tables = {ds: {by: _group_table(s, f"{uri}: by_group.{ds}.{by}") for by, s in groupings.items()}
+              for ds, groupings in by_group.items()}
+    matrices = {ds: {attr: _confusion(c, f"{uri}: confusion.{ds}.{attr}") for attr, c in attrs.items()}
+                for ds, attrs in confusion.items()}
+    return tables, matrices
+
+
+def load_groups(uri: str, opts: StorageOptions | None = None
+                ) -> tuple[dict[str, dict[str, GroupTable]], dict[str, dict[str, dict]]]:
+    """groups_from() of the metrics.json at uri."""
+    try:
+        data = json.loads(st.read_bytes(uri, opts))
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{uri} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ReportError(f"{uri} is not an evaluation metrics.json (no mapping at the top level)")
+    return groups_from(data, uri)
+
+
+def group_rows(tables: dict[str, GroupTable]) -> tuple[list[str], list[list[Cell]]]:
+    """The per-group table of one dataset: a row per metric, per grouping its worst group (with the
+    value) and the gap max - min. Nothing is bold: these are not ranked across runs."""
+    shown = [(by, title) for by, title in GROUP_TITLES if by in tables]
+    headers = ["metric"] + [h for _, title in shown for h in (f"worst {title}", f"{title} gap")]
+    rows = []
+    for col in GROUP_COLUMNS:
+        if not any(col.metric in g for t in tables.values() for g in t.groups.values()):
+            continue
+        row = [Cell(col.header)]
+        for by, _ in shown:
+            worst, gap = tables[by].worst.get(col.metric), tables[by].gap.get(col.metric)
+            row += [Cell(f"{worst['group']} {col.format(worst['value'])}" if worst else MISSING),
+                    Cell(col.format(gap) if gap is not None else MISSING)]
+        rows.append(row)
+    return headers, rows
+
+
+def _group_notes(tables: dict[str, GroupTable]) -> str:
+    absent = [f"{title}: {', '.join(tables[by].absent)}" for by, title in GROUP_TITLES if by in tables and tables[by].absent]
+    few = [f"{title}: " + ", ".join(f"{g} ({tables[by].groups.get(g, {}).get('n', 0):.0f})" for g in tables[by].few)
+           for by, title in GROUP_TITLES if by in tables and tables[by].few]
+    min_rows = next((t.min_rows for t in tables.values() if t.min_rows), None)
+    notes = [f"No rows (absent, not ranked): {'; '.join(absent)}." if absent else "Every group has rows."]
+    if few:
+        notes.append(f"Fewer than {min_rows or 'the minimum'} rows (flagged, not ranked): {'; '.join(few)}.")
+    return " ".join(notes)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def group_section(run_groups: dict[str, tuple[dict, dict]], tmp: str, images: list[tuple[str, bytes]]) -> list[Block]:
+    """Blocks of the "Evaluation by group" section: per run and evaluated dataset, the per-group
+    table, its absent/few groups and a confusion-matrix figure (appended to `images`)."""
+    blocks = [Block("heading", "Evaluation by group"),
+              Block("text", "Per run and dataset: the worst group and the gap (max - min between groups) of each "
+                            "metric, by ethnicity, gender and age bin, over groups with enough rows; accuracies and "
+                            f"gaps in % points, MAE in years; {MISSING} = fewer than two groups to compare.")]
+    without = [name for name, (tables, matrices) in run_groups.items() if not tables and not matrices]
+    for i, (run, (tables, matrices)) in enumerate(run_groups.items()):
+        for ds in sorted(set(tables) | set(matrices)):
+            blocks.append(Block("heading", f"{run}: {ds}", level=3))
+            if tables.get(ds):
+                headers, rows = group_rows(tables[ds])
+                blocks.append(Block("table", headers=headers, rows=rows))
+                blocks.append(Block("text", _group_notes(tables[ds])))
+            if matrices.get(ds):
+                png = plots.confusion_plots(matrices[ds], os.path.join(tmp, f"confusion_{i}_{_safe(ds)}.png"),
+                                            title=f"{run}: {ds}")
+                images.append((f"plots/confusion_{i}_{_safe(run)}_{_safe(ds)}.png", _read(png)))
+                blocks.append(Block("image", f"{run}, {ds}: confusion matrices (rows: true class, colour: share "
+                                             "of the true class, numbers: counts)", image=images[-1][1],
+                                    image_name=images[-1][0]))
+    if without:
+        blocks.append(Block("text", f"No per-group results in the metrics.json of: {', '.join(without)} "
+                                    "(evaluated before per-group evaluation existed)."))
+    return blocks
+
+
 def _parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
@@ -407,10 +561,12 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
                 continue
             name = _run_name(run_dir, uri)
             run_metrics[name], run_files[name] = metrics, uri
+    run_groups: dict[str, tuple[dict, dict]] = {}
     for name, uri in run_files.items():
         data = json.loads(st.read_bytes(uri, storage))
         run_info[name] = {"checkpoint": data.get("checkpoint"),
                           **{k: v.get("n") for k, v in data["datasets"].items() if isinstance(v, dict)}}
+        run_groups[name] = groups_from(data, uri)
 
     blocks.append(Block("heading", "Results (paper table)"))
     headers, grid, values = paper_table(run_metrics)
@@ -431,6 +587,8 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
     datasets = dict(datasets) if datasets else dict(spec.datasets)
     images: list[tuple[str, bytes]] = []
     with tempfile.TemporaryDirectory(prefix="synthfar-report-") as tmp:
+        if run_groups:
+            blocks += group_section(run_groups, tmp, images)
         if datasets:
             blocks.append(Block("heading", "Datasets"))
             frames = {n: plots.read_labels(u, storage) for n, u in datasets.items()}
@@ -445,7 +603,7 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
             blocks.append(Block("image", "Label distributions (proportions per dataset)", image=images[-1][1],
                                 image_name=images[-1][0]))
             for n, uri in datasets.items():
-                safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in n)
+                safe = _safe(n)
                 png = plots.sample_grid(uri, os.path.join(tmp, f"grid_{safe}.png"), storage, n=grid_images)
                 images.append((f"plots/grid_{safe}.png", _read(png)))
                 blocks.append(Block("image", f"{n}: first {grid_images} images by id (age / gender / ethnicity)",
@@ -489,7 +647,8 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
     st.write_bytes(html_uri, render_html(title, blocks).encode("utf-8"), storage)
     logger.info("report with %d runs, %d datasets, %d tune tables -> %s", len(run_files), len(datasets), len(tune_files), out_dir)
     return ReportResult(markdown_path=md_uri, html_path=html_uri, headers=headers,
-                        rows=[[c.text for c in row] for row in grid], values=values, sources=sources)
+                        rows=[[c.text for c in row] for row in grid], values=values, sources=sources,
+                        groups={run: tables for run, (tables, _) in run_groups.items()})
 
 
 def _read(path: str) -> bytes:

@@ -1,4 +1,5 @@
-"""`synthfar evaluate`: Ray Data batch inference gives the same metrics as running the net in-process."""
+"""`synthfar evaluate`: Ray Data batch inference gives the same metrics as running the net in-process,
+whole and by group (ethnicity, gender, age bin), with confusion matrices."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from test_train import (
 )
 
 from synthfar_ray.evaluate import EvaluateConfig, run_evaluate
-from synthfar_ray.metrics import compute_metrics
+from synthfar_ray.metrics import GROUPINGS, compute_metrics, confusion_matrices, metrics_by_group
 from synthfar_ray.model import MultiTaskNet, predict
 from synthfar_ray.train import load_model, save_model
 from synthfar_ray.transforms import decode_resize
 
 
-def _direct_metrics(table, split, ckpt, size, crop, bins_from):
-    """The reference: decode every row of the split here, run the net, score."""
+def _direct_outputs(table, split, ckpt, size, crop):
+    """The reference: decode every row of the split here, run the net; (outputs, labels)."""
     rows = table.filter(pc.equal(table["split"], split))
     net, _ = load_model(ckpt)
     images = torch.from_numpy(np.stack([decode_resize(b, size, crop) for b in rows["image"].to_pylist()]))
@@ -29,7 +30,11 @@ def _direct_metrics(table, split, ckpt, size, crop, bins_from):
     labels = {"age": age, "age_bin": rows["age_bin"].to_numpy().astype(np.int64),
               "gender": rows["gender"].to_numpy().astype(np.int64),
               "ethnicity": rows["ethnicity"].to_numpy().astype(np.int64)}
-    return compute_metrics(outputs, labels, age_bins_from=bins_from)
+    return outputs, labels
+
+
+def _direct_metrics(table, split, ckpt, size, crop, bins_from):
+    return compute_metrics(*_direct_outputs(table, split, ckpt, size, crop), age_bins_from=bins_from)
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +68,63 @@ def test_evaluate_matches_in_process_metrics(ray_cluster, sets):
         for k in want:
             assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), (name, k)
     assert set(report["datasets"]["utkface:test"]) >= {"age_mae", "age_bin_acc", "gender_acc", "ethnicity_acc"}
+    _check_by_group(report, utk, ff, ckpt)
     assert "age_mae" not in report["datasets"]["fairface:test"]  # FairFace has bins only
     # Default output folder: the run folder.
     written = json.loads((root / "run" / "metrics.json").read_text())
     assert written["datasets"]["utkface:test"]["n"] == report["datasets"]["utkface:test"]["n"]
     md = (root / "run" / "metrics.md").read_text()
     assert "| utkface:test |" in md and "| fairface:test |" in md and "age MAE" in md
+    assert written["by_group"] == json.loads(json.dumps(report["by_group"]))  # stored as returned, JSON-safe
+    assert written["confusion"] == report["confusion"]
+    assert "## By group" in md
+    for name in ("utkface:test", "fairface:test"):
+        for by in ("ethnicity", "gender", "age_bin"):
+            assert f"| {name} | {by} |" in md
 
 
-def test_evaluate_cli_regression_net(ray_cluster, sets, tmp_path):
+def _approx_tree(got, want, where=""):
+    """Nested dicts/lists equal, floats to 1e-6."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, got, want)
+        for k in want:
+            _approx_tree(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _approx_tree(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), where
+    else:
+        assert got == want, where
+
+
+def _check_by_group(report, utk, ff, ckpt):
+    """Per-group metrics and confusion matrices equal the in-process ones, and add up to the whole."""
+    for name, table, crop in (("utkface:test", utk, None), ("fairface:test", ff, 36)):
+        outputs, labels = _direct_outputs(table, "test", ckpt, 32, crop)
+        groups, confusion = report["by_group"][name], report["confusion"][name]
+        _approx_tree(groups, metrics_by_group(outputs, labels, age_bins_from="logits"), name)
+        _approx_tree(confusion, confusion_matrices(outputs, labels, age_bins_from="logits"), name)
+        whole = report["datasets"][name]
+        assert list(groups) == ["ethnicity", "gender", "age_bin"] and list(confusion) == ["gender", "ethnicity", "age_bin"]
+        for by, summary in groups.items():
+            assert sum(g["n"] for g in summary["groups"].values()) == whole["n"], (name, by)
+            assert set(summary["groups"]) | set(summary["absent"]) == set(GROUPINGS[by])
+            for metric, gap in summary["gap"].items():  # the gap spans the ranked groups' values
+                ranked = [g[metric] for k, g in summary["groups"].items() if k not in summary["few"] and metric in g]
+                assert gap == pytest.approx(max(ranked) - min(ranked))
+        for attr, c in confusion.items():
+            m = np.array(c["matrix"])
+            assert m.sum() == whole["n"] and np.trace(m) / m.sum() == pytest.approx(whole[f"{attr}_acc"]), (name, attr)
+            # the diagonal over a row is that group's accuracy on its own attribute
+            for i, g in enumerate(c["classes"]):
+                if m[i].sum():
+                    assert groups[attr]["groups"][g][f"{attr}_acc"] == pytest.approx(m[i, i] / m[i].sum())
+    assert all("age_mae" not in g for g in report["by_group"]["fairface:test"]["gender"]["groups"].values())
+
+
+def test_evaluate_cli_regression_net(ray_cluster, sets, tmp_path, capsys):
     """A regression-only net is scored on FairFace bins by bucketizing its ages."""
     from synthfar_ray.cli import main
 
@@ -86,5 +139,9 @@ def test_evaluate_cli_regression_net(ray_cluster, sets, tmp_path):
     got = report["datasets"]["fairface:val"]
     want = _direct_metrics(ff, "val", ckpt, 32, None, "regression")
     assert got["age_bin_acc"] == pytest.approx(want["age_bin_acc"]) and got["n"] == want["n"]
+    # a regression-only net's age-bin matrix comes from its bucketized ages
+    outputs, labels = _direct_outputs(ff, "val", ckpt, 32, None)
+    assert report["confusion"]["fairface:val"] == confusion_matrices(outputs, labels, age_bins_from="regression")
+    assert "## By group" in capsys.readouterr().out
     assert main(["evaluate", ckpt, "--on", "fairface:test", "--out", str(out)]) == 2  # no --data
     assert main(["evaluate", str(tmp_path / "nowhere"), "--on", "u:test", "--data", "u=/x"]) == 2

@@ -1,7 +1,9 @@
-"""Metrics against scikit-learn and torch on random data, with clipping and missing-label masks."""
+"""Metrics against scikit-learn and torch on random data, with clipping and missing-label masks;
+metrics by group and confusion matrices on a small hand-computed case."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,7 +12,19 @@ import torch
 from sklearn.metrics import accuracy_score, mean_absolute_error
 
 from synthfar_ray import labels as L
-from synthfar_ray.metrics import accuracy, age_mae, clip_age, compute_metrics, regression_to_bins
+from synthfar_ray.metrics import (
+    accuracy,
+    age_mae,
+    clip_age,
+    compute_metrics,
+    confusion_matrices,
+    confusion_matrix,
+    group_summary,
+    metrics_by_group,
+    rank_groups,
+    regression_to_bins,
+    worst_and_gap,
+)
 
 
 @pytest.fixture()
@@ -116,3 +130,126 @@ def test_compute_metrics_bins_only_model(rng):
     m = compute_metrics(outputs, labels, age_bins_from="regression")  # no regression head: use logits
     assert "age_mae" not in m
     assert m["age_bin_acc"] == pytest.approx(accuracy_score(labels["age_bin"], outputs["age_bin_logits"].argmax(1)))
+
+
+# ----------------------------------------------------------------------------- by group
+# A hand-computed case: 12 rows, white 5 / black 5 / asian 2 (indian, other absent).
+
+def _hand_case():
+    labels = {
+        "age": np.array([10, 20, 30, 40, 50, 25, 25, 25, 25, 25, 65, 70], dtype=np.float32),
+        "gender": np.array([0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1]),
+        "ethnicity": np.array([0] * 5 + [1] * 5 + [2] * 2),
+    }
+    labels["age_bin"] = L.age_to_bin(labels["age"]).astype(np.int64)  # 2 3 4 5 6 3 3 3 3 3 7 8
+    err = np.array([1, 1, 1, 1, 1, 4, -6, 4, -4, 4, 0, 10], dtype=np.float64)
+    eth_pred = np.array([0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 2, 0])
+    outputs = {
+        "age": labels["age"] + err,  # row 6: 25 - 6 = 19 falls into the 10-19 bin, every other row keeps its bin
+        "gender_logit": np.array([-1, -1, 1, 1, 1, 1, -1, 1, 1, 1, -1, 1], dtype=np.float64),  # rows 2, 5 wrong
+        "ethnicity_logits": np.eye(5)[eth_pred],
+    }
+    return outputs, labels
+
+
+def test_group_summary_by_ethnicity_hand_computed():
+    outputs, labels = _hand_case()
+    s = group_summary(outputs, labels, "ethnicity", age_bins_from="regression")
+    assert list(s["groups"]) == ["white", "black", "asian"]
+    assert s["absent"] == ["indian", "other"] and s["few"] == ["asian"] and s["min_rows"] == 5
+    white, black, asian = s["groups"]["white"], s["groups"]["black"], s["groups"]["asian"]
+    assert (white["n"], black["n"], asian["n"]) == (5, 5, 2)
+    assert white["ethnicity_acc"] == 1.0 and black["ethnicity_acc"] == pytest.approx(0.6) and asian["ethnicity_acc"] == 0.5
+    assert white["age_mae"] == pytest.approx(1.0) and black["age_mae"] == pytest.approx(22 / 5) and asian["age_mae"] == 5.0
+    assert black["age_bin_acc"] == pytest.approx(0.8) and white["age_bin_acc"] == 1.0
+    assert white["gender_acc"] == pytest.approx(4 / 5) and black["gender_acc"] == pytest.approx(4 / 5)
+    # asian (2 rows) is shown but not ranked: its 0.5 would otherwise be the worst ethnicity accuracy
+    assert s["worst"]["ethnicity_acc"] == {"group": "black", "value": pytest.approx(0.6)}
+    assert s["gap"]["ethnicity_acc"] == pytest.approx(0.4)
+    assert s["worst"]["age_mae"] == {"group": "black", "value": pytest.approx(4.4)}  # MAE: the highest is worst
+    assert s["gap"]["age_mae"] == pytest.approx(3.4)
+    assert s["worst"]["age_bin_acc"]["group"] == "black" and s["gap"]["age_bin_acc"] == pytest.approx(0.2)
+    assert s["gap"]["gender_acc"] == 0.0 and s["worst"]["gender_acc"]["group"] == "white"  # a tie: first group
+
+
+def test_group_summary_by_gender_and_age_bin_hand_computed():
+    outputs, labels = _hand_case()
+    by = metrics_by_group(outputs, labels, age_bins_from="regression")
+    assert list(by) == ["ethnicity", "gender", "age_bin"]
+    g = by["gender"]
+    assert g["absent"] == [] and g["few"] == []
+    assert g["groups"]["male"]["gender_acc"] == pytest.approx(4 / 6) and g["groups"]["female"]["gender_acc"] == 1.0
+    assert g["groups"]["male"]["ethnicity_acc"] == 1.0 and g["groups"]["female"]["ethnicity_acc"] == 0.5
+    assert g["groups"]["male"]["age_mae"] == pytest.approx(13 / 6) and g["groups"]["female"]["age_mae"] == pytest.approx(4.0)
+    assert g["worst"]["gender_acc"] == {"group": "male", "value": pytest.approx(4 / 6)}
+    assert g["worst"]["ethnicity_acc"]["group"] == "female" and g["gap"]["ethnicity_acc"] == pytest.approx(0.5)
+    assert g["worst"]["age_mae"]["group"] == "female" and g["gap"]["age_mae"] == pytest.approx(4 - 13 / 6)
+    a = by["age_bin"]
+    assert a["absent"] == ["0-2", "3-9"]
+    assert a["groups"]["20-29"]["n"] == 6 and a["groups"]["20-29"]["age_bin_acc"] == pytest.approx(5 / 6)
+    assert a["few"] == ["10-19", "30-39", "40-49", "50-59", "60-69", "70+"]
+    assert a["worst"] == {} and a["gap"] == {}  # one ranked group: nothing to compare
+    json.dumps(by, allow_nan=False)  # JSON-safe as it stands
+
+
+def test_group_summary_never_scores_a_missing_label():
+    """FairFace-style labels: no true age, so no group has an age MAE and none is ranked on it;
+    a group whose ethnicity labels are all unknown has no ethnicity accuracy (not 0, not NaN)."""
+    outputs, labels = _hand_case()
+    labels["age"] = np.full(12, np.nan, dtype=np.float32)
+    labels["ethnicity"] = np.where(labels["gender"] == 1, -1, labels["ethnicity"])
+    g = group_summary(outputs, labels, "gender", age_bins_from="regression")
+    assert all("age_mae" not in m for m in g["groups"].values()) and "age_mae" not in g["worst"]
+    assert "ethnicity_acc" not in g["groups"]["female"] and g["groups"]["male"]["ethnicity_acc"] == 1.0
+    assert "ethnicity_acc" not in g["worst"] and "ethnicity_acc" not in g["gap"]
+    e = group_summary(outputs, labels, "ethnicity", age_bins_from="regression")
+    assert e["groups"]["white"]["n"] == 3  # rows with an unknown ethnicity belong to no ethnicity group
+    assert group_summary(outputs, {"gender": labels["gender"]}, "age_bin") is None  # no age labels of any kind
+    with pytest.raises(ValueError, match="grouping"):
+        group_summary(outputs, labels, "hair")
+
+
+def test_worst_and_gap():
+    assert worst_and_gap({"a": 0.9, "b": 0.5, "c": 0.7}, "gender_acc") == ("b", 0.5, pytest.approx(0.4))
+    assert worst_and_gap({"a": 3.0, "b": 8.0}, "age_mae") == ("b", 8.0, 5.0)
+    assert worst_and_gap({"a": 0.9}, "gender_acc") is None and worst_and_gap({}, "age_mae") is None
+
+
+def test_confusion_matrices_hand_computed():
+    outputs, labels = _hand_case()
+    c = confusion_matrices(outputs, labels, age_bins_from="regression")
+    assert list(c) == ["gender", "ethnicity", "age_bin"]
+    assert c["gender"] == {"classes": ["male", "female"], "matrix": [[4, 2], [0, 6]]}
+    assert c["ethnicity"]["classes"] == list(L.ETHNICITIES)
+    assert c["ethnicity"]["matrix"] == [[5, 0, 0, 0, 0], [2, 3, 0, 0, 0], [1, 0, 1, 0, 0], [0] * 5, [0] * 5]
+    ages = np.array(c["age_bin"]["matrix"])
+    assert ages.shape == (9, 9) and ages.sum() == 12 and np.trace(ages) == 11 and ages[3, 2] == 1
+    # no age-bin head and no age head: no age-bin matrix
+    del outputs["age"]
+    assert list(confusion_matrices(outputs, labels)) == ["gender", "ethnicity"]
+
+
+def test_confusion_matrix_skips_unknown_and_rejects_bad_predictions():
+    m = confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 1, -1, 1]), 3)
+    np.testing.assert_array_equal(m, [[1, 0, 0], [0, 1, 1], [0, 0, 0]])
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(np.array([3]), np.array([0]), 3)
+    with pytest.raises(ValueError):
+        confusion_matrix(np.array([0, 1]), np.array([0]), 3)
+
+
+def test_confusion_matrix_matches_sklearn(rng):
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    true, pred = rng.integers(-1, 5, 300), rng.integers(0, 5, 300)
+    keep = true >= 0
+    np.testing.assert_array_equal(confusion_matrix(pred, true, 5), sk_confusion(true[keep], pred[keep], labels=range(5)))
+
+
+def test_rank_groups_skips_missing_and_excluded():
+    groups = {"a": {"gender_acc": 0.9, "age_mae": None}, "b": {"gender_acc": float("nan"), "age_mae": 4.0},
+              "c": {"gender_acc": 0.6, "age_mae": 6.0}, "d": {"gender_acc": 0.1}}
+    worst, gap = rank_groups(groups, exclude=["d"])
+    assert worst == {"gender_acc": {"group": "c", "value": 0.6}, "age_mae": {"group": "c", "value": 6.0}}
+    assert gap == {"gender_acc": pytest.approx(0.3), "age_mae": 2.0}
+    assert rank_groups({"a": {"gender_acc": 0.5}}) == ({}, {})

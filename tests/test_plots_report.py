@@ -15,7 +15,7 @@ from PIL import Image
 from synthfar_ray import cli, plots, storage
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.labels import AGE_BIN_NAMES, CORE_FIELDS, ETHNICITIES, GENDERS, age_to_bin
-from synthfar_ray.report import MISSING, PAPER_COLUMNS, build_report, markdown_table
+from synthfar_ray.report import MISSING, PAPER_COLUMNS, ReportError, build_report, markdown_table
 
 SCHEMA = pa.schema(CORE_FIELDS)
 
@@ -285,3 +285,90 @@ def test_cli_report(data, tmp_path, capsys, monkeypatch):
     assert parse_md_table(md, "rank")[1][0][1] == "y"
     # a bad --runs argument is a clean error, not a traceback
     assert cli.main(["report", run_dir, "--runs", "nopath"]) == 2
+
+
+# ----------------------------------------------------------------------------- evaluation by group
+
+def _by_group_metrics():
+    """A metrics.json with per-group results, hand-made: by ethnicity white/black/asian have rows
+    (asian only 3: flagged), indian and other none; black's age MAE is null (never ranked)."""
+    ethnicity = {"groups": {"white": {"n": 40, "age_mae": 4.0, "ethnicity_acc": 0.9, "gender_acc": 0.95},
+                            "black": {"n": 30, "age_mae": None, "ethnicity_acc": 0.6, "gender_acc": 0.85},
+                            "asian": {"n": 3, "age_mae": 9.0, "ethnicity_acc": 0.0, "gender_acc": 0.33},
+                            "indian": {"n": 20, "age_mae": 6.5, "ethnicity_acc": 0.75, "gender_acc": 0.9}},
+                 "absent": ["other"], "few": ["asian"], "min_rows": 5,
+                 # what the file says is not what the report shows: it recomputes from the groups
+                 "worst": {"ethnicity_acc": {"group": "asian", "value": 0.0}}, "gap": {"ethnicity_acc": 0.9}}
+    gender = {"groups": {"male": {"n": 50, "age_mae": 5.0, "ethnicity_acc": 0.8, "gender_acc": 0.92},
+                         "female": {"n": 43, "age_mae": 5.5, "ethnicity_acc": 0.7, "gender_acc": 0.88}},
+              "absent": [], "few": [], "min_rows": 5}
+    confusion = {"gender": {"classes": ["male", "female"], "matrix": [[46, 4], [5, 38]]},
+                 "ethnicity": {"classes": list(ETHNICITIES),
+                               "matrix": [[36, 2, 1, 1, 0], [8, 18, 2, 2, 0], [1, 1, 0, 1, 0], [3, 1, 1, 15, 0], [0] * 5]}}
+    return {"checkpoint": "/ckpt/g", "datasets": RUNS["real_only"],
+            "by_group": {"utkface:test": {"ethnicity": ethnicity, "gender": gender}},
+            "confusion": {"utkface:test": confusion}}
+
+
+def test_report_by_group_table_and_confusion_plot(tmp_path):
+    root = tmp_path / "run"
+    (root / "eval" / "grouped").mkdir(parents=True)
+    (root / "eval" / "grouped" / "metrics.json").write_text(json.dumps(_by_group_metrics()))
+    (root / "eval" / "old").mkdir()  # a file from before per-group evaluation: a row, no group section
+    (root / "eval" / "old" / "metrics.json").write_text(json.dumps({"checkpoint": "c", "datasets": RUNS["mix_0.5"]}))
+    result = build_report(str(root))
+    md = open(result.markdown_path, encoding="utf-8").read()
+    # the paper table is what it was: the per-group extras change no cell
+    assert {r[0]: r[1:] for r in result.rows}["eval/grouped"] == ["5.31", "80.10", "91.20", "55.00", "70.00", "90.00"]
+
+    assert "## Evaluation by group" in md and "### eval/grouped: utkface:test" in md
+    headers, rows = parse_md_table(md, "metric")
+    assert headers == ["metric", "worst ethnicity", "ethnicity gap", "worst gender", "gender gap"]
+    table = {r[0]: r[1:] for r in rows}
+    assert list(table) == ["age MAE (years) ↓", "ethnicity acc (%)", "gender acc (%)"]  # no age-bin numbers: no row
+    # asian (3 rows) is flagged, not ranked; black's null MAE is not ranked; MAE: the highest is worst
+    assert table["ethnicity acc (%)"] == ["black 60.00", "30.00", "female 70.00", "10.00"]
+    assert table["age MAE (years) ↓"] == ["indian 6.50", "2.50", "female 5.50", "0.50"]
+    assert table["gender acc (%)"] == ["black 85.00", "10.00", "female 88.00", "4.00"]
+    assert not any(c.startswith("*") for r in rows for c in r)  # nothing bold or italic: not ranked across runs
+    assert "No rows (absent, not ranked): ethnicity: other." in md
+    assert "Fewer than 5 rows (flagged, not ranked): ethnicity: asian (3)." in md
+    assert "No per-group results in the metrics.json of: eval/old" in md
+    t = result.groups["eval/grouped"]["utkface:test"]["ethnicity"]
+    assert t.worst["ethnicity_acc"] == {"group": "black", "value": 0.6} and t.gap["ethnicity_acc"] == pytest.approx(0.3)
+    assert "age_mae" not in t.groups["black"]
+
+    png = [p for p in os.listdir(root / "report" / "plots") if p.startswith("confusion_")]
+    assert png == ["confusion_0_eval_grouped_utkface_test.png"]
+    img = Image.open(root / "report" / "plots" / png[0])
+    assert img.format == "PNG" and img.size[0] > 500
+    assert f"plots/{png[0]}" in md
+    page = open(result.html_path, encoding="utf-8").read()
+    assert len(re.findall(r"<img[^>]*src=\"data:image/png;base64,", page)) == 1
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"by_group": {"utkface:test": {"gender": {"groups": {"male": {"gender_acc": "high"}}}}}},
+     r"by_group\.utkface:test\.gender\.groups\.male\.gender_acc"),
+    ({"by_group": {"utkface:test": {"gender": {"groups": []}}}}, r"by_group\.utkface:test\.gender"),
+    ({"by_group": {"utkface:test": {"gender": {"groups": {}, "few": "male"}}}}, r"gender\.few"),
+    ({"confusion": {"utkface:test": {"gender": {"classes": ["male", "female"], "matrix": [[1, 2]]}}}},
+     r"confusion\.utkface:test\.gender"),
+    ({"confusion": [1]}, r"confusion must map"),
+])
+def test_bad_by_group_names_file_and_key(tmp_path, bad, match):
+    uri = tmp_path / "metrics.json"
+    uri.write_text(json.dumps({"checkpoint": "c", "datasets": RUNS["real_only"], **bad}))
+    with pytest.raises(ReportError, match=match) as e:
+        build_report(str(tmp_path), runs={"x": str(uri)})
+    assert str(uri) in str(e.value)
+
+
+def test_confusion_plots_and_row_shares(tmp_path):
+    shares = plots.row_shares(np.array([[3, 1], [0, 0]]))
+    assert shares[0].tolist() == [0.75, 0.25] and shares.mask[1].all() and not shares.mask[0].any()
+    out = plots.confusion_plots({"gender": {"classes": ["male", "female"], "matrix": [[3, 1], [0, 0]]}},
+                                str(tmp_path / "c" / "conf.png"), title="t")
+    assert Image.open(out).format == "PNG"
+    with pytest.raises(ValueError):
+        plots.confusion_plots({}, str(tmp_path / "none.png"))
