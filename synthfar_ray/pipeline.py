@@ -4,8 +4,9 @@
 `make demo` runs `configs/pipeline/demo.yaml`. Each section of the config is the config of one
 stage minus the paths, which the pipeline derives from `run_dir`:
 
-    run_dir/synthetic            generated set             run_dir/real                ingested real set
-    run_dir/standin_utkface      demo stand-in (files)     run_dir/synthetic/_selections/...  selection
+    run_dir/synthetic            generated set             run_dir/real_<dataset>      ingested real set(s)
+    run_dir/diffusion_preview    small diffusion set       run_dir/synthetic/_selections/...  selection
+    run_dir/standin/<layout>     stand-in files            run_dir/standin_parquet     stand-in as rendered
     run_dir/train/<run>          checkpoints, TensorBoard  run_dir/eval/<run>/metrics.json
     run_dir/tune                 sweep (tune_results.csv)                     run_dir/report/report.{md,html}
 
@@ -16,20 +17,22 @@ resumed or skipped (generation and training resume by design; ingest/sample reus
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from synthfar_ray import storage
 from synthfar_ray.config import ConfigError, StageConfig, StrictModel, load_config, validate
 from synthfar_ray.errors import StageFailed, UserError, first_line
+from synthfar_ray.faces import PhotoStyle
 from synthfar_ray.paths import InputPath, OutputPath
+from synthfar_ray.report_groundtruth import SELECTION_PRECISION, TUNE_AGREEMENT  # run_dir files the report reads
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +40,15 @@ STAGES = ("generate", "ingest", "sample", "train", "tune", "evaluate", "report")
 
 
 class StandInConfig(StrictModel):
-    """Demo only: a second, differently seeded synthetic set written in UTKFace's file layout and
-    ingested with the real ingest code, as a clearly labelled stand-in for a real dataset."""
+    """Demo and tests only: procedural faces (photo style, exact labels) rendered with a different
+    seed, split between UTKFace's and FairFace's file layouts (standin.py) and ingested with the
+    real ingest code, as clearly labelled stand-ins for the real datasets."""
 
-    num_images: int = Field(96, ge=8)
+    num_images: int = Field(96, ge=8, description="rendered images, split between the layouts by id")
     seed: int = 1
+    layouts: list[Literal["utkface", "fairface"]] = Field(default_factory=lambda: ["utkface"], min_length=1)
+    style: Literal["synthetic", "photo"] = "photo"
+    photo: PhotoStyle = PhotoStyle()
 
 
 class RealConfig(StrictModel):
@@ -57,6 +64,8 @@ class PipelineConfig(StageConfig):
     run_dir: OutputPath = Field(description="folder URI for every output of the pipeline")
     stages: list[str] = Field(default_factory=lambda: list(STAGES))
     generate: dict[str, Any] = Field(default_factory=dict, description="GenerateConfig minus output")
+    preview: dict[str, Any] | None = Field(None, description="GenerateConfig minus output: a small extra set "
+                                           "(e.g. diffusion) shown in the report, not trained on")
     standin: StandInConfig | None = None
     real: RealConfig = RealConfig()
     sample: dict[str, Any] | None = Field(default_factory=dict, description="SampleConfig minus synthetic/real")
@@ -65,6 +74,8 @@ class PipelineConfig(StageConfig):
         default_factory=lambda: {"synthetic_only": {"plan": "synthetic"}, "real_only": {"plan": "real"},
                                  "synthetic_to_real": {"plan": "pretrain_finetune", "use_selection": True}},
         description="named training runs: overrides of `train`; use_selection trains on the selection")
+    parallel_runs: int = Field(1, ge=1, description="training runs in flight at once (each as a Ray task that "
+                               "drives its own TorchTrainer); their start-up overlaps, so small runs finish sooner")
     tune: dict[str, Any] | None = Field(None, description="TuneConfig minus paths; null skips the sweep")
     evaluate_on: list[str] = Field(default_factory=lambda: ["utkface:test"])
 
@@ -75,12 +86,15 @@ class StagePlan:
 
     generate: Any
     standin: Any | None
-    real_uri: str
+    real_uri: str  # the real set runs train on
     real_src: str | None
     sample: Any | None
     runs: dict[str, Any]
     tune: Any | None
-    selection_runs: set[str] = field(default_factory=set)
+    selection_runs: dict[str, str] = field(default_factory=dict)  # run -> "sample" (the stage's method) or "random"
+    preview: Any | None = None
+    real_sets: dict[str, str] = field(default_factory=dict)  # dataset -> ingested URI (evaluation data)
+    standin_folders: dict[str, str] = field(default_factory=dict)  # layout -> local folder of stand-in files
 
 
 def _section(model: type, data: dict[str, Any], name: str, source: str):
@@ -99,26 +113,44 @@ def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
     run_dir, st = cfg.run_dir, cfg.storage.model_dump()
     synthetic = storage.join(run_dir, "synthetic")
     gen = _section(GenerateConfig, {**cfg.generate, "output": synthetic, "storage": st}, "generate", source)
-    standin = None
+    preview = None
+    if cfg.preview is not None:
+        preview = _section(GenerateConfig, {**cfg.preview, "output": storage.join(run_dir, "diffusion_preview"),
+                                            "storage": st}, "preview", source)
+    standin, folders = None, {}
     if cfg.standin is not None:
-        standin = gen.model_copy(update={"output": storage.join(run_dir, "standin_parquet"),
+        if cfg.real.dataset not in cfg.standin.layouts:
+            raise ConfigError(f"{source}: real.dataset={cfg.real.dataset} but standin.layouts={cfg.standin.layouts}")
+        render = gen.render.model_copy(update={"style": cfg.standin.style, "photo": cfg.standin.photo,
+                                               "label_noise": 0.0})
+        standin = gen.model_copy(update={"output": storage.join(run_dir, "standin_parquet"), "generator": "procedural",
                                          "num_images": cfg.standin.num_images, "seed": cfg.standin.seed,
-                                         "val_fraction": 0.0})
-    real_uri = cfg.real.uri or storage.join(run_dir, "real")
-    real_src = None if cfg.real.uri else (os.path.join(_local(run_dir), "standin_utkface") if standin else cfg.real.src)
+                                         "val_fraction": 0.0, "render": render})
+        folders = {layout: os.path.join(_local(run_dir), "standin", layout) for layout in cfg.standin.layouts}
+    if cfg.real.uri:
+        real_sets = {cfg.real.dataset: cfg.real.uri}
+    else:
+        names = cfg.standin.layouts if cfg.standin is not None else [cfg.real.dataset]
+        real_sets = {name: storage.join(run_dir, f"real_{name}") for name in names}
+    real_uri = real_sets[cfg.real.dataset]
+    real_src = None if cfg.real.uri else (folders[cfg.real.dataset] if standin else cfg.real.src)
     if "ingest" in cfg.stages and not cfg.real.uri and real_src is None:
         raise ConfigError(f"{source}: real: give `src` (the downloaded dataset), `uri` (an ingested set) or a `standin`")
     sample = None
     if cfg.sample is not None:
         sample = _section(SampleConfig, {**cfg.sample, "synthetic": synthetic, "real": real_uri, "storage": st},
                           "sample", source)
-    runs, selection_runs = {}, set()
+    runs, selection_runs = {}, {}
     for name, over in cfg.runs.items():
         over = dict(over)
-        if over.pop("use_selection", False):
-            if sample is None:
-                raise ConfigError(f"{source}: runs.{name}: use_selection needs a `sample` section")
-            selection_runs.add(name)
+        use = over.pop("use_selection", False)
+        if use not in (False, True, "random"):
+            raise ConfigError(f"{source}: runs.{name}: use_selection must be true (the sample stage's selection), "
+                              f"random (a random pick of the same K) or false, not {use!r}")
+        if use:
+            if sample is None or "sample" not in cfg.stages:
+                raise ConfigError(f"{source}: runs.{name}: use_selection needs a `sample` section and the sample stage")
+            selection_runs[name] = "random" if use == "random" else "sample"
         data = {**cfg.train, **over, "name": name, "storage_path": storage.join(run_dir, "train"),
                 "synthetic": synthetic, "real": real_uri, "storage": st}
         runs[name] = _section(TrainConfig, data, f"runs.{name}", source)
@@ -127,7 +159,7 @@ def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
         from synthfar_ray.tune import TuneConfig
 
         tune = _section(TuneConfig, tune_section(cfg, synthetic, real_uri), "tune", source)
-    return StagePlan(gen, standin, real_uri, real_src, sample, runs, tune, selection_runs)
+    return StagePlan(gen, standin, real_uri, real_src, sample, runs, tune, selection_runs, preview, real_sets, folders)
 
 
 def tune_section(cfg: PipelineConfig, synthetic: str, real_uri: str) -> dict[str, Any]:
@@ -151,26 +183,172 @@ def _local(uri: str) -> str:
     return storage.resolve(uri)[1]
 
 
-def write_standin_utkface(parquet_uri: str, folder: str, opts: storage.StorageOptions) -> int:
-    """Write a generated set as UTKFace-style files `age_gender_race_date.jpg.chip.jpg` (stand-in only)."""
-    from synthfar_ray.ingest import utkface_file_name
+def _ingest_real(cfg: PipelineConfig, plan: StagePlan, timed) -> None:
+    """Ingest the real set(s): the stand-in layouts (rendered and written first), or real.src."""
+    from synthfar_ray.ingest import ingest_fairface, ingest_utkface
 
-    os.makedirs(folder, exist_ok=True)
-    n = 0
-    for name in storage.list_files(parquet_uri, opts, suffix=".parquet"):
-        fs, path = storage.resolve(storage.join(parquet_uri, name), opts)
-        with fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["id", "image", "age", "gender", "ethnicity"])
-        for row in table.to_pylist():
-            stamp = f"2026{row['id']:013d}"
-            target = os.path.join(folder, utkface_file_name(int(row["age"]), row["gender"], row["ethnicity"], stamp))
-            with open(target, "wb") as out:
-                out.write(row["image"])
-            n += 1
-    with open(os.path.join(folder, "README.txt"), "w") as f:
-        f.write("STAND-IN, NOT REAL FACES: a differently seeded synthetic set written in UTKFace's file layout\n"
-                "by `synthfar pipeline` so the demo can exercise the real ingest and fine-tuning path offline.\n")
-    return n
+    opts = cfg.storage
+    todo = {name: uri for name, uri in plan.real_sets.items()
+            if not storage.exists(storage.join(uri, "_manifest.json"), opts)}
+    for name in sorted(set(plan.real_sets) - set(todo)):
+        logger.info("real set %s already ingested at %s", name, plan.real_sets[name])
+    if not todo:
+        return
+    sources = {cfg.real.dataset: plan.real_src}
+    if plan.standin is not None:
+        from synthfar_ray.generate import run_generate
+        from synthfar_ray.standin import write_layouts
+
+        timed("standin-generate", run_generate, plan.standin)
+        # Every layout is written (the split between them depends on how many there are).
+        counts = timed("standin-files", write_layouts, plan.standin.output, plan.standin_folders, opts)
+        logger.info("wrote procedural stand-in files (NOT real faces): %s",
+                    ", ".join(f"{n} {name} -> {plan.standin_folders[name]}" for name, n in counts.items()))
+        sources = plan.standin_folders
+    for name, uri in todo.items():
+        ingest = ingest_utkface if name == "utkface" else ingest_fairface
+        timed(f"ingest:{name}", ingest, sources[name], uri, seed=cfg.real.seed, skip_bad=cfg.real.skip_bad, storage=opts)
+
+
+def _sample(cfg: PipelineConfig, plan: StagePlan, timed, metrics: dict[str, Any]) -> dict[str, str]:
+    """Run the sample stage, and a random pick of the same K when a run trains on it or the synthetic
+    set has ground truth (label precision of the method vs random). Returns {"sample"|"random": URI}."""
+    from synthfar_ray.sampling import run_sample
+
+    sampled = timed("sample", run_sample, plan.sample)
+    out = {"sample": sampled.output}
+    if "random" in plan.selection_runs.values() or sampled.precision is not None:
+        random_cfg = plan.sample.model_copy(update={"method": "random", "k": sampled.k, "k_multiple": None,
+                                                    "output": None})
+        random = timed("sample:random", run_sample, random_cfg)
+        out["random"] = random.output
+        if sampled.precision is not None:
+            metrics["selection"] = {"method": sampled.method, "k": sampled.k, "precision": sampled.precision,
+                                    "random_precision": random.precision}
+            storage.write_bytes(storage.join(cfg.run_dir, SELECTION_PRECISION),
+                                json.dumps(metrics["selection"], indent=2).encode(), cfg.storage)
+    return out
+
+
+def _train_in_task(tcfg):
+    from synthfar_ray.train import run_train
+
+    return run_train(tcfg)
+
+
+def _await_run(ref):
+    """The run's result; a failed run raises its own error (not Ray's wrapper) for the one-line report."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+
+
+def train_runs(runs: dict[str, Any], parallel: int, timed) -> dict[str, tuple[Any, Any]]:
+    """Train every run (configs with absolute paths): one after another in this process, or up to
+    `parallel` at once, each as a Ray task (num_cpus=0: its TorchTrainer's workers hold the CPUs)
+    driving its own TorchTrainer. The first failure stops the stage (runs in flight finish)."""
+    from synthfar_ray.train import run_train
+
+    if parallel <= 1 or len(runs) <= 1:
+        return {name: (tcfg, timed(f"train:{name}", run_train, tcfg)) for name, tcfg in runs.items()}
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0)(_train_in_task)
+    pending, in_flight, done = list(runs), {}, {}
+    logger.info("training %d runs, %d at a time: %s", len(runs), parallel, ", ".join(runs))
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < parallel:
+                name = pending.pop(0)
+                in_flight[task.remote(runs[name])] = name
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            name = in_flight.pop(ready[0])
+            result = timed(f"train:{name}", _await_run, ready[0])
+            done[name] = (runs[name], result)
+            logger.info("run %s finished: step %d in %.1f s", name, result.steps, result.seconds)
+    finally:
+        for ref, name in in_flight.items():  # a run failed: stop the others (they resume from a checkpoint)
+            logger.warning("cancelling run %s", name)
+            ray.cancel(ref, force=True)
+    return {name: done[name] for name in runs}
+
+
+def _run_point(plan: StagePlan, name: str, tcfg) -> tuple[float, str] | None:
+    """(synthetic share, sampler) of a pipeline run in the terms of a mix sweep; None if not comparable."""
+    sampler = {"sample": plan.sample.method if plan.sample else None, "random": "random"}.get(
+        plan.selection_runs.get(name, ""), "none")
+    if tcfg.plan == "real":
+        return None  # a sweep's 0 % mix ignores its sampler: no single trial to pair with
+    share = 1.0 if tcfg.plan == "synthetic" else tcfg.mix_ratio if tcfg.plan == "mix" else None
+    return None if share is None else (float(share), sampler)
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None for fewer than 3 pairs or no spread."""
+    import numpy as np
+    import pandas as pd
+
+    if len(a) < 3:
+        return None
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def tune_agreement(plan: StagePlan, tune_result, trained: dict[str, tuple[Any, Any]]) -> dict[str, Any] | None:
+    """Does the sweep rank configurations as separately trained runs do? Pairs each finished trial
+    of a mix sweep with the pipeline run of the same (synthetic share, sampler, real subset, K), scores
+    the run like the sweep (mean of its score metrics at its last validation) and gives the Spearman
+    correlation of the two scores. None when the sweep is not a mix sweep or nothing pairs."""
+    from synthfar_ray.tune import _score
+
+    tune = plan.tune
+    if tune is None or tune.plan != "mix" or not trained:
+        return None
+    subset = int(tune.train.get("real_subset", 100))
+    k = plan.sample.k if plan.sample is not None else None
+    k_multiple = plan.sample.k_multiple if plan.sample is not None else None
+    runs = {}
+    for name, (tcfg, result) in trained.items():
+        point = _run_point(plan, name, tcfg)
+        if point is not None and tcfg.real_subset == subset:
+            runs[point] = (name, _score(result.metrics, tune.score_metrics))
+    pairs = []
+    for trial in tune_result.trials:
+        if trial.get("status") != "TERMINATED" or trial.get(tune.metric) is None:
+            continue
+        same_k = trial.get("sampler") == "none" or (
+            k is None and trial.get("top_k") == k_multiple and plan.sample.real_subset == subset)
+        point = (float(trial["mix_ratio"]), str(trial["sampler"]))
+        if point in runs and same_k and runs[point][1] is not None:
+            pairs.append({"mix_ratio": point[0], "sampler": point[1], "trial": trial.get("trial_id"),
+                          "trial_score": float(trial[tune.metric]), "run": runs[point][0], "run_score": runs[point][1]})
+    if not pairs:
+        return None
+    rho = spearman([p["trial_score"] for p in pairs], [p["run_score"] for p in pairs])
+    return {"metric": tune.metric, "pairs": pairs, "spearman": rho}
+
+
+def report_datasets(plan: StagePlan) -> dict[str, str]:
+    """The datasets the report shows grids of, under names that say what they are."""
+    gen = plan.generate
+    if gen.generator == "procedural":
+        noise = gen.render.label_noise
+        name = f"synthetic (procedural, {gen.render.style} style, label noise {noise})"
+    else:
+        name = f"synthetic ({gen.generator})"
+    out = {name: gen.output}
+    for dataset, uri in plan.real_sets.items():
+        out[f"{dataset} (procedural stand-in, not faces)" if plan.standin is not None else dataset] = uri
+    if plan.preview is not None:
+        label = ("random-weight diffusion: machinery only" if plan.preview.model.preset
+                 else f"{plan.preview.generator} preview")
+        out[f"diffusion preview ({label})"] = plan.preview.output
+    return out
 
 
 @dataclass
@@ -210,58 +388,52 @@ def run_pipeline(cfg: PipelineConfig, source: str = "<pipeline>") -> PipelineRes
     if "generate" in cfg.stages:
         from synthfar_ray.generate import run_generate
 
+        if plan.preview is not None:
+            timed("generate:preview", run_generate, plan.preview)
         timed("generate", run_generate, plan.generate)
     if "ingest" in cfg.stages and cfg.real.uri is None:
-        if storage.exists(storage.join(plan.real_uri, "_manifest.json"), opts):
-            logger.info("real set already ingested at %s", plan.real_uri)
-        else:
-            if plan.standin is not None:
-                from synthfar_ray.generate import run_generate
-
-                timed("standin-generate", run_generate, plan.standin)
-                n = timed("standin-files", write_standin_utkface, plan.standin.output, plan.real_src, opts)
-                logger.info("wrote %d stand-in files in UTKFace layout to %s (NOT real faces)", n, plan.real_src)
-            from synthfar_ray.ingest import ingest_fairface, ingest_utkface
-
-            ingest = ingest_utkface if cfg.real.dataset == "utkface" else ingest_fairface
-            timed("ingest", ingest, plan.real_src, plan.real_uri, seed=cfg.real.seed,
-                  skip_bad=cfg.real.skip_bad, storage=opts)
-    selection = None
+        _ingest_real(cfg, plan, timed)
+    selections: dict[str, str] = {}
     if plan.sample is not None and "sample" in cfg.stages:
-        from synthfar_ray.sampling import run_sample
-
-        selection = timed("sample", run_sample, plan.sample).output
+        selections = _sample(cfg, plan, timed, metrics)
     checkpoints: dict[str, str] = {}
+    trained: dict[str, tuple[Any, Any]] = {}  # run -> (config as trained, TrainResult)
     if "train" in cfg.stages:
-        from synthfar_ray.train import run_train
-
+        todo = {}
         for name, tcfg in plan.runs.items():
-            if name in plan.selection_runs and selection is not None:
-                tcfg = tcfg.model_copy(update={"synthetic_selection": selection})
-            result = timed(f"train:{name}", run_train, tcfg)
+            if name in plan.selection_runs:
+                tcfg = tcfg.model_copy(update={"synthetic_selection": selections[plan.selection_runs[name]]})
+            todo[name] = tcfg
+        for name, (tcfg, result) in train_runs(todo, cfg.parallel_runs, timed).items():
             checkpoints[name] = result.checkpoint
+            trained[name] = (tcfg, result)
+            times[f"train:{name}"] = round(result.seconds, 2)  # the run's own time (runs may overlap)
     if plan.tune is not None:
         from synthfar_ray.tune import run_tune
 
         tune_result = timed("tune", run_tune, plan.tune)
         metrics["tune"] = {"best_params": tune_result.best_params, "best_metric": tune_result.best_metric}
+        agreement = tune_agreement(plan, tune_result, trained)
+        if agreement is not None:
+            metrics["tune_agreement"] = agreement
+            storage.write_bytes(storage.join(cfg.run_dir, TUNE_AGREEMENT), json.dumps(agreement, indent=2).encode(), opts)
+            logger.info("tune vs separately trained runs: Spearman %s over %d matching configurations",
+                        agreement["spearman"], len(agreement["pairs"]))
     evaluations: dict[str, str] = {}
     if "evaluate" in cfg.stages and checkpoints:
         from synthfar_ray.evaluate import EvaluateConfig, run_evaluate
 
-        dataset = cfg.real.dataset
         for name, ckpt in checkpoints.items():
             evaluations[name] = storage.join(cfg.run_dir, "eval", name)
-            ecfg = EvaluateConfig(checkpoint=ckpt, on=cfg.evaluate_on, data={dataset: plan.real_uri},
+            ecfg = EvaluateConfig(checkpoint=ckpt, on=cfg.evaluate_on, data=plan.real_sets,
                                   out=evaluations[name], storage=opts)
             metrics[name] = timed(f"evaluate:{name}", run_evaluate, ecfg)
     report_path = None
     if "report" in cfg.stages:
         from synthfar_ray.report import build_report
 
-        real_name = f"{cfg.real.dataset} (stand-in)" if plan.standin else cfg.real.dataset
         rep = timed("report", build_report, cfg.run_dir, runs=evaluations or None,
-                    datasets={"synthetic": plan.generate.output, real_name: plan.real_uri}, storage=opts)
+                    datasets=report_datasets(plan), storage=opts)
         report_path = rep.html_path
     seconds = time.time() - t_start
     logger.info("pipeline done in %.1f s: %s", seconds, ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))

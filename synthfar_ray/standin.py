@@ -1,0 +1,106 @@
+"""Procedural stand-ins for the real datasets, written in UTKFace's and FairFace's file layouts.
+
+The demo (and the tests) have no real faces: `synthfar pipeline` renders a "real" set with the
+procedural face renderer (faces.py) in `style: photo` WITHOUT label noise, and writes it as the
+files the real datasets ship as, so the real `synthfar ingest` reads them:
+- UTKFace: `age_gender_race_stamp.jpg.chip.jpg` files in one folder;
+- FairFace: `train/`, `val/` folders and `fairface_label_{train,val}.csv` with FairFace's label
+  strings (age bins such as "20-29", Male/Female, the 7 races).
+
+The rendered set is split between the layouts written by id (id % number of layouts: with both,
+even ids UTKFace and odd ids FairFace), so two stand-ins never share an image: training on one and
+testing on the other does not leak.
+Every folder holds a README.txt that says these are procedural stand-ins, not faces.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from synthfar_ray import labels as L
+from synthfar_ray import storage
+
+Layout = Literal["utkface", "fairface"]
+LAYOUTS: tuple[str, ...] = ("utkface", "fairface")
+FAIRFACE_VAL_SHARE = 0.125  # FairFace ships about 1/8 of its images as the official val set
+# The 5 classes back to FairFace's 7 races: where two races fold into one class, the id picks one.
+_RACES7: dict[str, tuple[str, ...]] = {
+    "white": ("White", "Middle Eastern"), "black": ("Black",), "asian": ("East Asian", "Southeast Asian"),
+    "indian": ("Indian",), "other": ("Latino_Hispanic",),
+}
+NOTICE = ("STAND-IN, NOT REAL FACES: procedural faces (synthfar_ray/faces.py, style photo, no label noise)\n"
+          "written in {layout}'s file layout by `synthfar pipeline`, so the demo can run the real ingest,\n"
+          "training and evaluation offline. Their labels are exact: they are what the renderer drew.\n")
+
+
+def layout_of(image_id: int, layouts: list[str]) -> str:
+    """Which of the layouts written (in LAYOUTS order) an id of the rendered set goes to."""
+    return layouts[image_id % len(layouts)]
+
+
+def fairface_labels(row: dict[str, Any], salt: int = 0) -> tuple[str, str, str]:
+    """(age bin, gender, race) as FairFace writes them, for a row with age/gender/ethnicity; where two
+    races fold into the row's class, `salt` (any per-image integer) picks one."""
+    age_bin = int(L.age_to_bin(row["age"]))
+    age = "more than 70" if age_bin == L.NUM_AGE_BINS - 1 else L.AGE_BIN_NAMES[age_bin]
+    races = _RACES7[L.ETHNICITIES[row["ethnicity"]]]
+    return age, ("Male", "Female")[row["gender"]], races[salt % len(races)]
+
+
+def fairface_split(image_id: int) -> str:
+    """Official split of a FairFace stand-in image: a seeded 1/8 goes to val (ingest's test)."""
+    u = np.random.default_rng(np.random.SeedSequence([image_id, 0xFA1F])).random()
+    return "val" if u < FAIRFACE_VAL_SHARE else "train"
+
+
+def _rows(parquet_uri: str, opts: storage.StorageOptions) -> Iterator[dict[str, Any]]:
+    for name in storage.list_files(parquet_uri, opts, suffix=".parquet"):
+        fs, path = storage.resolve(storage.join(parquet_uri, name), opts)
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["id", "image", "age", "gender", "ethnicity"])
+        yield from table.to_pylist()
+
+
+def write_layouts(parquet_uri: str, folders: dict[str, str], opts: storage.StorageOptions) -> dict[str, int]:
+    """Write a generated set's rows as stand-in files: `folders` maps a layout to its local folder
+    (only the layouts named are written). Returns the number of images per layout."""
+    from synthfar_ray.ingest import FAIRFACE_CSVS, utkface_file_name
+
+    unknown = sorted(set(folders) - set(LAYOUTS))
+    if unknown:
+        raise ValueError(f"unknown stand-in layout {unknown[0]!r} (known: {', '.join(LAYOUTS)})")
+    counts = dict.fromkeys(folders, 0)
+    csv_rows: dict[str, list[list[str]]] = {"train": [], "val": []}
+    for folder in folders.values():
+        os.makedirs(folder, exist_ok=True)
+    layouts = [name for name in LAYOUTS if name in folders]
+    for row in _rows(parquet_uri, opts):
+        layout = layout_of(row["id"], layouts)
+        if layout == "utkface":
+            stamp = f"2026{row['id']:013d}"
+            rel = utkface_file_name(int(row["age"]), row["gender"], row["ethnicity"], stamp)
+        else:
+            split = fairface_split(row["id"])
+            rel = f"{split}/{row['id']}.jpg"
+            csv_rows[split].append([rel, *fairface_labels(row, row["id"] // len(layouts)), "False"])
+        target = os.path.join(folders[layout], rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as out:
+            out.write(row["image"])
+        counts[layout] += 1
+    if "fairface" in folders:
+        for split, name in FAIRFACE_CSVS.items():
+            with open(os.path.join(folders["fairface"], name), "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["file", "age", "gender", "race", "service_test"])
+                w.writerows(sorted(csv_rows[split]))
+    for layout, folder in folders.items():
+        with open(os.path.join(folder, "README.txt"), "w") as f:
+            f.write(NOTICE.format(layout={"utkface": "UTKFace", "fairface": "FairFace"}[layout]))
+    return counts
