@@ -243,8 +243,7 @@ def confusion_plots(confusion: dict[str, dict], out_png: str, title: str = "") -
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         n, correct = int(matrix.sum()), int(np.trace(matrix))
-        ax.set_title(f"{CONFUSION_TITLES.get(attr, attr)} (acc {100 * correct / n:.1f} %, n={n})" if n else
-                     f"{CONFUSION_TITLES.get(attr, attr)} (no labelled rows)")
+        ax.set_title(f"{CONFUSION_TITLES.get(attr, attr)}\n" + (f"acc {100 * correct / n:.1f} %, n={n}" if n else "no labelled rows"))
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of the true class")
     if title:
         fig.suptitle(title)
