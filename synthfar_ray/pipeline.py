@@ -148,8 +148,9 @@ def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
             raise ConfigError(f"{source}: runs.{name}: use_selection must be true (the sample stage's selection), "
                               f"random (a random pick of the same K) or false, not {use!r}")
         if use:
-            if sample is None or "sample" not in cfg.stages:
-                raise ConfigError(f"{source}: runs.{name}: use_selection needs a `sample` section and the sample stage")
+            if sample is None or ("train" in cfg.stages and "sample" not in cfg.stages):
+                raise ConfigError(f"{source}: runs.{name}: use_selection needs a `sample` section, and the sample "
+                                  "stage wherever the train stage runs (it makes the selection the run reads)")
             selection_runs[name] = "random" if use == "random" else "sample"
         data = {**cfg.train, **over, "name": name, "storage_path": storage.join(run_dir, "train"),
                 "synthetic": synthetic, "real": real_uri, "storage": st}

@@ -35,6 +35,7 @@ from synthfar_ray.errors import UserError
 from synthfar_ray import plots, storage as st
 from synthfar_ray.config import ConfigError, StrictModel, validate
 from synthfar_ray.metrics import rank_groups
+from synthfar_ray.report_groundtruth import groundtruth_blocks
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -582,6 +583,7 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
         sources += list(run_files.values())
     else:
         blocks.append(Block("text", f"No evaluation {METRICS_FILE} found under {run_dir}."))
+    blocks += groundtruth_blocks(run_dir, storage)  # selection precision, Tune vs runs (when present)
 
     # --- datasets: distributions and sample grids
     datasets = dict(datasets) if datasets else dict(spec.datasets)

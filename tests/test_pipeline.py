@@ -113,3 +113,18 @@ def test_failed_stage_stops_the_pipeline_with_one_line(ray_cluster, tmp_path, ca
     assert len(err) == 1 and "stage ingest:utkface failed" in err[0] and "bad item" in err[0], err
     assert "holiday.jpg" in caplog.text  # the log holds the whole list of bad files
     assert not (tmp_path / "run" / "train").exists() and not (tmp_path / "run" / "report").exists()
+
+
+def test_spearman_and_standin_label_strings():
+    from synthfar_ray.pipeline import spearman
+    from synthfar_ray.standin import fairface_labels, layout_of
+
+    assert spearman([0.1, 0.2, 0.3], [1.0, 2.0, 5.0]) == pytest.approx(1.0)
+    assert spearman([0.1, 0.2, 0.3], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert spearman([0.1, 0.2], [1.0, 2.0]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+    assert [layout_of(i, ["utkface", "fairface"]) for i in range(4)] == ["utkface", "fairface"] * 2
+    assert {layout_of(i, ["fairface"]) for i in range(5)} == {"fairface"}
+    # FairFace's strings: "more than 70" for the last bin; white folds White + Middle Eastern.
+    assert fairface_labels({"age": 75.0, "gender": 1, "ethnicity": 0}, salt=1) == ("more than 70", "Female",
+                                                                                   "Middle Eastern")
+    assert fairface_labels({"age": 4.0, "gender": 0, "ethnicity": 1}, salt=7) == ("3-9", "Male", "Black")

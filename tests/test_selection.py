@@ -69,3 +69,18 @@ def test_folds_are_seeded_balanced_and_independent_of_random_scores():
     # not a function of the random sampler's score for the same seed
     r = random_scores(ids, 0)
     assert abs(np.corrcoef(r, f)[0, 1]) < 0.05
+
+
+def test_label_precision_counts_rows_whose_picture_matches_every_label():
+    import pandas as pd
+
+    from synthfar_ray.selection import label_precision
+
+    rows = pd.DataFrame({
+        "age": [25.0, 25.0, 5.0, 70.0], "render_age": [27.0, 45.0, 6.0, 71.0],  # bins: same, other, same, same
+        "gender": [0, 1, 1, 0], "render_gender": [0, 1, 0, 0],
+        "ethnicity": [2, 3, 4, 0], "render_ethnicity": [2, 3, 4, 1],
+    })
+    p = label_precision(rows)
+    assert p == {"age_bin": 0.75, "gender": 0.75, "ethnicity": 0.75, "all": 0.25}
+    assert all(v != v for v in label_precision(rows.iloc[:0]).values())  # NaN without rows
