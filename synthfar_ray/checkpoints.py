@@ -35,7 +35,7 @@ CHECKPOINT_PREFIX = "checkpoint_"
 OPERATIONAL_KEYS = frozenset({
     "name", "storage_path", "storage", "overwrite", "resume", "log_every", "val_every", "val_batch_size",
     "val_limit", "val_cache_mb", "checkpoint_every", "keep_checkpoints", "num_workers", "use_gpu",
-    "cpus_per_worker", "data_cpus", "failure_max", "val_source",
+    "cpus_per_worker", "data_cpus", "failure_max", "val_source", "dist_backend",
     # Where decoding and augmentation run does not change what is learned; a bigger budget extends
     # the run (its schedule stretches from the resumed step on).
     "decode_on", "augment_on", "steps", "finetune_steps",

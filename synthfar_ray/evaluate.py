@@ -103,9 +103,11 @@ class Predictor:
 
 
 def _pool(cfg: EvaluateConfig) -> tuple[int, float]:
-    from synthfar_ray.raycluster import actor_pool, use_gpu
+    from synthfar_ray.raycluster import actor_pool, check_request, use_gpu
 
-    return actor_pool(cfg.num_actors, 1.0 if use_gpu(cfg.use_gpu) else 0.0)
+    actors, gpus = actor_pool(cfg.num_actors, 1.0 if use_gpu(cfg.use_gpu) else 0.0)
+    check_request("evaluate: each prediction actor", {"CPU": cfg.cpus_per_actor, "GPU": gpus})
+    return actors, gpus
 
 
 def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image_size: int):

@@ -67,7 +67,7 @@ from synthfar_ray.labels import CORE_FIELDS, age_to_bin, ethnicity_index, gender
 from synthfar_ray.paths import OutputPath, display
 from synthfar_ray.poses import HeadPose, PoseConfig, PoseFolder, render_pose, sample_pose
 from synthfar_ray.prompts import PromptConfig, load_vocab, render_prompt, sample_attributes
-from synthfar_ray.raycluster import actor_pool, ensure_ray
+from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -547,6 +547,7 @@ def _generate_shards(cfg: GenerateConfig, todo: list[tuple[int, int, int]]) -> I
     ensure_ray()
     actors, gpus = actor_pool(cfg.compute.num_actors, cfg.compute.gpus_per_actor)
     actors = min(actors, len(todo))
+    check_request("generate: each diffusion actor", {"CPU": cfg.compute.cpus_per_actor, "GPU": gpus})
     logger.info("generating %d shards (%d images) into %s on %d actor(s) [%s GPU, %s CPU each]", len(todo),
                 sum(b - a for _, a, b in todo), display(cfg.output), actors, gpus, cfg.compute.cpus_per_actor)
     items = [{"shard": s, "start": a, "stop": b} for s, a, b in todo]

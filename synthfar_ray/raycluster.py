@@ -3,11 +3,23 @@
 Stages call these instead of `ray.init()` / `ray.cluster_resources()` of their own, so every stage
 connects the same way (an existing cluster, `RAY_ADDRESS`, or a local one) and sizes its pools by the
 same rule.
+
+"What the cluster has" means what it has or can get: on an autoscaling cluster (`ray up`), GPU
+workers start from zero, so live resources would say "no GPU" while the node types say otherwise.
+Before a stage launches actors, Train workers or trials it calls `check_request`, so a request no
+node can ever meet fails at once instead of pending forever.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from synthfar_ray.errors import UserError
 
@@ -23,10 +35,14 @@ def ensure_ray() -> None:
 
 
 def cluster_gpus() -> float:
-    import ray
+    """GPUs the cluster has or can get: live ones plus what the autoscaler's node types may add."""
+    return capacity("GPU")
 
-    ensure_ray()
-    return float(ray.cluster_resources().get("GPU", 0))
+
+def capacity(key: str, shapes: list[NodeShape] | None = None) -> float:
+    """The most of resource `key` the cluster can hold at once (live nodes + autoscaler max_workers)."""
+    shapes = node_shapes() if shapes is None else shapes
+    return sum(s.count * s.resources.get(key, 0.0) for s in shapes)
 
 
 def use_gpu(setting: bool | None, what: str = "use_gpu") -> bool:
@@ -48,3 +64,128 @@ def actor_pool(num_actors: int | None, gpus_per_actor: float | None) -> tuple[in
     if per > 0:
         return max(1, int(gpus // per)), float(per)
     return 1, 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# What the cluster can provide: live nodes, plus the node types its autoscaler may add
+
+@dataclass(frozen=True)
+class NodeShape:
+    """One kind of node: a live node, or a worker type of the autoscaler's config."""
+
+    name: str  # "node 10.0.0.5" (live) or the node type's name
+    resources: dict[str, float]
+    count: int  # live nodes of this shape, or the type's max_workers
+    live: bool
+
+
+def _schedulable(resources: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in resources.items()
+            if not k.startswith("node:") and k != "object_store_memory" and not k.startswith("accelerator_type:")}
+
+
+def autoscaler_config() -> dict | None:
+    """The cluster config of the autoscaler that runs this cluster, or None (no autoscaler, or its
+    config cannot be read from this machine).
+
+    The v1 monitor publishes its pid in the GCS status it writes every few seconds; its command
+    line names the config (`--autoscaling-config=~/ray_bootstrap_config.yaml` after `ray up`).
+    Job drivers run on the head, where that file is, so `ray job submit` jobs always find it."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return None
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if not raw:
+        return None
+    try:
+        pid = int(json.loads(raw)["monitor_pid"])
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    path = next((a.split("=", 1)[1] for a in args if a.startswith("--autoscaling-config=")), None)
+    if path is None and "--autoscaling-config" in args:
+        path = args[args.index("--autoscaling-config") + 1]
+    if not path:
+        return None
+    try:
+        config = yaml.safe_load(Path(path).expanduser().read_text())
+    except (OSError, yaml.YAMLError):
+        logger.warning("cannot read the autoscaler's config %s; checking requests against live nodes only", path)
+        return None
+    return config if isinstance(config, dict) and config.get("available_node_types") else None
+
+
+def node_shapes() -> list[NodeShape]:
+    """Every shape of node this cluster has or can get: the live nodes, then the autoscaler's worker
+    types (those it may launch, max_workers > 0) with their declared resources."""
+    import ray
+
+    ensure_ray()
+    live: dict[tuple, NodeShape] = {}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = _schedulable(node.get("Resources") or {})
+        key = tuple(sorted(res.items()))
+        prev = live.get(key)
+        live[key] = NodeShape(prev.name if prev else f"node {node.get('NodeManagerAddress')}", res,
+                              (prev.count if prev else 0) + 1, True)
+    shapes = list(live.values())
+    config = autoscaler_config()
+    if config:
+        head = config.get("head_node_type")
+        for name, spec in config["available_node_types"].items():
+            count = int(spec.get("max_workers", 0) or 0)
+            if name == head or count <= 0:
+                continue
+            if not spec.get("resources"):
+                logger.warning("node type %s declares no resources; requests are not checked against it", name)
+                continue
+            shapes.append(NodeShape(name, _schedulable(spec["resources"]), count, False))
+    return shapes
+
+
+def _fits(bundle: Mapping[str, float], resources: Mapping[str, float]) -> bool:
+    return all(resources.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}: {v:g}" for k, v in resources.items())
+
+
+def check_request(what: str, bundle: Mapping[str, float], count: int = 1, *, together: bool = False,
+                  shapes: list[NodeShape] | None = None) -> None:
+    """Fail at once, in one line, if no node this cluster has or can get fits `bundle` (what one
+    actor / worker / task of `what` asks for); with `together` (a placement group: Train workers),
+    also if the cluster can never hold `count` of them at once. A bundle that only a node type the
+    autoscaler has not launched yet fits is logged as waiting for it, so a pending stage says why."""
+    bundle = {k: float(v) for k, v in bundle.items() if v}
+    if not bundle:
+        return
+    shapes = node_shapes() if shapes is None else shapes
+    fitting = [s for s in shapes if _fits(bundle, s.resources)]
+    if not fitting:
+        raise UserError(_never_fits(what, bundle, shapes))
+    if together and count > 1:
+        room = sum(s.count * min(int(s.resources.get(k, 0.0) / v + 1e-9) for k, v in bundle.items()) for s in fitting)
+        if room < count:
+            raise UserError(f"{what} needs {count} x {{{_fmt(bundle)}}} at once, but every node this cluster has or "
+                            f"can add holds {room} of them")
+    if not any(s.live for s in fitting):
+        logger.warning("%s: no live node has {%s}; waiting for the autoscaler to add a %s node", what, _fmt(bundle),
+                       " or ".join(s.name for s in fitting))
+
+
+def _never_fits(what: str, bundle: Mapping[str, float], shapes: list[NodeShape]) -> str:
+    if not shapes:
+        return f"{what} asks for {{{_fmt(bundle)}}}, but the Ray cluster has no nodes"
+    for key, amount in bundle.items():
+        largest = max(shapes, key=lambda s: s.resources.get(key, 0.0))
+        have = largest.resources.get(key, 0.0)
+        if have + 1e-9 < amount:
+            return (f"{what} asks for {key}: {amount:g}, but the largest node ({largest.name}) has {key}: {have:g}; "
+                    f"no node this cluster has or can add fits it")
+    return (f"{what} asks for {{{_fmt(bundle)}}} on one node, but no node this cluster has or can add has all of it "
+            f"(nodes: {'; '.join(f'{s.name} {{{_fmt(s.resources)}}}' for s in shapes)})")

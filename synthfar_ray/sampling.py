@@ -54,7 +54,7 @@ from pydantic import Field, model_validator
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, dump_config, load_config
 from synthfar_ray.paths import InputPath, OutputPath
-from synthfar_ray.raycluster import actor_pool, ensure_ray
+from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
 from synthfar_ray.scorers import (DISCRIMINATORS_DIR, Combine, Discriminator, DiscriminatorFit,  # noqa: F401
                                   ScoreActor, ScorerTrain, cl_sam_scores, classifier_train_config,
                                   count_real_train, discriminator_bytes, fit_discriminator,
@@ -297,6 +297,7 @@ def score_dataset(cfg: SampleConfig, synthetic: DatasetContent, model_uri: str |
     else:
         ensure_ray()
         actors, gpus = actor_pool(cfg.num_actors, cfg.gpus_per_actor)
+        check_request("sample: each scoring actor", {"CPU": cfg.cpus_per_actor, "GPU": gpus})
         split = ["split"] if "split" in synthetic.dataset().schema.names else []
         ds = ray.data.read_parquet(synthetic.files, filesystem=synthetic.fs,
                                    columns=["id", "image", *labels, *split]).map_batches(

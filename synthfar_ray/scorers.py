@@ -40,7 +40,7 @@ from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StrictModel
 from synthfar_ray.model import build_backbone
 from synthfar_ray.paths import absolute_location
-from synthfar_ray.raycluster import ensure_ray, use_gpu
+from synthfar_ray.raycluster import check_request, ensure_ray, use_gpu
 from synthfar_ray.selection import CLASS_FIELDS, hash_unit, label_array
 from synthfar_ray.storage import StorageOptions
 from synthfar_ray.transforms import BatchAugment, decode_resize, to_model_input
@@ -295,6 +295,7 @@ def fit_fold_discriminators(real: str, synthetic: str, settings: ScorerTrain, op
                     f"{len(syn_all)} train rows leave fold {f} with {rows} rows to score and {len(rest)} to train on; "
                     "use fewer folds or more synthetic rows")
             plans.append((f, pick_ids(rest, settings.max_rows, seed + 1 + f), rows))
+    check_request("cr-sam: each discriminator fit", {"CPU": 1, "GPU": 1 if gpu else 0})
     task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=1)(_fit_discriminator_task)
     real_ref = ray.put(real_pick)
     refs = [task.remote(real, real_ref, synthetic, syn_ids, settings.model_dump_json(), opts, real_subset, seed, gpu,

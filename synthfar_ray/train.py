@@ -124,6 +124,9 @@ class TrainConfig(StageConfig):
     use_gpu: bool | None = Field(None, description="default: true when the cluster has GPUs")
     cpus_per_worker: float = Field(1.0, gt=0)
     data_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data decode task")
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="DDP collectives (auto: NCCL on GPU "
+                                                          "workers, gloo on CPU); gloo on GPU workers trains on CPU "
+                                                          "where no CUDA device is visible")
     failure_max: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
     overwrite: bool = Field(False, description="delete an existing run of this name and start over")
     resume: Literal["auto", "force"] = Field("auto", description="force: resume a run of this name even if its "
@@ -300,6 +303,11 @@ def setup_worker(cfg: TrainConfig) -> WorkerState:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available() and cfg.dist_backend == "gloo":
+        # Only on request: a GPU node without a working driver must otherwise fail, not crawl on CPU.
+        if rank == 0:
+            logger.warning("dist_backend=gloo and no CUDA device is visible on this GPU worker: training on CPU")
+        device = torch.device("cpu")
     amp_dtype, use_scaler = amp_settings(cfg, device.type)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -314,7 +322,7 @@ def setup_worker(cfg: TrainConfig) -> WorkerState:
             restored = checkpoints.load_training_state(d, net)
         if rank == 0:
             logger.info("resuming %s from step %d (phase %s)", cfg.name, restored["step"], restored["phase"])
-    model = ray.train.torch.prepare_model(net)
+    model = ray.train.torch.prepare_model(net, move_to_device=device)
     state = WorkerState(cfg, rank, world, device, amp_dtype, use_scaler, model,
                         model.module if hasattr(model, "module") else model, restored)
     if restored is not None:
@@ -538,6 +546,20 @@ def _scaling(cfg: TrainConfig):
     return ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker=resources)
 
 
+def _dist_backend(cfg: TrainConfig, gpu: bool) -> str:
+    return ("nccl" if gpu else "gloo") if cfg.dist_backend == "auto" else cfg.dist_backend
+
+
+def check_resources(cfg: TrainConfig, scaling) -> None:
+    """Fail now, in one line, if the cluster can never hold the run's worker group or its data tasks."""
+    from synthfar_ray.raycluster import check_request, node_shapes
+
+    shapes = node_shapes()
+    check_request(f"train {cfg.name}: each Train worker", scaling.resources_per_worker, cfg.num_workers,
+                  together=True, shapes=shapes)
+    check_request(f"train {cfg.name}: each Ray Data decode task", {"CPU": cfg.data_cpus}, shapes=shapes)
+
+
 def needed_datasets(cfg: TrainConfig) -> set[str]:
     return {n for p in phases_of(cfg) for n in p.datasets}
 
@@ -564,7 +586,7 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Train as `cfg` says (resuming `<storage_path>/<name>` if it holds the same config);
     `callbacks` are Ray Train UserCallbacks added to the RunConfig (e.g. Tune's reporting)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from synthfar_ray.raycluster import ensure_ray
     from synthfar_ray.train_data import build_datasets
@@ -576,6 +598,8 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         logger.info("run %s already finished %d steps with this config; nothing to do", cfg.run_uri, finished["steps"])
         return _stored_result(cfg, finished)
     ensure_ray()
+    scaling = _scaling(cfg)
+    check_resources(cfg, scaling)
     datasets = build_datasets(cfg, needed_datasets(cfg))
     fs, path = storage.resolve(cfg.storage_path, cfg.storage)
     fs.create_dir(path, recursive=True)
@@ -590,7 +614,8 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
-        scaling_config=_scaling(cfg),
+        scaling_config=scaling,
+        torch_config=TorchConfig(backend=_dist_backend(cfg, scaling.use_gpu)),
         run_config=run_config,
         datasets=datasets,
         # The val split goes whole to every worker (rank 0 validates); train sets are sharded.

@@ -37,7 +37,7 @@ from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.errors import StageFailed, UserError, last_line
 from synthfar_ray.paths import OutputPath, absolute_location
-from synthfar_ray.raycluster import ensure_ray
+from synthfar_ray.raycluster import capacity, check_request, ensure_ray, node_shapes
 from synthfar_ray.sampling import (ClassField, Combine, ScorerTrain, SampleConfig, compute_scores,
                                    count_real_train, resolve_k, select_top_k, write_selection)
 
@@ -421,11 +421,10 @@ def _resources(cfg: TuneConfig) -> tuple[dict[str, Any], int]:
     A trial launches three kinds of work: its own function (`trial_cpus`), the Train workers and
     the Ray Data read/decode tasks of each dataset it reads (`data_cpus` each, one per pipeline at
     least). All of it must fit at once, or trials sit at step 0 while Ray Data waits for a CPU
-    ("Cluster resources are not enough to run any task"): concurrency is what the cluster fits."""
-    import ray
-
-    res = ray.cluster_resources()
-    n_gpu, n_cpu = int(res.get("GPU", 0)), float(res.get("CPU", 0))
+    ("Cluster resources are not enough to run any task"): concurrency is what the cluster fits, counting
+    the nodes an autoscaler may add."""
+    shapes = node_shapes()
+    n_gpu, n_cpu = int(capacity("GPU", shapes)), capacity("CPU", shapes)
     overrides: dict[str, Any] = {}
     workers = int(cfg.train.get("num_workers", 1))
     if n_gpu > 0 and cfg.gpus_per_trial != 0:
@@ -446,6 +445,10 @@ def _resources(cfg: TuneConfig) -> tuple[dict[str, Any], int]:
         raise UserError(f"a trial needs {per_trial:g} CPUs (trial {cfg.trial_cpus:g} + {workers} workers x "
                         f"{cpus_per_worker:g} + {pipelines} data pipelines x {data_cpus:g}) but the cluster has "
                         f"{n_cpu:g}: lower trial_cpus, train.cpus_per_worker or train.data_cpus")
+    check_request("tune: each trial's function", {"CPU": cfg.trial_cpus}, shapes=shapes)
+    check_request("tune: each trial's Train worker", {"CPU": cpus_per_worker, "GPU": 1 if overrides["use_gpu"] else 0},
+                  workers, together=True, shapes=shapes)
+    check_request("tune: each Ray Data decode task", {"CPU": data_cpus}, shapes=shapes)
     cpu_fits = int(n_cpu // per_trial + 1e-9)
     fits = cpu_fits if fits is None else min(fits, cpu_fits)
     concurrent = min(cfg.max_concurrent_trials or fits, fits)

@@ -224,16 +224,20 @@ def parse_job_status(output: str) -> str:
 
 
 def submit_job(address: str, entrypoint: list[str], timeout: float, *, env: dict[str, str] | None = None,
-               working_dir: Path = REPO_ROOT, runtime_env: Path | None = RUNTIME_ENV_FILE,
+               working_dir: Path | None = REPO_ROOT, runtime_env: Path | None = RUNTIME_ENV_FILE,
                submission_id: str | None = None) -> JobResult:
     """`ray job submit` the entrypoint (waiting for it), then read `ray job status` and `ray job logs`.
 
-    Runs from the repository root with --working-dir and --runtime-env as users do. On timeout the
+    Runs from the repository root with --working-dir and --runtime-env as users do (working_dir=None:
+    the job runs the code installed where the head was started, as on nodes set up by a cluster
+    YAML's setup_commands). On timeout the
     job is stopped and TimeoutError carries what it had logged.
     """
     submission_id = submission_id or f"synthfar-test-{uuid.uuid4().hex[:10]}"
     common = [f"--address={address}", "--log-style=record"]
-    submit = ["job", "submit", *common, f"--submission-id={submission_id}", f"--working-dir={working_dir}"]
+    submit = ["job", "submit", *common, f"--submission-id={submission_id}"]
+    if working_dir is not None:
+        submit.append(f"--working-dir={working_dir}")
     if runtime_env is not None:
         submit.append(f"--runtime-env={runtime_env}")
     try:

@@ -1,0 +1,76 @@
+"""raycluster's view of what a cluster can provide, and the one-line refusal of requests no node
+can ever meet: the rules on given node shapes, then a stage on the test session's real cluster."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from synthfar_ray.errors import UserError
+from synthfar_ray.raycluster import NodeShape, capacity, check_request, node_shapes
+
+SHAPES = [NodeShape("node 10.0.0.1", {"CPU": 0.0}, 1, True),
+          NodeShape("gpu-gen", {"CPU": 8.0, "GPU": 1.0}, 16, False),
+          NodeShape("gpu-train", {"CPU": 96.0, "GPU": 8.0}, 2, False)]
+
+
+def test_check_request_names_resource_amount_and_largest_node():
+    with pytest.raises(UserError) as e:
+        check_request("train x: each Train worker", {"CPU": 1, "GPU": 16}, shapes=SHAPES)
+    assert str(e.value) == ("train x: each Train worker asks for GPU: 16, but the largest node (gpu-train) has "
+                            "GPU: 8; no node this cluster has or can add fits it")
+
+
+def test_check_request_needs_one_node_with_everything():
+    with pytest.raises(UserError, match="on one node"):
+        check_request("generate: each diffusion actor", {"CPU": 50, "GPU": 1},
+                      shapes=[NodeShape("a", {"CPU": 64.0}, 1, True), NodeShape("b", {"CPU": 8.0, "GPU": 1.0}, 1, True)])
+
+
+def test_check_request_counts_a_placement_group_across_nodes():
+    check_request("train x: each Train worker", {"CPU": 1, "GPU": 1}, 32, together=True, shapes=SHAPES)
+    with pytest.raises(UserError, match="needs 33 x"):
+        check_request("train x: each Train worker", {"CPU": 1, "GPU": 1}, 33, together=True, shapes=SHAPES)
+
+
+def test_check_request_logs_a_wait_for_the_autoscaler(caplog):
+    with caplog.at_level("WARNING", logger="synthfar_ray.raycluster"):
+        check_request("sample: each scoring actor", {"CPU": 4, "GPU": 1}, shapes=SHAPES)
+        check_request("ingest: each decode task", {"CPU": 0}, shapes=SHAPES)  # asks for nothing: no check
+    assert [r.getMessage() for r in caplog.records] == [
+        "sample: each scoring actor: no live node has {CPU: 4, GPU: 1}; waiting for the autoscaler to add a "
+        "gpu-gen or gpu-train node"]
+
+
+def test_capacity_counts_what_the_autoscaler_may_add():
+    assert capacity("GPU", SHAPES) == 16 * 1 + 2 * 8
+    assert capacity("CPU", SHAPES) == 16 * 8 + 2 * 96
+
+
+def test_stages_refuse_an_impossible_request_before_launching(ray_cluster, tmp_path):
+    """On the session's CPU-only cluster, a diffusion actor asking for a GPU would pend forever:
+    generate refuses it at once, naming the resource and the largest node; so does training with
+    more CPUs per worker than any node has. Nothing is written."""
+    from synthfar_ray.generate import GenerateConfig, run_generate
+    from synthfar_ray.train import TrainConfig, run_train
+
+    live = node_shapes()
+    assert live and all(s.live for s in live)  # a local cluster: no autoscaler config
+    started = time.monotonic()
+    cfg = GenerateConfig.model_validate({"output": str(tmp_path / "gen"), "num_images": 4, "shard_size": 4,
+                                         "generator": "procedural", "compute": {"gpus_per_actor": 1}})
+    with pytest.raises(UserError, match=r"generate: each diffusion actor asks for GPU: 1, but the largest node "
+                                        r"\(node [0-9.]+\) has GPU: 0"):
+        run_generate(cfg)
+    assert not (tmp_path / "gen").exists() or not any((tmp_path / "gen").glob("*.parquet"))
+
+    data = tmp_path / "data"
+    run_generate(GenerateConfig.model_validate({"output": str(data), "num_images": 8, "shard_size": 8,
+                                                "generator": "procedural", "render": {"size": 32}}))
+    train = TrainConfig.model_validate({"name": "too-big", "plan": "synthetic", "synthetic": str(data),
+                                        "storage_path": str(tmp_path / "runs"), "steps": 2, "use_gpu": False,
+                                        "cpus_per_worker": 64, "model": {"backbone": "tiny"}, "image_size": 32})
+    with pytest.raises(UserError, match=r"train too-big: each Train worker asks for CPU: 64, but the largest node"):
+        run_train(train)
+    assert time.monotonic() - started < 120
