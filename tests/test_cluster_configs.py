@@ -252,3 +252,21 @@ def test_working_dir_upload_of_this_checkout_is_small(tmp_path, ray_defaults):
     top = {n.split("/", 1)[0] for n in names}
     assert not top & {".git", ".venv", "runs", "data", "checkpoints", ".pytest_cache"}, sorted(top)
     assert not any(n.endswith((".parquet", ".pyc", ".pt", ".safetensors")) for n in names)
+
+
+def _is_spot(node_type: dict) -> bool:
+    node_config = node_type["node_config"]
+    return (node_config.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+            or node_config.get("scheduling", {}).get("provisioningModel") == "SPOT")
+
+
+def test_gpu_types_offer_spot_beside_on_demand(cluster):
+    """Generation runs on spot by default (a lost shard is redone); training on demand, with a spot
+    type of the same machine beside it, off until max_workers is raised (cluster/README.md)."""
+    _, cfg = cluster
+    types = cfg["available_node_types"]
+    assert _is_spot(types["gpu-gen"]) and not _is_spot(types["gpu-train"])
+    spot, on_demand = types["gpu-train-spot"], types["gpu-train"]
+    assert _is_spot(spot) and spot["resources"] == on_demand["resources"]
+    assert machine_type(spot) == machine_type(on_demand)
+    assert spot["max_workers"] == 0 < on_demand["max_workers"]
