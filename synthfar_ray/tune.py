@@ -460,6 +460,25 @@ def _resources(cfg: TuneConfig) -> tuple[dict[str, Any], int]:
     return overrides, max(1, concurrent)
 
 
+def _check_validation_rows(cfg: TuneConfig, probe) -> None:
+    """A val_* metric needs val rows: without them every trial ends without the metric and Tune
+    fails the whole sweep at its first result. Say so before any trial starts."""
+    import pyarrow.dataset as pads
+
+    from synthfar_ray.scorers import open_dataset
+    from synthfar_ray.train_data import val_source_of
+
+    if not cfg.metric.startswith("val_"):
+        return
+    source = val_source_of(probe)
+    if source == "none":
+        raise ConfigError(f"metric {cfg.metric} comes from validation, but train.val_source is 'none'")
+    uri = getattr(probe, source)
+    if open_dataset(uri, cfg.storage).count_rows(filter=pads.field("split") == "val") == 0:
+        raise ConfigError(f"metric {cfg.metric} comes from validation, but the val source {uri} (train.{source}) "
+                          "has no rows with split == 'val'")
+
+
 def _scheduler(cfg: TuneConfig, steps: int):
     """ASHA on the metric at each validation (time = optimizer step), or FIFO when ASHA is off or
     its grace period covers the whole budget."""
@@ -572,6 +591,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
 
     probe = trial_train_config(cfg, _example_params(cfg), "probe", runs_uri, None)
     steps = probe.steps
+    _check_validation_rows(cfg, probe)
     st.write_bytes(st.join(cfg.sweep_uri, "tune_config.json"), json.dumps(dump_config(cfg), indent=2).encode(), cfg.storage)
 
     restored = cfg.resume and tune.Tuner.can_restore(sweep_path, storage_filesystem=fs)

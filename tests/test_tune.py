@@ -237,3 +237,17 @@ def test_scheduler_asha_only_when_it_can_stop(tmp_path):
     asha = _scheduler(cfg, 90)
     assert isinstance(asha, ASHAScheduler) and asha._time_attr == "step" and asha._max_t == 90
     assert isinstance(_scheduler(cfg.model_copy(update={"asha": False}), 90), FIFOScheduler)
+
+
+def test_sweep_without_val_rows_is_refused_before_any_trial(ray_cluster, tmp_path):
+    """val_score comes from validation: a val source without split == 'val' rows would end every trial
+    without the metric, and Tune would fail the sweep at its first result with a traceback. It is
+    refused first, naming the dataset; no trial runs."""
+    root = str(tmp_path)
+    write_dataset(os.path.join(root, "real"), [coded_rows(64, 1, 0, "train")])
+    write_dataset(os.path.join(root, "syn"), [coded_rows(64, 3, 0, "train")])
+    cfg = sweep_config(root)
+    with pytest.raises(ConfigError, match=r"metric val_score comes from validation, but the val source .*real "
+                                          r"\(train.real\) has no rows with split == 'val'"):
+        run_tune(cfg)
+    assert not glob.glob(os.path.join(root, "tune", "sweep", "runs", "*"))
