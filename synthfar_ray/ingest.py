@@ -45,7 +45,7 @@ from synthfar_ray import storage
 from synthfar_ray.errors import UserError
 from synthfar_ray.images import decode_image, encode_jpeg
 from synthfar_ray.paths import absolute_location, absolute_output
-from synthfar_ray.raycluster import ensure_ray
+from synthfar_ray.raycluster import check_request, ensure_ray
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -438,6 +438,7 @@ def _decode_on_ray(items: list[_Item], source: str) -> tuple[Any, dict[int, str]
     materialized so the failures and the good rows come from one decode."""
     import ray
 
+    check_request("ingest: each decode task", {"CPU": 1})  # map_batches' default
     refs = [ray.put(t) for t in _input_blocks(items, source, rows_per_file(len(items)))]
     # batch_size=None: one batch per block, so the blocks (and the files they become) stay as made here.
     decoded = ray.data.from_arrow_refs(refs).map_batches(_decode_batch, batch_format="pyarrow",
