@@ -34,7 +34,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,12 +121,16 @@ class FakeCluster:
     def nodes(self) -> list[Node]:
         """Every node the GCS knows, from the dashboard's state API (this process stays off the cluster:
         it may be connected to the test session's own Ray)."""
-        request = urllib.request.Request(f"{self.address}/api/v0/nodes?limit=1000&detail=1",
-                                         headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            rows = json.loads(response.read())["data"]["result"]["result"]
+        rows = self.state("nodes")
         return [Node(r["node_id"], r["state"] == "ALIVE", r.get("resources_total") or {}, bool(r.get("is_head_node")))
                 for r in rows]
+
+    def state(self, kind: str) -> list[dict]:
+        """Rows of the dashboard's state API (`nodes`, `actors`, ...) for this cluster."""
+        request = urllib.request.Request(f"{self.address}/api/v0/{kind}?limit=10000&detail=1",
+                                         headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())["data"]["result"]["result"]
 
     def alive_workers(self) -> list[Node]:
         return [n for n in self.nodes() if n.alive and not n.is_head]
@@ -145,13 +149,8 @@ class FakeCluster:
     def kill_node(self, node_id: str) -> int:
         """SIGKILL every process of one worker node (a spot preemption: no drain, no notice).
         Returns how many processes were killed."""
-        pids = [pid for pid, env in _cluster_processes(self.marker) if env.get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return len(pids)
+        return _sigkill(pid for pid, env in _cluster_processes(self.marker)
+                        if env.get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id)
 
     def monitor_log(self, chars: int = 3000) -> str:
         return "== monitor.log\n" + _tail(self.temp_dir / "session_latest" / "logs" / "monitor.log", chars)
@@ -172,12 +171,16 @@ def _cluster_processes(marker: str) -> Iterator[tuple[int, dict[str, str]]]:
         yield int(entry.name), env
 
 
-def _kill_all(marker: str) -> None:
-    for pid, _ in list(_cluster_processes(marker)):
+def _sigkill(pids: Iterable[int]) -> int:
+    """SIGKILL each pid (gone ones skipped); how many were signalled."""
+    killed = 0
+    for pid in list(pids):
         try:
             os.kill(pid, signal.SIGKILL)
+            killed += 1
         except ProcessLookupError:
             pass
+    return killed
 
 
 @contextmanager
@@ -213,7 +216,7 @@ def fake_cluster(yaml_path: Path, env: dict[str, str] | None = None, startup_tim
                           config=config, marker=marker, process=proc, log_file=log_file)
     finally:
         _stop(proc)
-        _kill_all(marker)  # fake nodes are started with shutdown_at_exit=False: they outlive the head
+        _sigkill(pid for pid, _ in _cluster_processes(marker))  # fake nodes are started with shutdown_at_exit=False: they outlive the head
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -221,11 +224,7 @@ def fake_cluster(yaml_path: Path, env: dict[str, str] | None = None, startup_tim
 
 def actor_nodes(cluster: FakeCluster, class_part: str) -> list[str]:
     """Node ids of the live actors whose class name contains `class_part` (state API)."""
-    request = urllib.request.Request(f"{cluster.address}/api/v0/actors?limit=10000&detail=1",
-                                     headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        rows = json.loads(response.read())["data"]["result"]["result"]
-    return sorted({r["node_id"] for r in rows if class_part in (r.get("class_name") or "") and r.get("state") == "ALIVE"
+    return sorted({r["node_id"] for r in cluster.state("actors") if class_part in (r.get("class_name") or "") and r.get("state") == "ALIVE"
                    and r.get("node_id")})
 
 
