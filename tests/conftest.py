@@ -14,6 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tes
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+# Tests that run Ray (through the shared cluster or a subprocess that starts its own) are marked
+# `ray` here, so `make test-fast` (-m "not slow and not ray") keeps the pure-Python and single-process
+# tests for the edit-test loop. A module that starts Ray another way sets `pytestmark = pytest.mark.ray`.
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster shared by the whole session (ray.init costs seconds).
@@ -68,3 +77,21 @@ def s3_bucket(s3_server):
     opts = StorageOptions(endpoint_url=s3_server, region="us-east-1",
                           access_key_id="testing", secret_access_key="testing")
     return f"s3://{name}", opts
+
+
+@pytest.fixture()
+def s3_proxy(s3_bucket):
+    """(bucket URI, StorageOptions whose endpoint is a cuttable TCP proxy in front of moto, the proxy).
+
+    Retries start at 0.2 s and stay under 1 s, so a few seconds' outage costs a test a few seconds."""
+    from urllib.parse import urlparse
+
+    from tcp_proxy_util import TcpProxy
+
+    bucket, opts = s3_bucket
+    target = urlparse(opts.endpoint_url)
+    proxy = TcpProxy(target.hostname, target.port)
+    proxy.start()
+    yield bucket, opts.model_copy(update={"endpoint_url": proxy.endpoint, "retry_window_s": 30.0,
+                                          "retry_initial_s": 0.2, "retry_max_s": 1.0}), proxy
+    proxy.stop()

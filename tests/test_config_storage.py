@@ -81,7 +81,7 @@ def test_local_storage_roundtrip(tmp_path):
     with pytest.raises(storage.StorageError, match="cannot read"):
         storage.read_bytes(uri)
     with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
-        storage.resolve("ftp://host/x")
+        storage.resolve("nosuchscheme://host/x")
 
 
 def test_s3_storage_roundtrip(s3_bucket):
