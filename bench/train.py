@@ -1,17 +1,24 @@
-"""Training throughput: the Ray Data ingest path against the same model fed tensors already in
-memory, in the same Ray Train worker, same run.
+"""Training throughput of the path a config actually runs: Ray Data -> Train worker against the same
+train step fed tensors already in memory, in the same Ray Train worker, same run.
 
-    python bench/train.py                 # CPU: tiny CNN, 64 px from 128 px JPEGs, batch 32
-    python bench/train.py --gpu           # one GPU: ResNet-50, 196 px from 512 px JPEGs, bf16,
-                                          # channels_last, batch 256
+    python bench/train.py                  # CPU: the demo's train section (configs/pipeline/demo.yaml:
+                                           # tiny CNN, 64 px from 64 px JPEGs, batch 32, fp32)
+    python bench/train.py --config configs/experiments/a_synthetic_only.yaml --source-size 512
+    python bench/train.py --gpu            # one GPU: experiment (a) at batch 256: ResNet-50, 196 px from
+                                           # 512 px JPEGs, amp auto (bf16), channels_last auto (on)
+    python bench/train.py --gpu --source-size 256   # ... from a `synthfar prepare --size 256` copy
+    python bench/train.py --smoke          # seconds: checks the benchmark runs (tests use it)
 
-One Ray Train (V2) worker runs three timed loops of the real train step (augment + normalise on the
-device, multi-task loss, AdamW, grad clip):
+The config gives everything that shapes the step and its input: backbone, image_size, batch_size,
+amp, channels_last, compile, augment / augment_on, decode_on, shuffle_buffer, data_cpus. One Ray
+Train (V2) worker runs `train.train_step` (the recipe's own step: augment + normalise on the device,
+multi-task loss, AdamW, grad clip, scheduler) fed by
   memory  uint8 batches already on the device (the upper bound: no input pipeline);
-  data    Parquet -> Ray Data tasks decode + resize -> get_dataset_shard().iter_torch_batches;
-  worker  Parquet -> Ray Data reads JPEG bytes -> the worker decodes (nvJPEG on GPU, else CPU).
-Each loop runs --warmup steps first (pipeline start-up, kernels), then --steps timed steps. The
-dataset is big enough that no loop cycles it. Prints img/s and the ratio to `memory`.
+  data    train_data.build_datasets -> get_dataset_shard -> train_data.BatchStream, as `synthfar train`
+          (the config's decode_on, shuffle buffer and batch; the first pass, i.e. streaming, not the
+          in-memory cache that later passes of a small set use).
+Each path runs --warmup steps first (pipeline start-up, kernels, compile), then --steps timed steps;
+it prints img/s, the ratio data/memory and the share of the data path's time spent waiting for input.
 """
 
 from __future__ import annotations
@@ -61,51 +68,48 @@ def make_dataset(folder: str, rows: int, size: int, per_file: int = 256) -> None
         list(pool.map(_make_part, jobs))
 
 
-def _time_path(path: str, cfg, steps: int, warmup: int, device) -> tuple[float, float]:
-    """(img/s over the timed steps, seconds of warm-up) of the real train step fed by `path`."""
-    import ray.train
+def _memory_source(cfg, device):
     import torch
 
-    from synthfar_ray.losses import multitask_loss
+    b, size = cfg.worker_batch(), cfg.image_size
+    g = torch.Generator().manual_seed(0)
+    pool = [(torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=g).to(device),
+             {"age": (torch.rand(b, generator=g) * 85).to(device),
+              "age_bin": torch.randint(0, 9, (b,), generator=g).to(device),
+              "gender": torch.randint(0, 2, (b,), generator=g).to(device),
+              "ethnicity": torch.randint(0, 5, (b,), generator=g).to(device)},
+             torch.zeros(b, dtype=torch.int8, device=device)) for _ in range(4)]
+    i = 0
+    while True:
+        yield pool[i % 4]
+        i += 1
+
+
+def _time_path(path: str, cfg, steps: int, warmup: int) -> dict[str, float]:
+    """img/s over the timed steps, warm-up seconds and input-wait share of `train.train_step` fed by `path`."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
     from synthfar_ray.model import MultiTaskNet
-    from synthfar_ray.train import amp_settings
+    from synthfar_ray.precision import device_precision
+    from synthfar_ray.train import WorkerState, optimizer_for, phases_of, prepare_net, train_step
     from synthfar_ray.train_data import BatchStream
-    from synthfar_ray.transforms import BatchAugment, to_model_input
+    from synthfar_ray.transforms import BatchAugment
 
-    amp_dtype, use_scaler = amp_settings(cfg, device.type)
+    device = ray.train.torch.get_device()
+    precision = device_precision(cfg.amp, cfg.channels_last, device)
     torch.manual_seed(0)
-    model = MultiTaskNet(cfg.model.backbone, None, cfg.model.age_mode).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    augment = BatchAugment() if cfg.augment else None
-    b = cfg.batch_size
+    model, net = prepare_net(MultiTaskNet(cfg.model.backbone, None, cfg.model.age_mode), device, precision, cfg.compile)
+    w = WorkerState(cfg, 0, 1, device, precision, model, net, None)
+    phase = phases_of(cfg)[0]
+    opt, sched, scaler = optimizer_for(w, phase, 0)
+    augment = BatchAugment() if cfg.augment and (cfg.augment_on == "device" or cfg.decode_on == "worker") else None
     if path == "memory":
-        g = torch.Generator().manual_seed(0)
-        pool = [(torch.randint(0, 256, (b, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g).to(device),
-                 {"age": (torch.rand(b, generator=g) * 85).to(device),
-                  "age_bin": torch.randint(0, 9, (b,), generator=g).to(device),
-                  "gender": torch.randint(0, 2, (b,), generator=g).to(device),
-                  "ethnicity": torch.randint(0, 5, (b,), generator=g).to(device)}) for _ in range(4)]
-        source = (pool[i % 4] for i in range(10**9))
+        source = _memory_source(cfg, device)
     else:
-        shard = ray.train.get_dataset_shard("raw" if path == "worker" else "decoded")
-        stream = BatchStream(shard, b, cfg, 0, device, None)
-        source = (stream.take(b)[:2] for _ in range(10**9))
-
-    def one_step() -> None:
-        images, labels = next(source)
-        x = to_model_input(images, augment, channels_last=cfg.channels_last, nhwc=False)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(x)
-        loss, _ = multitask_loss(out, labels)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        stream = BatchStream(ray.train.get_dataset_shard("real"), cfg.worker_batch(), cfg, 0, device, cfg.center_crop)
+        source = (stream.take(cfg.worker_batch()) for _ in iter(int, 1))
 
     def sync() -> None:
         if device.type == "cuda":
@@ -113,87 +117,118 @@ def _time_path(path: str, cfg, steps: int, warmup: int, device) -> tuple[float, 
 
     t_start = time.perf_counter()
     for _ in range(warmup):
-        one_step()
+        train_step(w, next(source), augment, opt, sched, scaler, phase.weights)
     sync()
+    wait = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
-        one_step()
+        t = time.perf_counter()
+        batch = next(source)
+        wait += time.perf_counter() - t
+        train_step(w, batch, augment, opt, sched, scaler, phase.weights)
     sync()
-    return steps * b / (time.perf_counter() - t0), t0 - t_start
+    seconds = time.perf_counter() - t0
+    return {"ips": steps * cfg.worker_batch() / seconds, "warmup_s": t0 - t_start, "wait": wait / seconds,
+            "precision": f"{precision.amp}{'+scaler' if precision.scaler else ''}"
+                         f"{' channels_last' if precision.channels_last else ''}{' compiled' if cfg.compile else ''}"}
 
 
 def bench_loop(config: dict) -> dict:
-    import ray.train.torch
-
-    device = ray.train.torch.get_device()
-    results: dict[str, float] = {}
-    for path in ("memory", "data", "worker"):
-        cfg = config["cfg"].model_copy(update={"decode_on": "worker" if path == "worker" else "data"})
-        ips, warm = _time_path(path, cfg, config["steps"], config["warmup"], device)
-        results[path], results[f"{path}_warmup_s"] = ips, warm
-        print(f"[bench] {path}: {ips:.1f} img/s (warm-up {warm:.1f} s)", flush=True)
+    results: dict[str, dict] = {}
+    for path in ("memory", "data"):
+        r = _time_path(path, config["cfg"], config["steps"], config["warmup"])
+        results[path] = r
+        print(f"[bench] {path}: {r['ips']:.1f} img/s (warm-up {r['warmup_s']:.1f} s, input wait {r['wait']:.0%})",
+              flush=True)
     return results
 
 
-def main() -> int:
+# What a config's train section may set for the benchmark: everything that shapes the step and its input.
+BENCH_KEYS = ("model", "image_size", "batch_size", "amp", "channels_last", "compile", "augment", "augment_on",
+              "decode_on", "shuffle_buffer", "data_cpus", "cpus_per_worker", "center_crop", "train_cache_mb")
+DEMO_CONFIG = "configs/pipeline/demo.yaml"
+GPU_CONFIG = "configs/experiments/a_synthetic_only.yaml"
+
+
+def config_section(path: str) -> dict:
+    """The train settings of a TrainConfig YAML, or of a pipeline YAML's `train:` section."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if "name" not in data and isinstance(data.get("train"), dict):
+        data = data["train"]
+    return {k: v for k, v in data.items() if k in BENCH_KEYS}
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="ResNet-50, 196 px, bf16, channels_last, batch 256")
-    p.add_argument("--backbone")
-    p.add_argument("--size", type=int, help="model input side")
-    p.add_argument("--source-size", type=int, help="side of the stored JPEGs")
-    p.add_argument("--batch", type=int)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--data", help="an existing dataset folder (split 'train' rows are used)")
-    p.add_argument("--data-cpus", type=float, default=1.0, help="CPUs per Ray Data decode task")
+    p.add_argument("--config", help=f"train settings to measure (default {DEMO_CONFIG}; --gpu: {GPU_CONFIG})")
+    p.add_argument("--gpu", action="store_true", help="one GPU, ResNet-50 at batch 256 (experiment a's settings)")
+    p.add_argument("--smoke", action="store_true", help="a few steps on tiny images: checks that it runs")
+    p.add_argument("--source-size", type=int, help="side of the stored JPEGs (default: the config's image_size; "
+                                                   "--gpu: 512, the generated images)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--data", help="an existing dataset folder (its split 'train' rows are used)")
     p.add_argument("--json", help="write the results here too")
-    args = p.parse_args()
-    gpu = args.gpu
-    backbone = args.backbone or ("resnet50" if gpu else "tiny")
-    size = args.size or (196 if gpu else 64)
-    source = args.source_size or (512 if gpu else 128)
-    batch = args.batch or (256 if gpu else 32)
-    steps = args.steps or (40 if gpu else 30)
-    warmup = args.warmup if args.warmup is not None else (10 if gpu else 5)
+    p.add_argument("overrides", nargs="*", help="key=value TrainConfig overrides (batch_size=64, decode_on=worker ...)")
+    args = p.parse_args(argv)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    section = config_section(args.config or os.path.join(root, GPU_CONFIG if args.gpu else DEMO_CONFIG))
+    if args.gpu:
+        section.update(batch_size=256, use_gpu=True)
+        section["model"] = {**section.get("model", {}), "pretrained": None}
+    else:
+        section.update(use_gpu=False)
+    if args.smoke:
+        section.update(image_size=32, batch_size=8, model={"backbone": "tiny"}, compile=False)
+    steps = args.steps or (3 if args.smoke else 40 if args.gpu else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 10 if args.gpu else 5)
 
     import ray
+
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from synthfar_ray.config import apply_overrides
     from synthfar_ray.train import TrainConfig
-    from synthfar_ray.train_data import decode_rows, read_rows
+    from synthfar_ray.train_data import build_datasets
 
     tmp = tempfile.mkdtemp(prefix="synthfar-bench-")
-    data = args.data
-    if data is None:
-        data = os.path.join(tmp, "data")
-        rows = (steps + warmup + 2) * batch
+    data = args.data or os.path.join(tmp, "data")
+    base = dict(name="bench", storage_path=os.path.join(tmp, "runs"), plan="real", real=data, val_source="none",
+                num_workers=1, model={"backbone": "tiny"})
+    cfg = TrainConfig(**apply_overrides({**base, **section}, args.overrides))
+    source = args.source_size or (48 if args.smoke else 512 if args.gpu else cfg.image_size)
+    if args.data is None:
+        rows = (steps + warmup + 2) * cfg.batch_size  # the timed steps never start a second pass
         t0 = time.time()
-        make_dataset(data, rows, source)
+        make_dataset(data, rows, source, per_file=64 if args.smoke else 256)
         print(f"[bench] made {rows} {source}px JPEG rows in {time.time() - t0:.1f} s")
     ray.init(include_dashboard=False, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = TrainConfig(name="bench", storage_path=os.path.join(tmp, "runs"), plan="real", real=data,
-                      model={"backbone": backbone}, image_size=size, batch_size=batch, amp="bf16" if gpu else "none",
-                      channels_last=gpu, augment=True, use_gpu=gpu, data_cpus=args.data_cpus, shuffle_buffer=0)
-    base = read_rows(data, cfg.storage, ("train",), num_cpus=cfg.data_cpus)
-    datasets = {"decoded": decode_rows(base, cfg, None, False, 0),
-                "raw": decode_rows(base, cfg.model_copy(update={"decode_on": "worker"}), None, False, 0)}
+    gpu = bool(cfg.use_gpu)
     trainer = TorchTrainer(
         bench_loop, train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if gpu else {})}),
-        run_config=RunConfig(name="bench", storage_path=os.path.join(tmp, "runs")), datasets=datasets)
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+        run_config=RunConfig(name="bench", storage_path=os.path.join(tmp, "runs")),
+        datasets=build_datasets(cfg, {"real"}))
     res = trainer.fit().return_value
-    mem = res["memory"]
-    print(f"\n{'backbone':>10} {backbone}  input {size}px from {source}px JPEG  batch {batch}  "
-          f"{'GPU bf16 channels_last' if gpu else 'CPU fp32'}  {steps} timed steps after {warmup}")
-    print(f"{'path':>10} {'img/s':>10} {'vs memory':>10}")
-    for k in ("memory", "data", "worker"):
-        print(f"{k:>10} {res[k]:>10.1f} {res[k] / mem:>10.2f}")
+    mem, dat = res["memory"], res["data"]
+    print(f"\n{cfg.model.backbone}  input {cfg.image_size}px from {source}px JPEG  batch {cfg.batch_size}  "
+          f"{'GPU' if gpu else 'CPU'} {mem['precision']}  decode_on {cfg.decode_on}  shuffle_buffer "
+          f"{cfg.shuffle_buffer}  augment {cfg.augment and cfg.augment_on}  {steps} timed steps after {warmup}")
+    print(f"{'path':>8} {'img/s':>10} {'wait':>6}")
+    for k in ("memory", "data"):
+        print(f"{k:>8} {res[k]['ips']:>10.1f} {res[k]['wait']:>6.0%}")
+    print(f"ratio data/memory: {dat['ips'] / mem['ips']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"backbone": backbone, "size": size, "source_size": source, "batch": batch, "gpu": gpu,
-                       "steps": steps, "warmup": warmup, **res}, f, indent=2)
+            json.dump({"config": args.config, "source_size": source, "gpu": gpu, "steps": steps, "warmup": warmup,
+                       "train": section, **res, "ratio": dat["ips"] / mem["ips"]}, f, indent=2)
+    ray.shutdown()
     return 0
 
 

@@ -35,7 +35,9 @@ CHECKPOINT_PREFIX = "checkpoint_"
 OPERATIONAL_KEYS = frozenset({
     "name", "storage_path", "storage", "overwrite", "resume", "log_every", "val_every", "val_batch_size",
     "val_limit", "val_cache_mb", "checkpoint_every", "keep_checkpoints", "num_workers", "use_gpu",
-    "cpus_per_worker", "data_cpus", "failure_max", "val_source", "dist_backend",
+    "cpus_per_worker", "gpus_per_worker", "data_cpus", "failure_max", "val_source", "dist_backend",
+    # Layout and compilation change the kernels, not the model or its optimisation.
+    "channels_last", "compile",
     # Where decoding and augmentation run does not change what is learned; a bigger budget extends
     # the run (its schedule stretches from the resumed step on).
     "decode_on", "augment_on", "steps", "finetune_steps",
@@ -46,11 +48,12 @@ OPERATIONAL_KEYS = frozenset({
 # The loadable part of a checkpoint
 
 
-def checkpoint_meta(cfg: TrainConfig) -> dict[str, Any]:
-    """What evaluate and the sampling stage need to rebuild the net from a checkpoint alone."""
+def checkpoint_meta(cfg: TrainConfig, channels_last: bool | None = None) -> dict[str, Any]:
+    """What evaluate and the sampling stage need to rebuild the net from a checkpoint alone;
+    `channels_last` is the layout the run resolved (precision.py), recorded as a fact of the run."""
     return {"format": 1, "backbone": cfg.model.backbone, "age_mode": cfg.model.age_mode, "image_size": cfg.image_size,
             "center_crop": cfg.center_crop, "synthetic_center_crop": cfg.synthetic_center_crop,
-            "channels_last": cfg.channels_last, "run": cfg.name, "plan": cfg.plan}
+            "channels_last": cfg.channels_last if channels_last is None else channels_last, "run": cfg.name, "plan": cfg.plan}
 
 
 def save_model(directory: str, model, meta: dict[str, Any]) -> None:
@@ -64,11 +67,11 @@ def save_model(directory: str, model, meta: dict[str, Any]) -> None:
 
 
 def save_training_state(directory: str, model, cfg: TrainConfig, opt, sched, scaler, step: int, phase_name: str,
-                        phase_index: int, metrics: dict[str, Any]) -> None:
+                        phase_index: int, metrics: dict[str, Any], channels_last: bool | None = None) -> None:
     """A full checkpoint in a local folder: the loadable model + what resuming needs."""
     import torch
 
-    save_model(directory, model, checkpoint_meta(cfg) | {"step": step, "phase": phase_name})
+    save_model(directory, model, checkpoint_meta(cfg, channels_last) | {"step": step, "phase": phase_name})
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "phase": phase_name, "phase_index": phase_index, "metrics": metrics},
                os.path.join(directory, STATE_FILE))
@@ -121,7 +124,7 @@ def load_model(checkpoint_uri: str, storage_opts: StorageOptions | None = None):
 def upload_tensorboard(local_dir: str, cfg: TrainConfig) -> None:
     import pyarrow.fs as pafs
 
-    fs, path = storage.resolve(storage.join(cfg.run_uri, TENSORBOARD_DIR), cfg.storage)
+    fs, path = storage.resolve_retrying(storage.join(cfg.run_uri, TENSORBOARD_DIR), cfg.storage)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 

@@ -83,12 +83,15 @@ class Predictor:
         import torch
 
         from synthfar_ray.checkpoints import load_model
+        from synthfar_ray.precision import device_precision
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model, meta = load_model(checkpoint, storage_options)
-        self.channels_last = bool(meta.get("channels_last")) and self.device.type == "cuda"
-        self.model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        self.amp = torch.float16 if self.device.type == "cuda" else None
+        model, _ = load_model(checkpoint, storage_options)
+        # Training's rule (bf16 on GPUs with native bf16, fp16 on older ones, fp32 on CPU; NHWC on
+        # CUDA), whatever the run trained with: the layout does not change the weights.
+        self.precision = device_precision("auto", "auto", self.device)
+        self.model = model.to(self.device, memory_format=torch.channels_last if self.precision.channels_last
+                              else torch.preserve_format)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -96,7 +99,7 @@ class Predictor:
         from synthfar_ray.model import predict
 
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
-        outputs = predict(self.model, images, self.amp, self.channels_last, nhwc=True)
+        outputs = predict(self.model, images, self.precision, nhwc=True)
         result = {OUTPUT_PREFIX + k: v.cpu().numpy() for k, v in outputs.items()}
         result.update({k: batch[k] for k in (*LABEL_COLUMNS, "id", "split_index")})
         return result
@@ -246,7 +249,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _parent(uri: str) -> str:
-    if storage.is_s3(uri):
+    if storage.is_remote(uri):
         return uri.rstrip("/").rsplit("/", 1)[0]
     return posixpath.dirname(storage.resolve(uri)[1].rstrip("/"))
 
@@ -279,7 +282,9 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="score a checkpoint on dataset splits (Ray Data batch inference)")
+    from synthfar_ray.cli import stage_parser
+
+    p = stage_parser(sub, "evaluate")
     p.add_argument("checkpoint", help="checkpoint folder URI or run folder URI")
     p.add_argument("--on", required=True, help="comma-separated NAME:SPLIT, e.g. utkface:test,fairface:test")
     p.add_argument("--data", action="append", default=[], metavar="NAME=URI", help="dataset folder per NAME")

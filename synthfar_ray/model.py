@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from synthfar_ray.errors import UserError
 from synthfar_ray.labels import ETHNICITIES, NUM_AGE_BINS
+from synthfar_ray.precision import Precision
+
+if TYPE_CHECKING:
+    from synthfar_ray.train import AgeMode
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +34,6 @@ class ModelError(UserError, ValueError):
     """A backbone or weights setting that cannot be built or loaded (names the file or name)."""
 
 
-AgeMode = Literal["regression", "bins", "both"]
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 HEAD_OUTPUTS = ("age", "age_bin_logits", "gender_logit", "ethnicity_logits")
 AGE_BIAS_INIT = 35.0  # years
@@ -169,15 +172,17 @@ class MultiTaskNet(nn.Module):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None,
-            channels_last: bool = False, nhwc: bool = True) -> dict[str, torch.Tensor]:
-    """Eval-mode outputs (float32) for a uint8 batch already on the model's device."""
+def predict(model: nn.Module, images: torch.Tensor, precision: Precision | None = None,
+            nhwc: bool = True) -> dict[str, torch.Tensor]:
+    """Eval-mode outputs (float32) for a uint8 batch already on the model's device; `precision`
+    (precision.device_precision: autocast and layout) defaults to fp32, NCHW."""
     from synthfar_ray.transforms import to_model_input
 
+    amp_dtype = precision.autocast_dtype if precision else None
     was_training = model.training
     model.eval()
     try:
-        x = to_model_input(images, None, channels_last=channels_last, nhwc=nhwc)
+        x = to_model_input(images, None, channels_last=bool(precision and precision.channels_last), nhwc=nhwc)
         with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(x)
         return {k: v.float() for k, v in out.items()}

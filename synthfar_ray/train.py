@@ -15,6 +15,11 @@ and the driver (`run_train`). Data plumbing lives in `train_data.py`, what a run
 (checkpoints, run_config.json, result.json, TensorBoard) and the rules for resuming in
 `checkpoints.py`.
 
+Hardware: `amp`, `channels_last` and `compile` resolve per device through precision.py (the rule
+evaluate shares): on a GPU with native bf16, bf16 autocast without a GradScaler, NHWC, cuDNN autotuning.
+The step never reads a value back to the host; losses are summed on the device and read every
+`log_every` steps.
+
 Fault tolerance: a checkpoint is reported with `ray.train.report` every `checkpoint_every` steps to
 `<storage_path>/<name>/`. A worker failure restarts the group from the last checkpoint
 (FailureConfig(max_failures=failure_max)), and re-running with the same name + storage_path resumes
@@ -41,13 +46,14 @@ from synthfar_ray.checkpoints import CHECKPOINT_PREFIX, load_model, resolve_chec
 from synthfar_ray.config import StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.errors import StageFailed, last_line
 from synthfar_ray.losses import LossWeights
-from synthfar_ray.model import AgeMode
 from synthfar_ray.paths import InputPath, OutputPath, absolute_location
+from synthfar_ray.precision import AmpMode, Layout, Precision
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
 Plan = Literal["synthetic", "real", "pretrain_finetune", "mix"]
+AgeMode = Literal["regression", "bins", "both"]  # which age heads the net has (model.MultiTaskNet)
 # Test hook (see tests/test_train.py): "STEP:MARKER_PATH" makes rank 0 raise once after STEP, the
 # marker file recording that it fired. Forwarded from the driver's environment to the workers.
 FAULT_ENV = "SYNTHFAR_FAULT_TRAIN_STEP"
@@ -90,8 +96,8 @@ class TrainConfig(StageConfig):
     weight_decay: float = Field(1e-7, ge=0)
     warmup_steps: int = Field(1000, ge=0, description="linear warm-up, then cosine decay to 0, per phase")
     grad_clip: float | None = Field(1.0, gt=0, description="max grad norm; null disables")
-    amp: Literal["auto", "fp16", "bf16", "none"] = Field(
-        "auto", description="auto: fp16 on CUDA, none on CPU; fp16 on CPU falls back to bf16")
+    amp: AmpMode = Field("auto", description="autocast: auto = bf16 without GradScaler on GPUs with native bf16, "
+                                             "fp16 + GradScaler on older GPUs, none (fp32) on CPU (precision.py)")
     seed: int = 42
     loss_weights: LossWeights = LossWeights()
     finetune_loss_weights: LossWeights | None = Field(None, description="finetune phase weights (default loss_weights)")
@@ -106,8 +112,10 @@ class TrainConfig(StageConfig):
                                                                         "(only with decode_on=data)")
     decode_on: Literal["data", "worker"] = Field("data", description="JPEG decode + resize in Ray Data tasks, or in "
                                                                      "the train worker (nvJPEG on GPU)")
-    channels_last: bool = False
-    shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0: none)")
+    channels_last: Layout = Field("auto", description="NHWC memory layout for the net and its input (auto: on CUDA)")
+    compile: bool = Field(False, description="torch.compile the net for training (first steps pay the compile)")
+    shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's shuffle buffer, kept as decoded "
+                                "(device) tensors: each batch swaps out random rows (0: none)")
     train_cache_mb: float = Field(1024, ge=0, description="keep a worker's decoded train shard in (device) memory "
                                   "after its first pass when it fits in this many MiB; later passes are seeded "
                                   "permutations of it instead of new Ray Data reads (0: always stream)")
@@ -123,6 +131,8 @@ class TrainConfig(StageConfig):
     num_workers: int = Field(1, ge=1, description="Ray Train (DDP) workers")
     use_gpu: bool | None = Field(None, description="default: true when the cluster has GPUs")
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0, le=1, description="GPU share of each worker when it trains on GPU: "
+                                   "0.25-0.5 packs 2-4 small runs (batch 16) on one GPU (pipeline parallel_runs)")
     data_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data decode task")
     dist_backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="DDP collectives (auto: NCCL on GPU "
                                                           "workers, gloo on CPU); gloo on GPU workers trains on CPU "
@@ -224,9 +234,8 @@ class WorkerState:
     rank: int
     world: int
     device: Any
-    amp_dtype: Any  # torch dtype for autocast, or None
-    use_scaler: bool
-    model: Any  # the DDP-wrapped net
+    precision: Precision
+    model: Any  # the DDP-wrapped (and maybe compiled) net the steps run
     raw_model: Any  # the net itself (checkpoints, validation)
     restored: dict[str, Any] | None  # training state of the checkpoint resumed from
     step: int = 0
@@ -253,20 +262,6 @@ def _setup_worker_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         pkg.addHandler(handler)
     pkg.setLevel(logging.INFO)
-
-
-def amp_settings(cfg: TrainConfig, device_type: str):
-    """(autocast dtype or None, use GradScaler)."""
-    import torch
-
-    mode = cfg.amp
-    if mode == "auto":
-        mode = "fp16" if device_type == "cuda" else "none"
-    if mode == "fp16" and device_type != "cuda":
-        logger.warning("amp=fp16 needs CUDA; using bf16 on %s", device_type)
-        mode = "bf16"
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}[mode]
-    return dtype, mode == "fp16"
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -298,6 +293,7 @@ def setup_worker(cfg: TrainConfig) -> WorkerState:
     from torch.utils.tensorboard import SummaryWriter
 
     from synthfar_ray.model import MultiTaskNet
+    from synthfar_ray.precision import device_precision
     from synthfar_ray.train_data import ValSet, val_source_of
 
     ctx = ray.train.get_context()
@@ -308,23 +304,23 @@ def setup_worker(cfg: TrainConfig) -> WorkerState:
         if rank == 0:
             logger.warning("dist_backend=gloo and no CUDA device is visible on this GPU worker: training on CPU")
         device = torch.device("cpu")
-    amp_dtype, use_scaler = amp_settings(cfg, device.type)
+    precision = device_precision(cfg.amp, cfg.channels_last, device)
+    if rank == 0:
+        logger.info("precision on %s: amp %s%s, channels_last %s, compile %s", device, precision.amp,
+                    " + GradScaler" if precision.scaler else "", precision.channels_last, cfg.compile)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     checkpoint = ray.train.get_checkpoint()
     pretrained = None if checkpoint else _local_weights(cfg.model.pretrained, cfg.storage)  # resuming: no need
     net = MultiTaskNet(cfg.model.backbone, pretrained, cfg.model.age_mode)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
     restored = None
     if checkpoint:
         with checkpoint.as_directory() as d:
             restored = checkpoints.load_training_state(d, net)
         if rank == 0:
             logger.info("resuming %s from step %d (phase %s)", cfg.name, restored["step"], restored["phase"])
-    model = ray.train.torch.prepare_model(net, move_to_device=device)
-    state = WorkerState(cfg, rank, world, device, amp_dtype, use_scaler, model,
-                        model.module if hasattr(model, "module") else model, restored)
+    model, net = prepare_net(net, device, precision, cfg.compile)
+    state = WorkerState(cfg, rank, world, device, precision, model, net, restored)
     if restored is not None:
         state.step = state.start_step = int(restored["step"])
         state.last_metrics = dict(restored.get("metrics") or {})
@@ -342,13 +338,30 @@ def setup_worker(cfg: TrainConfig) -> WorkerState:
     return state
 
 
-def _optimizer(w: WorkerState, phase: Phase, index: int):
+def prepare_net(net, device, precision: Precision, compile: bool = False) -> tuple[Any, Any]:
+    """(the module the steps run: on `device` in the precision's layout, DDP-wrapped when there are
+    several workers, compiled on request; the plain net, for checkpoints and validation)."""
+    import ray.train.torch
+    import torch
+
+    if precision.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(net, move_to_device=device)
+    net = model.module if hasattr(model, "module") else model
+    if compile:
+        # Compiling the DDP module lets DDP's bucketing split the graph; the plain net keeps
+        # clean state_dict keys (a compiled module prefixes them with `_orig_mod.`).
+        model = torch.compile(model)
+    return model, net
+
+
+def optimizer_for(w: WorkerState, phase: Phase, index: int):
     """A fresh AdamW + warm-up/cosine schedule + scaler per phase, restored when resuming inside it."""
     import torch
 
     opt = torch.optim.AdamW(w.model.parameters(), lr=phase.lr, weight_decay=w.cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(w.cfg.warmup_steps, phase.end - phase.start))
-    scaler = torch.amp.GradScaler(w.device.type, enabled=w.use_scaler)
+    scaler = torch.amp.GradScaler(w.device.type, enabled=w.precision.scaler)
     if w.restored is not None and int(w.restored["phase_index"]) == index:
         opt.load_state_dict(w.restored["optimizer"])
         sched.load_state_dict(w.restored["scheduler"])
@@ -369,15 +382,17 @@ def _streams(w: WorkerState, phase: Phase) -> dict[str, Any]:
 
 
 def train_step(w: WorkerState, batch: tuple, augment, opt, sched, scaler, weights: LossWeights):
-    """One optimizer step on a device batch; returns the (device) loss and its per-head parts."""
+    """One optimizer step on a device batch; returns the (device) loss and its per-head parts.
+    Nothing here reads a value back to the host (without a GradScaler): the CPU queues step after step."""
     import torch
 
     from synthfar_ray.losses import multitask_loss
     from synthfar_ray.transforms import to_model_input
 
     images, labels, _ = batch
-    x = to_model_input(images, augment, channels_last=w.cfg.channels_last, nhwc=False)
-    with torch.autocast(device_type=w.device.type, dtype=w.amp_dtype or torch.float32, enabled=w.amp_dtype is not None):
+    p = w.precision
+    x = to_model_input(images, augment, channels_last=p.channels_last, nhwc=False)
+    with torch.autocast(device_type=w.device.type, dtype=p.autocast_dtype or torch.float32, enabled=p.amp != "none"):
         outputs = w.model(x)
     loss, parts = multitask_loss(outputs, labels, weights)
     scaler.scale(loss).backward()
@@ -441,7 +456,7 @@ def report(w: WorkerState, phase: Phase, index: int, opt, sched, scaler, validat
     metrics: dict[str, Any] = {**w.last_metrics, "step": w.step, "phase": phase.name,
                                "synthetic_fraction": w.synthetic_fraction}
     if validate_now and w.rank == 0:
-        metrics.update(validate(w.raw_model, w.val, w.amp_dtype, w.cfg.model.age_mode, w.cfg.channels_last))
+        metrics.update(validate(w.raw_model, w.val, w.precision, w.cfg.model.age_mode))
         for k, v in metrics.items():
             if k.startswith("val_") and isinstance(v, float) and not math.isnan(v):
                 w.writer.add_scalar(f"val/{k[4:]}", v, w.step)
@@ -454,7 +469,7 @@ def report(w: WorkerState, phase: Phase, index: int, opt, sched, scaler, validat
         ckpt = None
         if checkpoint_now and w.rank == 0:
             checkpoints.save_training_state(d, w.raw_model, w.cfg, opt, sched, scaler, w.step, phase.name, index,
-                                            metrics)
+                                            metrics, channels_last=w.precision.channels_last)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt,
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{w.step:09d}" if ckpt else None)
@@ -468,7 +483,7 @@ def run_phase(w: WorkerState, index: int, phase: Phase) -> None:
     from synthfar_ray.transforms import BatchAugment
 
     cfg = w.cfg
-    opt, sched, scaler = _optimizer(w, phase, index)
+    opt, sched, scaler = optimizer_for(w, phase, index)
     streams = _streams(w, phase)
     mix = MixSchedule(phase.datasets, cfg.worker_batch(), cfg.mix_ratio if cfg.plan == "mix" else None, cfg.seed, w.rank)
     # Rows decoded here can only be augmented here.
@@ -542,8 +557,20 @@ def _scaling(cfg: TrainConfig):
     from synthfar_ray.raycluster import use_gpu
 
     gpu = use_gpu(cfg.use_gpu)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if gpu else {})}
     return ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker=resources)
+
+
+def run_request(cfg: TrainConfig, gpu: bool) -> dict[str, float]:
+    """What one run holds at once: its workers' CPUs (and GPUs when it trains on GPU), and a CPU
+    share per Ray Data pipeline it reads (each train set of its largest phase, plus the val split)."""
+    from synthfar_ray.train_data import val_source_of
+
+    pipelines = max(len(p.datasets) for p in phases_of(cfg)) + int(val_source_of(cfg) != "none")
+    request = {"CPU": cfg.num_workers * cfg.cpus_per_worker + pipelines * cfg.data_cpus}
+    if gpu:
+        request["GPU"] = cfg.num_workers * cfg.gpus_per_worker
+    return request
 
 
 def _dist_backend(cfg: TrainConfig, gpu: bool) -> str:
@@ -570,9 +597,10 @@ def check_inputs(cfg: TrainConfig) -> None:
     from synthfar_ray.train_data import check_dataset, val_source_of
 
     needed = needed_datasets(cfg) | ({val_source_of(cfg)} - {"none"})
+    crops = {"synthetic": ("synthetic_center_crop", cfg.synthetic_center_crop), "real": ("center_crop", cfg.center_crop)}
     for name in ("synthetic", "real"):
         if name in needed:
-            check_dataset(getattr(cfg, name), name, cfg.storage)
+            check_dataset(getattr(cfg, name), name, cfg.storage, crops[name][1], crops[name][0])
     if cfg.synthetic_selection and "synthetic" in needed:
         read_selection_ids(cfg.synthetic_selection, cfg.storage)
 
@@ -601,7 +629,7 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     scaling = _scaling(cfg)
     check_resources(cfg, scaling)
     datasets = build_datasets(cfg, needed_datasets(cfg))
-    fs, path = storage.resolve(cfg.storage_path, cfg.storage)
+    fs, path = storage.resolve_retrying(cfg.storage_path, cfg.storage)
     fs.create_dir(path, recursive=True)
     env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
     run_config = RunConfig(
@@ -657,8 +685,8 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    from synthfar_ray.cli import add_config_args
+    from synthfar_ray.cli import add_config_args, stage_parser
 
-    p = sub.add_parser("train", help="train the face-attribute net (Ray Train, DDP)")
+    p = stage_parser(sub, "train")
     add_config_args(p)
     p.set_defaults(func=_cli)

@@ -35,14 +35,23 @@ logger = logging.getLogger(__name__)
 # Driver: Ray Datasets
 
 
-def check_dataset(uri: str | None, setting: str, opts: StorageOptions) -> None:
-    """Fail on the driver, before Ray starts, when a dataset setting points at nothing readable."""
+def check_dataset(uri: str | None, setting: str, opts: StorageOptions, crop: int | None = None,
+                  crop_setting: str = "center_crop") -> None:
+    """Fail on the driver, before Ray starts, when a dataset setting points at nothing readable, or
+    asks for a centre crop (stored pixels) of a `synthfar prepare` copy, whose pixels are not the source's."""
+    from synthfar_ray.prepare import prepared_manifest
+
     if uri is None:
         return
     try:
         storage.parquet_files(uri, opts)
     except storage.StorageError as e:
         raise UserError(f"{setting}: {e}") from None
+    prepared = prepared_manifest(uri, opts) if crop is not None else None
+    if prepared is not None:
+        raise UserError(f"{crop_setting}={crop}: {setting} {uri} is a training-resolution copy (synthfar prepare, "
+                        f"short side {prepared.get('size')} px of {prepared.get('source')}); crop when preparing "
+                        f"(synthfar prepare --center-crop {crop}, in source pixels) and set {crop_setting}: null")
 
 
 def read_rows(uri: str, opts: StorageOptions, splits: tuple[str, ...], *, subset: int | None = None,
@@ -53,7 +62,7 @@ def read_rows(uri: str, opts: StorageOptions, splits: tuple[str, ...], *, subset
 
     fs, path = storage.resolve(uri, opts)
     # Train sets read their files in a new order each pass (streaming, unlike randomize_block_order,
-    # which waits for every read to finish); each worker's local shuffle buffer mixes rows further.
+    # which waits for every read to finish); each worker's shuffle buffer (shuffle_rows) mixes rows further.
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
     ds = ray.data.read_parquet(path, filesystem=fs, shuffle=shuffle, num_cpus=num_cpus)
     pred = col("split").is_in(list(splits))
@@ -113,17 +122,19 @@ def build_datasets(cfg: TrainConfig, needed: set[str]) -> dict[str, Any]:
 
 def to_device_batch(batch: dict, cfg: TrainConfig, device, crop: int | None):
     """A batch from either decode path -> (uint8 images NCHW on device, label tensors, is_synthetic)."""
-    import torch
-
-    from synthfar_ray.transforms import decode_to_tensor, labels_to_numpy
+    from synthfar_ray.transforms import decode_to_tensor, host_to_device, labels_to_numpy
 
     if cfg.decode_on == "worker":
         images = decode_to_tensor(list(batch["image"]), cfg.image_size, crop, device=device)
-        labels = {k: torch.from_numpy(v).to(device) for k, v in labels_to_numpy(batch).items()}
-        syn = torch.from_numpy(np.array(batch["is_synthetic"], dtype=np.int8)).to(device)
+        labels = {k: host_to_device(v, device) for k, v in labels_to_numpy(batch).items()}
+        syn = host_to_device(np.asarray(batch["is_synthetic"], dtype=np.int8), device)
         return images, labels, syn
     images = batch["image"].permute(0, 3, 1, 2)  # NHWC uint8 from the data tasks
     return images, {k: batch[k] for k in LABEL_COLUMNS}, batch["is_synthetic"]
+
+
+def _is_cuda(device) -> bool:
+    return getattr(device, "type", str(device)).startswith("cuda")
 
 
 def concat_batches(parts: list[tuple]):
@@ -148,6 +159,53 @@ def _slice(item: tuple, start: int, stop: int) -> tuple:
     return images[start:stop], {k: v[start:stop] for k, v in labels.items()}, syn[start:stop]
 
 
+def _take(item: tuple, idx) -> tuple:
+    images, labels, syn = item
+    return images[idx], {k: v[idx] for k, v in labels.items()}, syn[idx]
+
+
+def _put(buf: tuple, idx, item: tuple) -> None:
+    buf[0][idx] = item[0]
+    for k, v in item[1].items():
+        buf[1][k][idx] = v
+    buf[2][idx] = item[2]
+
+
+def shuffle_rows(items: Iterator[tuple], buffer: int, batch: int, seed: int) -> Iterator[tuple]:
+    """Batches of `batch` rows drawn at random from a buffer of >= `buffer` decoded rows: each incoming
+    batch takes the place of the random rows handed out; the buffer drains shuffled at the end.
+
+    It works on the (device) tensors, a gather and a scatter per batch: Ray Data's local shuffle
+    buffer re-concatenates host blocks per batch in the train worker and cost ~20 % of the step
+    rate on CPU (bench/train.py)."""
+    import torch
+
+    if buffer <= 0:
+        yield from items
+        return
+    cap = -(-max(buffer, batch) // batch) * batch
+    buf, filled, gen = None, 0, None
+    for item in items:
+        if buf is None:
+            # Indices drawn on the rows' device: a host-made index would be a blocking copy per step.
+            gen = torch.Generator(device=item[0].device).manual_seed(seed)
+            buf = tuple([torch.empty((cap, *item[0].shape[1:]), dtype=item[0].dtype, device=item[0].device),
+                         {k: torch.empty((cap, *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in item[1].items()},
+                         torch.empty((cap, *item[2].shape[1:]), dtype=item[2].dtype, device=item[2].device)])
+        if filled < cap:
+            _put(buf, slice(filled, filled + batch), item)
+            filled += batch
+            continue
+        idx = torch.randperm(cap, generator=gen, device=buf[0].device)[:batch]
+        out = _take(buf, idx)  # a copy: the scatter below cannot change it
+        _put(buf, idx, item)
+        yield out
+    if buf is not None:
+        order = torch.randperm(filled, generator=gen, device=buf[0].device)
+        for start in range(0, filled - batch + 1, batch):
+            yield _take(buf, order[start:start + batch])
+
+
 class BatchStream:
     """One dataset shard as an endless source of device rows: `take(n)` returns exactly n rows,
     keeping what is left of the last batch for the next call; passes are reshuffled one after another."""
@@ -163,17 +221,14 @@ class BatchStream:
         cache: list[tuple] | None = [] if budget > 0 else None
         while True:
             n, size = 0, 0
-            kwargs = dict(batch_size=self.read_batch, drop_last=True,
-                          local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                          local_shuffle_seed=(cfg.seed + 1009 * epoch + self.rank) if cfg.shuffle_buffer else None,
-                          prefetch_batches=2)
+            kwargs = dict(batch_size=self.read_batch, drop_last=True, prefetch_batches=2)
             if cfg.decode_on == "worker":
                 it = self.shard.iter_batches(batch_format="numpy", **kwargs)
-            else:
-                it = self.shard.iter_torch_batches(device=self.device, **kwargs)
-            for batch in it:
+            else:  # pinned host batches: the copies to the GPU run asynchronously
+                it = self.shard.iter_torch_batches(device=self.device, pin_memory=_is_cuda(self.device), **kwargs)
+            items = (to_device_batch(batch, cfg, self.device, self.crop) for batch in it)
+            for item in shuffle_rows(items, cfg.shuffle_buffer, self.read_batch, cfg.seed + 1009 * epoch + self.rank):
                 n += 1
-                item = to_device_batch(batch, cfg, self.device, self.crop)
                 if cache is not None:
                     size += _nbytes(item)
                     if size <= budget:
@@ -294,7 +349,8 @@ class ValSet:
         if cfg.decode_on == "worker":
             it = self.shard.iter_batches(batch_format="numpy", batch_size=cfg.val_batch_size)
         else:
-            it = self.shard.iter_torch_batches(batch_size=cfg.val_batch_size, device=self.device)
+            it = self.shard.iter_torch_batches(batch_size=cfg.val_batch_size, device=self.device,
+                                               pin_memory=_is_cuda(self.device))
         kept: list[tuple] | None = []
         size = 0
         for batch in it:
@@ -309,7 +365,7 @@ class ValSet:
         self.cached = kept
 
 
-def validate(model, val: ValSet, amp_dtype, age_mode: str, channels_last: bool) -> dict[str, float]:
+def validate(model, val: ValSet, precision, age_mode: str) -> dict[str, float]:
     from synthfar_ray.metrics import compute_metrics
     from synthfar_ray.model import predict
 
@@ -317,7 +373,7 @@ def validate(model, val: ValSet, amp_dtype, age_mode: str, channels_last: bool) 
     labs: dict[str, list[np.ndarray]] = {k: [] for k in LABEL_COLUMNS}
     val.wait()
     for images, labels, _ in val.batches():
-        for k, v in predict(model, images, amp_dtype, channels_last, nhwc=False).items():
+        for k, v in predict(model, images, precision, nhwc=False).items():
             outs.setdefault(k, []).append(v.cpu().numpy())
         for k in LABEL_COLUMNS:
             labs[k].append(labels[k].cpu().numpy())

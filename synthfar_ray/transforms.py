@@ -58,22 +58,44 @@ def _crop_box(w: int, h: int, crop: int | None) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------
 # Decoding
 
+def _draft_crop(data: bytes, box_of, side: int) -> Image.Image:
+    """Open image bytes and return the RGB crop `box_of(w, h)` (stored pixels), decoded at the smallest
+    JPEG draft scale (1/2^k) that still leaves >= `side` pixels across the crop's short side."""
+    img = Image.open(io.BytesIO(data))
+    w0, h0 = img.size
+    box = box_of(w0, h0)
+    short0 = min(box[2] - box[0], box[3] - box[1])
+    if img.format == "JPEG":
+        img.draft("RGB", (math.ceil(w0 * side / short0), math.ceil(h0 * side / short0)))
+    sx, sy = img.size[0] / w0, img.size[1] / h0
+    return img.convert("RGB").crop((round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)))
+
+
 def decode_resize(data: bytes, size: int, center_crop: int | None = None) -> np.ndarray:
     """Image bytes -> (size, size, 3) uint8: centre square crop (side `center_crop`, else the short
     side), resized with antialiasing. `center_crop` is in pixels of the stored image."""
     try:
-        img = Image.open(io.BytesIO(data))
-        w0, h0 = img.size
-        box = _crop_box(w0, h0, center_crop)
-        side0 = box[2] - box[0]
-        if img.format == "JPEG":
-            # Decode at the smallest 1/2^k scale that still leaves >= size pixels across the crop.
-            img.draft("RGB", (math.ceil(w0 * size / side0), math.ceil(h0 * size / side0)))
-        sx, sy = img.size[0] / w0, img.size[1] / h0
-        img = img.convert("RGB").crop((round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)))
+        img = _draft_crop(data, lambda w, h: _crop_box(w, h, center_crop), size)
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(img)
+    except Exception as e:  # PIL raises many types on corrupt data
+        raise ValueError(f"undecodable image ({len(data)} bytes): {e}") from e
+
+
+def resize_short_side(data: bytes, size: int, center_crop: int | None = None) -> Image.Image | None:
+    """Image bytes -> an RGB image whose short side is `size` (aspect kept), after an optional centre
+    square crop (stored pixels); None when it is already that small and uncropped (keep the bytes)."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            if center_crop is None and min(probe.size) <= size:
+                return None
+        img = _draft_crop(data, (lambda w, h: _crop_box(w, h, center_crop)) if center_crop else
+                          (lambda w, h: (0, 0, w, h)), size)
+        w, h = img.size
+        scale = size / min(w, h)
+        target = (max(size, round(w * scale)), max(size, round(h * scale)))
+        return img if img.size == target else img.resize(target, Image.Resampling.BILINEAR)
     except Exception as e:  # PIL raises many types on corrupt data
         raise ValueError(f"undecodable image ({len(data)} bytes): {e}") from e
 
@@ -124,23 +146,49 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, center_crop: int | Non
 
 def decode_to_tensor(images: list[bytes] | np.ndarray, size: int, center_crop: int | None = None,
                      device: torch.device | str = "cpu") -> torch.Tensor:
-    """JPEG bytes -> (N, 3, size, size) uint8 on `device`, decoded by torchvision (nvJPEG on CUDA)."""
+    """JPEG bytes -> (N, 3, size, size) uint8 on `device`, decoded by torchvision in one batched call
+    (nvJPEG on CUDA). Crop + resize run as one batched op per distinct stored size (a dataset has one
+    or a few), not per image; the output keeps the input order."""
     import torch
-    import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if len(images) == 0:
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8, device=device)
     raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in images]
     decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
-    out = []
-    for im in decoded:
-        h, w = im.shape[-2:]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(decoded):  # shapes come from the JPEG headers: no device sync
+        groups.setdefault(tuple(im.shape[-2:]), []).append(i)
+    resized = []
+    for (h, w), idx in groups.items():
         left, top, right, bottom = _crop_box(w, h, center_crop)
-        im = im[:, top:bottom, left:right]
-        if im.shape[-1] != size:
-            im = F.interpolate(im[None].float(), size=(size, size), mode="bilinear", antialias=True,
-                               align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
-        out.append(im)
-    return torch.stack(out) if out else torch.zeros((0, 3, size, size), dtype=torch.uint8, device=device)
+        resized.append(resize_batch(torch.stack([decoded[i][:, top:bottom, left:right] for i in idx]), size))
+    if len(groups) == 1:
+        return resized[0]
+    order = torch.argsort(torch.tensor([i for idx in groups.values() for i in idx]))
+    return torch.cat(resized)[host_to_device(order, resized[0].device)]
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, h, w) uint8 -> (N, 3, size, size) uint8, antialiased bilinear (PIL's filter), one kernel."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def host_to_device(array: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host array on `device`: through pinned memory and an asynchronous copy when that is CUDA
+    (a pageable copy blocks the host until it is done)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def _cfg(data, tmp, **kw) -> TrainConfig:
 def test_every_train_config_validates(path):
     cfg = load_config(TrainConfig, path)
     if "experiments" in path:  # the paper's protocol
-        assert (cfg.model.backbone, cfg.image_size, cfg.batch_size, cfg.amp) == ("resnet50", 196, 16, "fp16")
+        assert (cfg.model.backbone, cfg.image_size, cfg.batch_size, cfg.amp) == ("resnet50", 196, 16, "auto")
         assert (cfg.warmup_steps, cfg.grad_clip, cfg.seed, cfg.steps) == (1000, 1.0, 42, 100_000)
         assert cfg.storage_path.startswith("s3://")
 
@@ -354,3 +354,28 @@ def test_cli_reports_config_errors(tmp_path):
     cfg_file = tmp_path / "bad.yaml"
     cfg_file.write_text("name: x\nstorage_path: /tmp/x\nplan: mix\nsynthetic: /data/s\n")
     assert main(["train", str(cfg_file)]) == 2  # plan mix without `real`: a clean one-line error
+
+
+def test_shuffle_rows_hands_out_every_row_once_in_a_seeded_order():
+    import torch
+
+    from synthfar_ray.train_data import shuffle_rows
+
+    def batches():
+        for s in range(0, 96, 8):  # 12 batches of 8 rows, row i carries i everywhere
+            r = torch.arange(s, s + 8)
+            yield r[:, None, None, None].expand(8, 3, 2, 2).to(torch.uint8), {"age": r.float()}, r.to(torch.int8)
+
+    def run(seed: int) -> list[int]:
+        out = list(shuffle_rows(batches(), 20, 8, seed))  # buffer rounds up to 24 rows
+        assert all(b[0].shape == (8, 3, 2, 2) for b in out)
+        for images, labels, syn in out:  # rows stay whole: every tensor was gathered with one index
+            assert torch.equal(images[:, 0, 0, 0].long(), labels["age"].long())
+            assert torch.equal(syn.long(), labels["age"].long())
+        return [int(v) for b in out for v in b[1]["age"]]
+
+    order = run(1)
+    assert sorted(order) == list(range(96)) and order != list(range(96))
+    assert order == run(1) and order != run(2)
+    assert sum(a > b for a, b in zip(order, order[1:])) > 20  # mixed, not sorted runs
+    assert list(shuffle_rows(batches(), 0, 8, 1))[0][1]["age"].tolist() == list(range(8))  # 0: as read
