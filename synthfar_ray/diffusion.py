@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 from pydantic import AfterValidator, Field, field_validator
 
 from synthfar_ray.config import StrictModel
 from synthfar_ray.errors import UserError
 from synthfar_ray.paths import absolute_location
-from synthfar_ray.prompt_weighting import count_chunks, encode_weighted_prompts
+from synthfar_ray.prompt_weighting import chunks_needed, encode_tokenized, tokenize_weighted
+
+if TYPE_CHECKING:  # torch is imported where it runs, so `import synthfar_ray.generate` stays light
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,15 @@ class ModelConfig(StrictModel):
     base_config: ModelRef | None = None
     controlnet: ModelRef = REAL_CONTROLNET_DEFAULT  # hub id | local folder
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile UNet + ControlNet (GPU; costs a warm-up per batch shape)
+    compile: bool = Field(False, description=(
+        "torch.compile UNet + ControlNet with static shapes (CUDA only; eager elsewhere). Every diffusion "
+        "call is then padded to compute.batch_size rows, so one graph per prompt chunk count is compiled"))
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode (max-autotune: faster kernels, much longer first compile)")
+    compile_cache_dir: str | None = Field(None, description=(
+        "local folder of the Inductor/Triton compile cache (TORCHINDUCTOR_CACHE_DIR), shared by the actors of "
+        "a node so the compile warm-up is paid once per node; a persistent or shared disk keeps it across "
+        "clusters. None: <node temp dir>/synthfar-compile-cache. Never part of a dataset's fingerprint"))
     seed: int = 0  # seed of the presets' random weights, so every actor builds identical weights
 
 
@@ -189,6 +200,8 @@ def _make_pose_matter(controlnet) -> None:
     init shrinks the hint signal through the 8-conv hint encoder until biases dominate. He init
     (signal-preserving through SiLU) for both makes a random preset respond to the pose as a
     trained one does."""
+    import torch
+
     zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
     for module in [*zero_convs, *controlnet.controlnet_cond_embedding.modules()]:
         if isinstance(module, torch.nn.Conv2d):
@@ -198,6 +211,7 @@ def _make_pose_matter(controlnet) -> None:
 
 def build_preset_components(preset: str, seed: int = 0) -> dict:
     """Random-weight UNet, ControlNet, VAE, text encoder and tokenizer, identical for a given seed."""
+    import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -364,10 +378,14 @@ def _load_real_pipeline(model: ModelConfig, torch_dtype: torch.dtype):
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
+    import torch
+
     if name == "auto":
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
@@ -376,6 +394,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 def build_pipeline(model: ModelConfig, device: str | None = None):
     """A StableDiffusionControlNetPipeline on `device` (None: cuda if available, else cpu) with the
     paper's scheduler, no safety checker and no progress bar."""
+    import torch
     from diffusers import StableDiffusionControlNetPipeline
 
     device = device or default_device()
@@ -400,12 +419,44 @@ def build_pipeline(model: ModelConfig, device: str | None = None):
         for module in (pipe.unet, pipe.controlnet, pipe.vae):
             module.to(memory_format=torch.channels_last)
         if model.compile:
-            pipe.unet = torch.compile(pipe.unet)
-            pipe.controlnet = torch.compile(pipe.controlnet)
+            options = compile_options(model)
+            pipe.unet.compile(**options)  # in place: the pipeline keeps its module types and dtype checks
+            pipe.controlnet.compile(**options)
     elif model.compile:
         logger.warning("model.compile is only applied on CUDA; running eager on %s", device)
     logger.info("built pipeline %s on %s (%s) in %.1f s", model_label(model), device, dtype, time.perf_counter() - start)
     return pipe
+
+
+COMPILE_CACHE_DEFAULT = "synthfar-compile-cache"
+# ModelConfig settings left out of a dataset's fingerprint: where compiled kernels are cached never
+# decides a pixel; compile_mode only counts when set (older datasets hash as before it existed).
+_RUNTIME_MODEL_FIELDS = ("compile_cache_dir",)
+_MODEL_FIELD_DEFAULTS_UNHASHED = {"compile_mode": "default"}
+
+
+def model_content(dump: dict) -> dict:
+    """The settings of a dumped ModelConfig that decide image bytes (for dataset fingerprints)."""
+    return {k: v for k, v in dump.items()
+            if k not in _RUNTIME_MODEL_FIELDS and _MODEL_FIELD_DEFAULTS_UNHASHED.get(k, object()) != v}
+
+
+def compile_cache_dir(model: ModelConfig) -> str:
+    """The compile cache folder of a model config on this node (absolute)."""
+    path = model.compile_cache_dir or os.path.join(tempfile.gettempdir(), COMPILE_CACHE_DEFAULT)
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def compile_options(model: ModelConfig) -> dict:
+    """Point Inductor's (and so Triton's) on-disk cache at `compile_cache_dir` and return the kwargs for
+    `Module.compile`: static shapes (dynamic=False), since every call is padded to one batch size and
+    prompts come in a few chunk counts; a symbolic-shape graph would be slower."""
+    path = compile_cache_dir(model)
+    os.makedirs(path, exist_ok=True)
+    # Read by Inductor whenever it opens its cache (FX graphs, autotuning, Triton kernels under it).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    logger.info("torch.compile (mode %s, static shapes), compile cache %s", model.compile_mode, path)
+    return {"mode": model.compile_mode, "dynamic": False}
 
 
 def _short_ref(ref: str) -> str:
@@ -421,6 +472,9 @@ def model_label(model: ModelConfig) -> str:
     return f"{_short_ref(model.base)}+{_short_ref(model.controlnet)}"
 
 
+NEGATIVE_CACHE_SIZE = 32  # (negative prompt, chunk count) embeddings kept; a run has one negative prompt
+
+
 class FaceGenerator:
     """Generates one image per (prompt, negative prompt, pose image, seed) row.
 
@@ -428,24 +482,50 @@ class FaceGenerator:
     depend on the batch or the device. Prompts of different lengths need different numbers of
     77-token chunks; rows are run in sub-batches of equal chunk count (each row padded only to its
     own positive/negative maximum), so a row's image never depends on what else is in the batch.
+
+    Off the diffusion path: each prompt is tokenized once; a negative prompt's embedding is encoded
+    once per (text, chunk count) and reused (every row of a run shares one); images become uint8 on
+    the pipeline's device, so only uint8 crosses to the host. With model.compile on CUDA, each
+    diffusion call is padded to `batch_size` rows (the padding rows repeat a real one and are
+    discarded) so the compiled graphs see one batch shape.
     """
 
-    def __init__(self, model: ModelConfig, sampler: SamplerConfig, device: str | None = None):
+    def __init__(self, model: ModelConfig, sampler: SamplerConfig, device: str | None = None,
+                 batch_size: int | None = None):
+        import torch
+
         self.model = model
         self.sampler = sampler
         self.device = device or default_device()
         self.pipe = build_pipeline(model, self.device)
         self.label = model_label(model)
+        compiled = model.compile and torch.device(self.device).type == "cuda"
+        self.static_batch = batch_size if compiled else None
+        self._negatives: dict[tuple[str, int], torch.Tensor] = {}
+        self._negative_tokens: dict[str, tuple[list[int], list[float]]] = {}
+
+    def _tokens_of_negative(self, text: str) -> tuple[list[int], list[float]]:
+        if text not in self._negative_tokens:
+            if len(self._negative_tokens) >= NEGATIVE_CACHE_SIZE:
+                self._negative_tokens.clear()
+            self._negative_tokens[text] = tokenize_weighted(self.pipe.tokenizer, text)
+        return self._negative_tokens[text]
 
     def _encode(self, prompts: list[str], negative_prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        tok = self.pipe.tokenizer
+        tok, encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        pos_tokens = [tokenize_weighted(tok, p) for p in prompts]
         # Each row: positive and negative padded to the longer of the two (CFG needs equal shapes).
-        counts = [max(count_chunks(tok, p), count_chunks(tok, n)) for p, n in zip(prompts, negative_prompts)]
-        embeds = encode_weighted_prompts(
-            tok, self.pipe.text_encoder, list(prompts) + list(negative_prompts), n_chunks=counts + counts,
-            device=self.pipe.text_encoder.device,
-        )
-        return embeds[: len(prompts)], embeds[len(prompts):]
+        counts = [max(chunks_needed(ids), chunks_needed(self._tokens_of_negative(n)[0]))
+                  for (ids, _), n in zip(pos_tokens, negative_prompts)]
+        pos = encode_tokenized(tok, encoder, pos_tokens, counts, device=encoder.device)
+        missing = sorted({(n, c) for n, c in zip(negative_prompts, counts)} - self._negatives.keys())
+        if missing:
+            if len(self._negatives) + len(missing) > NEGATIVE_CACHE_SIZE:
+                self._negatives.clear()
+            embeds = encode_tokenized(tok, encoder, [self._tokens_of_negative(n) for n, _ in missing],
+                                      [c for _, c in missing], device=encoder.device)
+            self._negatives.update(zip(missing, embeds))
+        return pos, [self._negatives[(n, c)] for n, c in zip(negative_prompts, counts)]
 
     def __call__(
         self,
@@ -472,6 +552,8 @@ class FaceGenerator:
         """((B, H, W, 3) uint8 images, (B,) bool `finite`): finite[i] is False when image i's float
         output held NaN/inf (fp16 overflow, a broken checkpoint); that image is black, not clipped
         noise, and must not be kept as a sample."""
+        import torch
+
         n = len(prompts)
         if not (len(negative_prompts) == len(pose_images) == len(seeds) == n):
             raise ValueError(
@@ -493,24 +575,34 @@ class FaceGenerator:
             for i, e in enumerate(pos):
                 groups.setdefault(e.shape[0], []).append(i)
             for idx in groups.values():
+                run = idx + [idx[0]] * max(0, (self.static_batch or 0) - len(idx))
                 result = self.pipe(
-                    prompt_embeds=torch.stack([pos[i] for i in idx]).to(device, unet_dtype),
-                    negative_prompt_embeds=torch.stack([neg[i] for i in idx]).to(device, unet_dtype),
-                    image=[controls[i] for i in idx],
+                    prompt_embeds=torch.stack([pos[i] for i in run]).to(device, unet_dtype),
+                    negative_prompt_embeds=torch.stack([neg[i] for i in run]).to(device, unet_dtype),
+                    image=[controls[i] for i in run],
                     num_inference_steps=s.steps,
                     guidance_scale=s.guidance_scale,
                     controlnet_conditioning_scale=s.controlnet_scale,
                     height=s.height,
                     width=s.width,
-                    generator=[torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx],
-                    output_type="np",
+                    generator=[torch.Generator("cpu").manual_seed(int(seeds[i])) for i in run],
+                    output_type="pt",
                 )
-                images = np.asarray(result.images, dtype=np.float32)
-                ok = np.isfinite(images).reshape(len(idx), -1).all(axis=1)
-                images[~ok] = 0.0
-                finite[idx] = ok
-                out[idx] = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+                out[idx], finite[idx] = images_to_uint8(result.images[:len(idx)])
         return out, finite
+
+
+def images_to_uint8(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Pipeline output (B, 3, H, W) in [0, 1] on its device (output_type="pt") -> ((B, H, W, 3) uint8,
+    (B,) bool finite) on the host. The arithmetic is diffusers' "np" output followed by numpy's
+    rint/clip: float32 values times 255, rounded half to even, clipped, so the bytes are the same;
+    only uint8 crosses to the host. An image holding NaN/inf comes back black."""
+    import torch
+    x = images.float()
+    ok = torch.isfinite(x).flatten(1).all(dim=1)
+    x = torch.where(ok[:, None, None, None], x, 0.0)
+    u8 = (x * 255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return u8.cpu().numpy(), ok.cpu().numpy()
 
 
 def _to_pil(image: np.ndarray | Image.Image, index: int) -> Image.Image:
@@ -526,5 +618,5 @@ __all__ = [
     "REAL_BASE_DEFAULT", "REAL_CONTROLNET_DEFAULT", "ModelConfig", "SamplerConfig", "FaceGenerator",
     "build_pipeline", "check_model_paths", "is_local_model_ref", "ModelRef", "model_label", "make_scheduler",
     "build_preset_components", "preset_configs",
-    "byte_level_clip_tokenizer",
+    "byte_level_clip_tokenizer", "images_to_uint8", "compile_options", "compile_cache_dir", "model_content",
 ]

@@ -31,9 +31,17 @@ result and totalled in the manifest (`images_dropped`, `dropped_ids`). A shard i
 rows and dropped ids cover its range, so a re-run does not retry them (the same seed and batch size
 give the same NaN); `overwrite=true` or another seed does.
 
-Timing is stamped where the work is done: each shard's result carries its actor's `time.time()` at
-start and end (results reach the driver bunched), which `GenerateResult.steady_images_per_second`
-uses.
+Off the critical path: an actor runs two shards at once (Ray Data's `max_concurrent_calls_per_actor`,
+threads of the actor): while one shard's rows are JPEG-encoded, packed into Parquet and written
+(storage.write_bytes), the other is diffused; a lock gives the generator to one shard at a time. A
+shard's call returns its report only after its own file is written, and a failed write raises in that
+call, so Ray Data retries that shard or the job fails: no report ever claims a file that is not
+there. At most two shards per actor are in memory (one diffusing or waiting for the generator, one
+being written).
+
+Timing is stamped where the work is done: each shard's result carries its actor's `time.time()` when
+it got the generator and when its file was written (results reach the driver bunched), which
+`GenerateResult.steady_images_per_second` uses.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -59,8 +68,9 @@ from pydantic import Field, model_validator
 
 from synthfar_ray import storage
 from synthfar_ray.config import StageConfig, StrictModel, dump_config, load_config
-from synthfar_ray.diffusion import FaceGenerator, ModelConfig, SamplerConfig, check_model_paths, model_label
-from synthfar_ray.errors import UserError
+from synthfar_ray.diffusion import (FaceGenerator, ModelConfig, SamplerConfig, check_model_paths, model_content,
+                                   model_label)
+from synthfar_ray.errors import UserError, first_line
 from synthfar_ray.faces import HAIR_LENGTHS, POSE_FIELDS, FaceBatch, PoseBatch, RenderConfig, check_vocab, face_seeds, render_faces
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.labels import CORE_FIELDS, age_to_bin, ethnicity_index, gender_index
@@ -77,6 +87,13 @@ DROPPED_KEY = b"synthfar.dropped_ids"  # Parquet metadata of a part: JSON list o
 # Settings that decide the bytes of a row: see fingerprint().
 CONTENT_FIELDS = ("seed", "shard_size", "val_fraction", "prompts", "poses")
 GENERATOR_FIELDS = {"diffusion": ("jpeg_quality", "model", "sampler"), "procedural": ("generator", "render")}
+# How diffusion encodes its prompts, in the fingerprint: 2 = the shared negative prompt encoded on its
+# own and cached per actor. On CPU the text encoder's output depends slightly on what else is in its
+# batch, so version 1 (negatives encoded beside the batch's prompts) moved some pixels by one level:
+# a version-1 dataset is not resumed or extended by this code.
+PROMPT_ENCODING = 2
+# Shards an actor works on at once: one holds the generator while the other is written.
+SHARDS_IN_FLIGHT_PER_ACTOR = 2
 # Test-only fault injection: path of a marker file; the first actor to reach it dies hard once.
 FAULT_ENV = "SYNTHFAR_FAULT_CRASH_ONCE"
 
@@ -126,7 +143,8 @@ class GenerateConfig(StageConfig):
 
 @dataclass(frozen=True)
 class ShardReport:
-    """One shard as its actor made it; `start`/`end` are the actor's time.time()."""
+    """One shard as its actor made it; `start` (it got the generator) and `end` (its file was written)
+    are the actor's time.time()."""
 
     shard: int
     actor: str  # host:pid of the actor process
@@ -155,9 +173,10 @@ class GenerateResult:
 
     def steady_images_per_second(self) -> float:
         """Throughput once the actors are warm, from actor-side clocks: per actor, the images of its
-        shards after the first over the time from that second shard's start to its last shard's end
-        (gaps between shards included), summed over actors since they run side by side. An actor
-        that made one shard only counts that shard (warm-up included). NaN without shards."""
+        shards after the first over the time from that second shard's start (it got the generator)
+        to the last write's end (gaps between shards included), summed over actors since they run
+        side by side. An actor that made one shard only counts that shard (warm-up included). NaN
+        without shards."""
         by_actor: dict[str, list[ShardReport]] = {}
         for r in self.shards:
             by_actor.setdefault(r.actor, []).append(r)
@@ -165,7 +184,7 @@ class GenerateResult:
         for reports in by_actor.values():
             reports.sort(key=lambda r: r.start)
             warm = reports[1:] or reports
-            span = warm[-1].end - warm[0].start
+            span = max(r.end for r in warm) - warm[0].start  # writes overlap: the last to start may not end last
             rate += sum(r.images for r in warm) / span if span > 0 else 0.0
         return rate if by_actor else float("nan")
 
@@ -205,11 +224,14 @@ def fingerprint(cfg: GenerateConfig) -> str:
     own settings and, for diffusion, compute.batch_size (batched fp32 arithmetic is not
     bit-identical across batch sizes). num_images, the pool's shape and the output path are left
     out, so a run may grow the dataset or move to a bigger pool and still resume. A diffusion
-    config hashes as it did before the procedural generator existed."""
+    config also hashes how prompts are encoded (PROMPT_ENCODING)."""
     dump = dump_config(cfg)
     parts = {k: dump[k] for k in CONTENT_FIELDS + GENERATOR_FIELDS[cfg.generator]}
+    if "model" in parts:
+        parts["model"] = model_content(parts["model"])
     if cfg.generator == "diffusion":
         parts["batch_size"] = cfg.compute.batch_size
+        parts["prompt_encoding"] = PROMPT_ENCODING
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -325,13 +347,15 @@ def generator_label(cfg: GenerateConfig) -> str:
 
 class ShardGenerator:
     """One generator per actor (a diffusion pipeline, or the face renderer); each call generates
-    and writes whole shards."""
+    and writes whole shards. Calls run in two threads of the actor (SHARDS_IN_FLIGHT_PER_ACTOR): the
+    generator lock lets one shard diffuse while the other's file is encoded and written."""
 
     def __init__(self, cfg: GenerateConfig, crash_marker: str | None = None):
         # The config object itself, not its JSON: a JSON dump masks the storage credentials (SecretStr).
         self.cfg = cfg
         procedural = cfg.generator == "procedural"
-        self.generator = None if procedural else FaceGenerator(self.cfg.model, self.cfg.sampler)
+        self.generator = (None if procedural else
+                          FaceGenerator(self.cfg.model, self.cfg.sampler, batch_size=cfg.compute.batch_size))
         s = self.cfg.sampler
         self.pose_folder = (PoseFolder(self.cfg.poses.folder, self.cfg.storage, s.width, s.height)
                             if self.cfg.poses.folder else None)
@@ -339,6 +363,8 @@ class ShardGenerator:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.crash_marker = crash_marker
         self.encoder = ThreadPoolExecutor(max_workers=2)  # JPEG encoding overlaps the next diffusion call
+        self._generating = threading.Lock()  # one shard at a time on the generator (the GPU)
+        self._preparing = threading.Lock()  # the pose folder's LRU cache is not thread-safe
 
     def _maybe_crash(self) -> None:
         if self.crash_marker and not os.path.exists(self.crash_marker):
@@ -346,21 +372,23 @@ class ShardGenerator:
             logger.error("fault injection: actor exiting mid-shard (%s)", FAULT_ENV)
             os._exit(1)
 
-    def _render_shard(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any], list[int]]:
+    def _render_shard(self, rows: list[dict[str, Any]], _controls: list[np.ndarray]
+                      ) -> tuple[list[dict[str, Any]], list[Any], list[int]]:
         """Procedural: every row gets an image (the renderer's pixels are finite by construction)."""
         images = render_rows(self.cfg, rows)
         self._maybe_crash()
         q = self.cfg.render.jpeg_quality
         return rows, [self.encoder.submit(encode_jpeg, image, q) for image in images], []
 
-    def _diffuse_shard(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any], list[int]]:
+    def _diffuse_shard(self, rows: list[dict[str, Any]], controls: list[np.ndarray]
+                       ) -> tuple[list[dict[str, Any]], list[Any], list[int]]:
         bs = self.cfg.compute.batch_size
         kept, pending, dropped = [], [], []
         for b in range(0, len(rows), bs):
             chunk = rows[b:b + bs]
             images, finite = self.generator.generate(
-                [r["prompt"] for r in chunk], [r["negative_prompt"] for r in chunk],
-                [control_image(self.cfg, r, self.pose_folder) for r in chunk], [r["seed"] for r in chunk])
+                [r["prompt"] for r in chunk], [r["negative_prompt"] for r in chunk], controls[b:b + bs],
+                [r["seed"] for r in chunk])
             for r, image, ok in zip(chunk, images, finite):
                 if ok:
                     kept.append(r)
@@ -371,10 +399,15 @@ class ShardGenerator:
         return kept, pending, dropped
 
     def generate_shard(self, shard: int, start: int, stop: int) -> ShardReport:
-        began = time.time()
-        rows = prompt_rows(self.cfg, range(start, stop))
+        with self._preparing:  # pure per id, so it runs while the other shard holds the generator
+            rows = prompt_rows(self.cfg, range(start, stop))
+            controls = ([control_image(self.cfg, r, self.pose_folder) for r in rows]
+                        if self.generator is not None else [])
         make = self._diffuse_shard if self.generator is not None else self._render_shard
-        kept, pending, dropped = make(rows)
+        with self._generating:
+            began = time.time()
+            kept, pending, dropped = make(rows, controls)
+        # The generator is free: the other shard diffuses while this one is encoded and written.
         for r, fut in zip(kept, pending):
             r["image"] = fut.result()
             r["model"] = self.model_label
@@ -555,12 +588,21 @@ def _generate_shards(cfg: GenerateConfig, todo: list[tuple[int, int, int]]) -> I
         ShardGenerator,
         fn_constructor_kwargs={"cfg": cfg, "crash_marker": os.environ.get(FAULT_ENV)},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
+        # Two calls at once per actor, in threads (ShardGenerator serialises the generator itself).
+        compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors,
+                                           max_concurrent_calls_per_actor=SHARDS_IN_FLIGHT_PER_ACTOR,
+                                           enable_true_multi_threading=True),
         num_gpus=gpus,
         num_cpus=cfg.compute.cpus_per_actor,
     )
-    for row in ds.iter_rows():
-        yield _report_from_row(row)
+    ds.context.raise_original_map_exception = True  # a shard's StorageError reaches the driver as itself
+    try:
+        for row in ds.iter_rows():
+            yield _report_from_row(row)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):  # our one line; Ray Data appends its retry advice to the message
+            raise type(e.cause)(first_line(e.cause)) from None
+        raise
 
 
 def _log_shard(report: ShardReport, reports: list[ShardReport], target: int, started: float) -> None:
@@ -622,8 +664,8 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    from synthfar_ray.cli import add_config_args
+    from synthfar_ray.cli import add_config_args, stage_parser
 
-    p = sub.add_parser("generate", help="generate a synthetic face dataset (Ray Data actor pool)")
+    p = stage_parser(sub, "generate")
     add_config_args(p)
     p.set_defaults(func=_cli)

@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where it runs: the generate stage module loads without torch
+    import torch
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -120,7 +122,7 @@ def chunk_tokens(
     `n_chunks` (at least the number needed) adds empty chunks at the end, so two prompts can be
     given the same length.
     """
-    needed = max(1, math.ceil(len(ids) / CHUNK_TOKENS))
+    needed = chunks_needed(ids)
     n_chunks = needed if n_chunks is None else n_chunks
     if n_chunks < needed:
         raise ValueError(f"{len(ids)} tokens need {needed} chunks, asked for {n_chunks}")
@@ -142,13 +144,16 @@ def _special_ids(tokenizer) -> tuple[int, int, int]:
     return bos, eos, pad
 
 
-def count_chunks(tokenizer, prompt: str) -> int:
-    """How many 77-token chunks `prompt` takes."""
-    ids, _ = tokenize_weighted(tokenizer, prompt)
+def chunks_needed(ids: list[int]) -> int:
+    """How many 77-token chunks a prompt of these token ids takes."""
     return max(1, math.ceil(len(ids) / CHUNK_TOKENS))
 
 
-@torch.inference_mode()
+def count_chunks(tokenizer, prompt: str) -> int:
+    """How many 77-token chunks `prompt` takes."""
+    return chunks_needed(tokenize_weighted(tokenizer, prompt)[0])
+
+
 def encode_weighted_prompts(
     tokenizer,
     text_encoder,
@@ -163,18 +168,33 @@ def encode_weighted_prompts(
     None uses each prompt's own need. All chunks of all prompts go through the text encoder in one
     batch.
     """
+    tokens = [tokenize_weighted(tokenizer, p) for p in prompts]
+    return encode_tokenized(tokenizer, text_encoder, tokens, n_chunks, restore_mean, device)
+
+
+def encode_tokenized(
+    tokenizer,
+    text_encoder,
+    tokens: list[tuple[list[int], list[float]]],
+    n_chunks: int | list[int] | None = None,
+    restore_mean: bool = True,
+    device: torch.device | str | None = None,
+) -> list[torch.Tensor]:
+    """`encode_weighted_prompts` for prompts already tokenized by `tokenize_weighted`, so a caller
+    that needs the chunk counts first tokenizes each prompt once."""
+    import torch
+
     bos, eos, pad = _special_ids(tokenizer)
     device = device if device is not None else text_encoder.device
     if isinstance(n_chunks, int) or n_chunks is None:
-        n_chunks = [n_chunks] * len(prompts)
-    if len(n_chunks) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(n_chunks)} chunk counts")
+        n_chunks = [n_chunks] * len(tokens)
+    if len(n_chunks) != len(tokens):
+        raise ValueError(f"{len(tokens)} prompts but {len(n_chunks)} chunk counts")
 
     all_ids: list[list[int]] = []
     all_weights: list[list[float]] = []
     per_prompt: list[int] = []
-    for prompt, n in zip(prompts, n_chunks):
-        ids, weights = tokenize_weighted(tokenizer, prompt)
+    for (ids, weights), n in zip(tokens, n_chunks):
         c_ids, c_weights = chunk_tokens(ids, weights, bos, eos, pad, n)
         all_ids.extend(c_ids)
         all_weights.extend(c_weights)
@@ -182,10 +202,11 @@ def encode_weighted_prompts(
     if not all_ids:
         return []
 
-    input_ids = torch.tensor(all_ids, dtype=torch.long, device=device)
-    hidden = text_encoder(input_ids)[0].float()  # (chunks, 77, hidden): last hidden state
-    weights = torch.tensor(all_weights, dtype=torch.float32, device=device)
-    weighted = apply_token_weights(hidden, weights, restore_mean=restore_mean)
+    with torch.inference_mode():
+        input_ids = torch.tensor(all_ids, dtype=torch.long, device=device)
+        hidden = text_encoder(input_ids)[0].float()  # (chunks, 77, hidden): last hidden state
+        weights = torch.tensor(all_weights, dtype=torch.float32, device=device)
+        weighted = apply_token_weights(hidden, weights, restore_mean=restore_mean)
 
     out, start = [], 0
     for n in per_prompt:
@@ -202,6 +223,8 @@ def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor, restore_mea
     weighted mean is ~0, where the ratio is meaningless (e.g. an untrained encoder whose final
     LayerNorm has zero bias).
     """
+    import torch
+
     scaled = hidden * weights.unsqueeze(-1)
     if restore_mean:
         old_mean = hidden.mean(dim=(1, 2), keepdim=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from synthfar_ray import diffusion
 from synthfar_ray.diffusion import (
     FaceGenerator,
     ModelConfig,
@@ -18,12 +19,16 @@ from synthfar_ray.diffusion import (
     build_pipeline,
     build_preset_components,
     check_model_paths,
+    compile_options,
+    images_to_uint8,
+    model_content,
     model_label,
     preset_configs,
 )
 from synthfar_ray.prompt_weighting import (
     CHUNK_TOKENS,
     apply_token_weights,
+    count_chunks,
     chunk_tokens,
     encode_weighted_prompts,
     parse_prompt_weights,
@@ -297,6 +302,124 @@ def test_non_finite_output_is_flagged_and_black_not_clipped(gen, caplog):
     with caplog.at_level("WARNING", logger="synthfar_ray.diffusion"):
         assert not gen([f"a {huge}"], ["bad"], [pose()], [5]).any()
     assert "non-finite" in caplog.text
+
+
+def numpy_path_uint8(images: np.ndarray) -> np.ndarray:
+    """What generation did before output_type="pt": diffusers' float32 "np" images, non-finite
+    images zeroed, then numpy's rint and clip."""
+    images = images.copy()
+    images[~np.isfinite(images).reshape(len(images), -1).all(axis=1)] = 0.0
+    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_uint8_on_device_rounds_like_the_numpy_path(dtype):
+    # Every rounding tie (k + 0.5) / 255, its neighbours, the ends, and one NaN image.
+    ties = torch.tensor([(k + 0.5) / 255 for k in range(255)], dtype=torch.float32)
+    values = torch.cat([ties, torch.nextafter(ties, torch.ones(255)), torch.nextafter(ties, torch.zeros(255)),
+                        torch.tensor([0.0, 1.0, 1 / 255])]).to(dtype)
+    images = torch.cat([values, torch.rand(3 * 16 * 16 - len(values), dtype=torch.float32).to(dtype)])
+    images = torch.stack([images.reshape(3, 16, 16), images.flip(0).reshape(3, 16, 16)])
+    images = torch.cat([images, images[:1].clone().index_fill_(2, torch.tensor([3]), float("nan"))])
+    u8, finite = images_to_uint8(images)
+    # diffusers' "np" output: channels last, then .float() (fp16 widened before the multiply).
+    as_np = images.permute(0, 2, 3, 1).float().numpy()
+    assert finite.tolist() == [True, True, False]
+    assert u8.dtype == np.uint8 and u8.shape == (3, 16, 16, 3) and u8.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(u8, numpy_path_uint8(as_np))
+    assert not u8[2].any()
+
+
+def test_pt_output_gives_the_bytes_of_the_np_output(gen):
+    """The same pipeline call with output_type="np" (the old path) and "pt" (now): identical uint8."""
+    pos, neg = gen._encode(["a face", "an old man"], ["bad", "bad"])
+
+    def run(output_type):
+        return gen.pipe(prompt_embeds=torch.stack(pos), negative_prompt_embeds=torch.stack(neg),
+                        image=[diffusion._to_pil(pose(), 0)] * 2, num_inference_steps=SAMPLER.steps,
+                        height=SIZE, width=SIZE, output_type=output_type,
+                        generator=[torch.Generator("cpu").manual_seed(s) for s in (1, 2)]).images
+
+    u8, finite = images_to_uint8(run("pt"))
+    assert finite.all()
+    np.testing.assert_array_equal(u8, numpy_path_uint8(np.asarray(run("np"), dtype=np.float32)))
+
+
+def test_prompts_tokenized_once_and_negative_encoded_once(monkeypatch):
+    g = FaceGenerator(TINY, SAMPLER, device="cpu")
+    tokenized: list[str] = []
+    real_tokenize = diffusion.tokenize_weighted
+    monkeypatch.setattr(diffusion, "tokenize_weighted", lambda tok, p: tokenized.append(p) or real_tokenize(tok, p))
+    encoded: list[int] = []  # sequences per text-encoder call
+    g.pipe.text_encoder.register_forward_pre_hook(lambda _m, args: encoded.append(args[0].shape[0]))
+    negative = "(worst quality:1.4), " + ", ".join(["blurry"] * 12)
+    assert count_chunks(g.pipe.tokenizer, negative) == 2
+    prompts = ["a face", "a (smiling:1.2) child", "an old man"]
+
+    first = g.generate(prompts, [negative] * 3, [pose()] * 3, [1, 2, 3])
+    assert sorted(tokenized) == sorted(prompts + [negative])  # each text once, the shared negative once
+    assert encoded == [3 * 2, 2]  # the positives (padded to 2 chunks), then the negative alone
+    tokenized.clear(), encoded.clear()
+    again = g.generate(prompts, [negative] * 3, [pose()] * 3, [1, 2, 3])
+    assert sorted(tokenized) == sorted(prompts) and encoded == [3 * 2]  # the negative comes from the cache
+    np.testing.assert_array_equal(first[0], again[0])
+    # The cached embedding is the negative's own encoding, padded as its row needs.
+    (fresh,) = encode_weighted_prompts(g.pipe.tokenizer, g.pipe.text_encoder, [negative], n_chunks=2)
+    torch.testing.assert_close(g._negatives[(negative, 2)], fresh)
+    # A row whose positive needs more chunks gets the negative padded to that count: a second entry.
+    g.generate([" ".join(["w"] * 200)], [negative], [pose()], [4])
+    assert sorted(g._negatives) == [(negative, 2), (negative, 3)]
+
+
+class _RecordingPipe:
+    """The pipeline, recording the batch size of each diffusion call."""
+
+    def __init__(self, pipe):
+        self._pipe, self.batches = pipe, []
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, **kwargs):
+        self.batches.append(kwargs["prompt_embeds"].shape[0])
+        return self._pipe(**kwargs)
+
+
+def test_compiled_generator_pads_every_call_to_one_batch_shape(gen, monkeypatch):
+    """With model.compile on CUDA every call runs at the static batch size (here forced on CPU):
+    a short batch and the sub-batches of different chunk counts are padded, the padding discarded."""
+    recorder = _RecordingPipe(gen.pipe)
+    monkeypatch.setattr(gen, "pipe", recorder)
+    long_prompt = "portrait, " + ", ".join(["detailed skin"] * 12)
+    plain, _ = gen.generate([long_prompt, "a face", "an old man"], ["bad"] * 3, [pose()] * 3, [5, 42, 9])
+    assert recorder.batches == [1, 2]  # eager: one call per chunk count, unpadded
+    monkeypatch.setattr(gen, "static_batch", 4)
+    padded, finite = gen.generate([long_prompt, "a face", "an old man"], ["bad"] * 3, [pose()] * 3, [5, 42, 9])
+    assert recorder.batches[2:] == [4, 4] and padded.shape == (3, SIZE, SIZE, 3) and finite.all()
+    # Each row is still its own seed's image (batched fp32 differs by a pixel level at most).
+    np.testing.assert_allclose(padded.astype(int), plain.astype(int), atol=2)
+
+
+def test_compile_settings_static_shapes_and_a_shared_cache_dir(tmp_path, monkeypatch):
+    import tempfile
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cache = tmp_path / "compile-cache"
+    options = compile_options(ModelConfig(compile=True, compile_mode="max-autotune", compile_cache_dir=str(cache)))
+    assert options == {"mode": "max-autotune", "dynamic": False}
+    assert cache.is_dir() and cache_dir() == str(cache)  # where Inductor (and Triton under it) caches now
+    default = diffusion.compile_cache_dir(ModelConfig(compile=True))
+    assert default == os.path.join(tempfile.gettempdir(), "synthfar-compile-cache")  # one per node
+    # Where the cache lives never changes a dataset's fingerprint; a default compile_mode neither
+    # (datasets made before these settings existed keep their hash).
+    before = {"preset", "base", "base_config", "controlnet", "dtype", "compile", "seed"}
+    assert set(model_content(ModelConfig(compile_cache_dir="/x").model_dump(mode="json"))) == before
+    assert model_content(ModelConfig(compile_mode="max-autotune").model_dump(mode="json"))["compile_mode"] == "max-autotune"
+    # On CPU, compile is left off (a warning), so the CPU path never pads.
+    g = FaceGenerator(ModelConfig(preset="tiny-random", compile=True), SAMPLER, device="cpu", batch_size=8)
+    assert g.static_batch is None and getattr(g.pipe.unet, "_compiled_call_impl", None) is None
 
 
 def test_model_paths_checked_up_front_in_one_line(tmp_path, monkeypatch, caplog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import threading
 import uuid
 
 import numpy as np
@@ -14,8 +15,8 @@ import yaml
 
 from synthfar_ray import storage
 from synthfar_ray.config import load_config
-from synthfar_ray.generate import (FAULT_ENV, MANIFEST, GenerateConfig, fingerprint, image_seed, part_name,
-                                   prepare_output, prompt_rows, run_generate, shard_ranges)
+from synthfar_ray.generate import (FAULT_ENV, MANIFEST, GenerateConfig, ShardGenerator, fingerprint, image_seed,
+                                   part_name, prepare_output, prompt_rows, run_generate, shard_ranges)
 from synthfar_ray.images import decode_image
 from synthfar_ray.labels import ETHNICITIES, GENDERS, age_to_bin
 from synthfar_ray.prompts import render_prompt, sample_attributes
@@ -105,6 +106,63 @@ def test_temp_file_of_a_failed_write_never_matches_parquet_glob(tmp_path):
     left = [n for n in os.listdir(tmp_path) if n != target.name]
     assert len(left) == 1 and storage.is_temp_name(left[0])
     assert not fnmatch.fnmatch(left[0], "*.parquet")  # duckdb's read_parquet('dir/*.parquet') skips it
+
+
+def test_shard_is_written_while_the_next_is_diffused(tmp_path, monkeypatch):
+    """An actor's two calls overlap (no timing): shard 0's write waits until shard 1 holds the
+    generator, which only works if the generator is released before the write. Each call returns
+    only after its own file is written."""
+    cfg = make_cfg(str(tmp_path / "out"), num_images=8)
+    os.makedirs(cfg.output)
+    actor = ShardGenerator(cfg)
+    in_generator = {0: threading.Event(), 4: threading.Event()}  # by first id of the shard
+    real_diffuse, real_write = actor._diffuse_shard, storage.write_bytes
+
+    def diffuse(rows, controls):
+        in_generator[rows[0]["id"]].set()
+        return real_diffuse(rows, controls)
+
+    def write(uri, data, options=None):
+        if uri.endswith(part_name(0)):
+            assert in_generator[4].wait(300), "shard 1 never got the generator while shard 0 was written"
+        real_write(uri, data, options)
+
+    monkeypatch.setattr(actor, "_diffuse_shard", diffuse)
+    monkeypatch.setattr(storage, "write_bytes", write)
+    reports, errors = {}, []
+
+    def call(shard, start, stop):
+        try:
+            reports[shard] = actor.generate_shard(shard, start, stop)
+            assert os.path.isfile(os.path.join(cfg.output, part_name(shard)))  # written before the report
+        except BaseException as e:
+            errors.append(e)
+
+    first = threading.Thread(target=call, args=(0, 0, 4))
+    first.start()
+    assert in_generator[0].wait(300)
+    second = threading.Thread(target=call, args=(1, 4, 8))
+    second.start()
+    first.join(600), second.join(600)
+    assert not errors, errors
+    assert reports[1].start < reports[0].end  # shard 1 got the generator before shard 0's file was done
+    _, rows = read_parts(cfg.output)
+    assert sorted(r["id"] for r in rows) == list(range(8))
+
+
+def test_failed_write_fails_the_run_and_is_not_reported(ray_cluster, tmp_path):
+    """A write that fails (here: a folder in the way of the part's rename) fails its shard's task and
+    the run, loudly, naming the file; the shard is not counted as written."""
+    out = tmp_path / "out"
+    (out / part_name(1) / "in-the-way").mkdir(parents=True)
+    cfg = make_cfg(str(out), num_images=8, **{"compute.num_actors": 1})
+    with pytest.raises(Exception, match=part_name(1)):
+        run_generate(cfg)
+    manifest = read_manifest(str(out))
+    assert manifest["status"] == "failed" and part_name(1) in manifest["runs"][-1]["error"]
+    assert manifest["images_present"] <= 4 and not os.path.isfile(out / part_name(1))
+    _, rows = read_parts(str(out))
+    assert {r["id"] for r in rows} <= {0, 1, 2, 3}
 
 
 @pytest.fixture(scope="module")
