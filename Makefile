@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --timeout=900 tests
+
+# The edit-test loop: pure-Python and single-process tests (no Ray, no end-to-end jobs). CI runs `test`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --timeout=300 -m "not slow and not ray" tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py

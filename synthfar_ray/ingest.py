@@ -639,8 +639,9 @@ def ingest_fairface(src: str, out: str, *, seed: int = 42, val_fraction: float =
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("ingest", help="real datasets (UTKFace, FairFace) into Parquet with fixed splits",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from synthfar_ray.cli import stage_parser
+
+    p = stage_parser(subparsers, "ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", choices=("utkface", "fairface"))
     p.add_argument("src", help="the dataset folder as downloaded, or its .tar.gz / .zip")
     p.add_argument("out", help="output folder URI (local path, file:// or s3://bucket/prefix)")

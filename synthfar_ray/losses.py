@@ -11,11 +11,14 @@ Masking is done with multiplications, not boolean indexing, so the loss never sy
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from synthfar_ray.config import StrictModel
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed: configs load without it
+    import torch
 
 
 class LossWeights(StrictModel):
@@ -37,6 +40,9 @@ def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tenso
 
     targets: "age" float (NaN unknown), "age_bin" / "gender" / "ethnicity" integer (< 0 unknown).
     """
+    import torch
+    import torch.nn.functional as F
+
     losses: dict[str, torch.Tensor] = {}
     if "age" in outputs:
         pred = outputs["age"].float()

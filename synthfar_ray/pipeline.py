@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from synthfar_ray import storage
 from synthfar_ray.config import ConfigError, StageConfig, StrictModel, load_config, validate
@@ -74,8 +74,17 @@ class PipelineConfig(StageConfig):
         default_factory=lambda: {"synthetic_only": {"plan": "synthetic"}, "real_only": {"plan": "real"},
                                  "synthetic_to_real": {"plan": "pretrain_finetune", "use_selection": True}},
         description="named training runs: overrides of `train`; use_selection trains on the selection")
-    parallel_runs: int = Field(1, ge=1, description="training runs in flight at once (each as a Ray task that "
-                               "drives its own TorchTrainer); their start-up overlaps, so small runs finish sooner")
+    parallel_runs: int | Literal["auto"] = Field(
+        1, description="training runs in flight at once, each a Ray task driving its own TorchTrainer with the "
+        "resources its config asks for (fractional train.gpus_per_worker packs several on one GPU); auto: as many "
+        "as the cluster (live nodes + what the autoscaler may add) holds at once")
+
+    @field_validator("parallel_runs")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("parallel_runs must be >= 1 or auto")
+        return v
     tune: dict[str, Any] | None = Field(None, description="TuneConfig minus paths; null skips the sweep")
     evaluate_on: list[str] = Field(default_factory=lambda: ["utkface:test"])
 
@@ -179,8 +188,8 @@ def tune_section(cfg: PipelineConfig, synthetic: str, real_uri: str) -> dict[str
 
 
 def _local(uri: str) -> str:
-    if storage.is_s3(uri):
-        return os.path.join(tempfile.gettempdir(), "synthfar-pipeline", uri.replace("s3://", "").replace("/", "_"))
+    if storage.is_remote(uri):
+        return os.path.join(tempfile.gettempdir(), "synthfar-pipeline", uri.split("://", 1)[1].replace("/", "_"))
     return storage.resolve(uri)[1]
 
 
@@ -211,7 +220,7 @@ def _ingest_real(cfg: PipelineConfig, plan: StagePlan, timed) -> None:
         timed(f"ingest:{name}", ingest, sources[name], uri, seed=cfg.real.seed, skip_bad=cfg.real.skip_bad, storage=opts)
 
 
-def _sample(cfg: PipelineConfig, plan: StagePlan, timed, metrics: dict[str, Any]) -> dict[str, str]:
+def run_selections(cfg: PipelineConfig, plan: StagePlan, timed, metrics: dict[str, Any]) -> dict[str, str]:
     """Run the sample stage, and a random pick of the same K when a run trains on it or the synthetic
     set has ground truth (label precision of the method vs random). Returns {"sample"|"random": URI}."""
     from synthfar_ray.sampling import run_sample
@@ -229,6 +238,36 @@ def _sample(cfg: PipelineConfig, plan: StagePlan, timed, metrics: dict[str, Any]
             storage.write_bytes(storage.join(cfg.run_dir, SELECTION_PRECISION),
                                 json.dumps(metrics["selection"], indent=2).encode(), cfg.storage)
     return out
+
+
+def runs_to_train(plan: StagePlan, selections: dict[str, str]) -> dict[str, Any]:
+    """The runs' TrainConfigs, each run that trains on a selection pointed at its URI."""
+    return {name: tcfg.model_copy(update={"synthetic_selection": selections[plan.selection_runs[name]]})
+            if name in plan.selection_runs else tcfg for name, tcfg in plan.runs.items()}
+
+
+def runs_in_flight(setting: int | str, runs: dict[str, Any], shapes: list | None = None) -> int:
+    """`parallel_runs` as a number: the setting, or (auto) how many of the largest run's requests the
+    cluster holds at once, counting CPUs and GPUs of live nodes and autoscaler node types (`shapes`,
+    default: this cluster's)."""
+    if setting != "auto":
+        return int(setting)
+    from synthfar_ray.raycluster import capacity, node_shapes
+    from synthfar_ray.train import run_request
+
+    if not runs:
+        return 1
+    shapes = node_shapes() if shapes is None else shapes
+    has_gpu = capacity("GPU", shapes) > 0
+    requests = [run_request(t, has_gpu if t.use_gpu is None else t.use_gpu) for t in runs.values()]
+    fits = len(runs)
+    for key in ("CPU", "GPU"):
+        need = max(r.get(key, 0.0) for r in requests)
+        if need > 0:
+            fits = min(fits, int(capacity(key, shapes) / need + 1e-9))
+    largest = max(requests, key=lambda r: (r.get("GPU", 0.0), r["CPU"]))
+    logger.info("parallel_runs auto: %d of %d runs at once (the largest asks for %s)", max(1, fits), len(runs), largest)
+    return max(1, fits)
 
 
 def _train_in_task(tcfg):
@@ -396,16 +435,12 @@ def run_pipeline(cfg: PipelineConfig, source: str = "<pipeline>") -> PipelineRes
         _ingest_real(cfg, plan, timed)
     selections: dict[str, str] = {}
     if plan.sample is not None and "sample" in cfg.stages:
-        selections = _sample(cfg, plan, timed, metrics)
+        selections = run_selections(cfg, plan, timed, metrics)
     checkpoints: dict[str, str] = {}
     trained: dict[str, tuple[Any, Any]] = {}  # run -> (config as trained, TrainResult)
     if "train" in cfg.stages:
-        todo = {}
-        for name, tcfg in plan.runs.items():
-            if name in plan.selection_runs:
-                tcfg = tcfg.model_copy(update={"synthetic_selection": selections[plan.selection_runs[name]]})
-            todo[name] = tcfg
-        for name, (tcfg, result) in train_runs(todo, cfg.parallel_runs, timed).items():
+        todo = runs_to_train(plan, selections)
+        for name, (tcfg, result) in train_runs(todo, runs_in_flight(cfg.parallel_runs, todo), timed).items():
             checkpoints[name] = result.checkpoint
             trained[name] = (tcfg, result)
             times[f"train:{name}"] = round(result.seconds, 2)  # the run's own time (runs may overlap)
@@ -451,8 +486,8 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    from synthfar_ray.cli import add_config_args
+    from synthfar_ray.cli import add_config_args, stage_parser
 
-    p = sub.add_parser("pipeline", help="run the whole chain (generate ... report) for one config")
+    p = stage_parser(sub, "pipeline")
     add_config_args(p)
     p.set_defaults(func=_cli)

@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from synthfar_ray.errors import UserError
-from synthfar_ray import plots, storage as st
+from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StrictModel, validate
 from synthfar_ray.metrics import rank_groups
 from synthfar_ray.report_groundtruth import groundtruth_blocks
@@ -395,6 +395,8 @@ def _safe(name: str) -> str:
 def group_section(run_groups: dict[str, tuple[dict, dict]], tmp: str, images: list[tuple[str, bytes]]) -> list[Block]:
     """Blocks of the "Evaluation by group" section: per run and evaluated dataset, the per-group
     table, its absent/few groups and a confusion-matrix figure (appended to `images`)."""
+    from synthfar_ray import plots  # matplotlib: only when a report is drawn
+
     blocks = [Block("heading", "Evaluation by group"),
               Block("text", "Per run and dataset: the worst group and the gap (max - min between groups) of each "
                             "metric, by ethnicity, gender and age bin, over groups with enough rows; accuracies and "
@@ -536,6 +538,8 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
     metric / mode: the Tune metric column and min|max; default: the CSV's `metric` / `mode`
     columns, else val_score, max (min for names with mae/loss/error).
     """
+    from synthfar_ray import plots  # matplotlib: only when a report is drawn
+
     out_dir = out_dir or st.join(run_dir, "report")
     sources: list[str] = []
     blocks: list[Block] = []
@@ -672,8 +676,9 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("report", help="results table, distributions, sample grids, Tune results",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from synthfar_ray.cli import stage_parser
+
+    p = stage_parser(subparsers, "report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder (local or s3://) holding the runs' outputs")
     p.add_argument("--out", help="output folder (default RUN_DIR/report)")
     p.add_argument("--runs", nargs="+", action="extend", metavar="NAME=PATH",

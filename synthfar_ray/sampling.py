@@ -55,12 +55,11 @@ from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, dump_config, load_config
 from synthfar_ray.paths import InputPath, OutputPath
 from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
-from synthfar_ray.scorers import (DISCRIMINATORS_DIR, Combine, Discriminator, DiscriminatorFit,  # noqa: F401
+from synthfar_ray.scorers import (DISCRIMINATORS_DIR, Combine, DiscriminatorFit,  # noqa: F401
                                   ScoreActor, ScorerTrain, cl_sam_scores, classifier_train_config,
-                                  count_real_train, discriminator_bytes, fit_discriminator,
+                                  count_real_train, fit_discriminator,
                                   fit_fold_discriminators, fold_model_uri, fold_of, fold_trained_on_uri,
-                                  head_for, load_discriminator, load_discriminator_meta, open_dataset,
-                                  realism_scores, train_classifier, train_discriminator, train_filter)
+                                  head_for, open_dataset, train_classifier, train_filter)
 from synthfar_ray.selection import (CLASS_FIELDS, CLASS_NAMES, MANIFEST, RENDER_TRUTH, SELECTION_FILE,  # noqa: F401
                                     SELECTIONS_DIR, label_precision, UNKNOWN_CLASS, ClassField, SelectionError, class_names,
                                     class_quotas, label_array, random_scores, read_parquet, read_selection_ids,
@@ -444,10 +443,9 @@ def selection_precision(cfg: SampleConfig, selection: pd.DataFrame) -> dict[str,
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from synthfar_ray.cli import add_config_args
+    from synthfar_ray.cli import add_config_args, stage_parser
 
-    p = subparsers.add_parser("sample", help="select synthetic rows (random, cl-sam, cr-sam top-K per class)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage_parser(subparsers, "sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.set_defaults(func=_cli)
 

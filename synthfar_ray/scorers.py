@@ -3,7 +3,7 @@
 - cl-sam: a classifier trained on real data (train.py's MultiTaskNet; `classifier_train_config` /
   `train_classifier` train a small one when none is given). `cl_sam_scores` turns its outputs into
   p(own label | x), combined over the class fields.
-- cr-sam: a real-vs-synthetic `Discriminator` (a `build_backbone` encoder + a binary head), trained
+- cr-sam: a real-vs-synthetic `Discriminator` (discriminator.py: a `build_backbone` encoder + a binary head), trained
   on real train rows vs synthetic train rows in class-balanced batches, scoring p(real | x).
 
   Cross-fitting: a discriminator must not score the rows it was trained on (it would have learnt
@@ -17,6 +17,8 @@
   batches of synthetic rows (for cr-sam: each row with its fold's discriminator).
 
 Datasets are read on the driver as labels and ids only; images are decoded in Ray tasks/actors.
+torch is imported where a model runs (discriminator.py, the actor and tasks), so the CLI and the
+stage configs load without it.
 """
 
 from __future__ import annotations
@@ -31,19 +33,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import torch
-import torch.nn.functional as F
 from pydantic import AfterValidator, Field
-from torch import nn
 
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StrictModel
-from synthfar_ray.model import build_backbone
 from synthfar_ray.paths import absolute_location
 from synthfar_ray.raycluster import check_request, ensure_ray, use_gpu
 from synthfar_ray.selection import CLASS_FIELDS, hash_unit, label_array
 from synthfar_ray.storage import StorageOptions
-from synthfar_ray.transforms import BatchAugment, decode_resize, to_model_input
+from synthfar_ray.transforms import decode_resize, to_model_input
 
 if TYPE_CHECKING:
     from synthfar_ray.sampling import SampleConfig
@@ -154,89 +152,6 @@ def fold_of(ids: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return np.minimum((u * folds).astype(np.int64), folds - 1)
 
 
-class Discriminator(nn.Module):
-    """A `build_backbone` encoder + Linear(feat, 1): the logit of p(real | x)."""
-
-    def __init__(self, backbone: str, pretrained: str | None = None):
-        super().__init__()
-        self.backbone_name = backbone
-        self.backbone, feat = build_backbone(backbone, pretrained)
-        self.head = nn.Linear(feat, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x)).squeeze(-1)
-
-
-def train_discriminator(real: np.ndarray, synthetic: np.ndarray, settings: ScorerTrain, seed: int = 0,
-                        device: str = "cpu"):
-    """Fit the discriminator on uint8 (N, H, W, 3) images: label 1 real, 0 synthetic.
-
-    Every batch is half real, half synthetic (class-balanced whatever the domain sizes)."""
-    if len(real) == 0 or len(synthetic) == 0:
-        raise ValueError(f"discriminator needs rows of both domains (real {len(real)}, synthetic {len(synthetic)})")
-    torch.manual_seed(seed)
-    gen = np.random.default_rng(seed)
-    model = Discriminator(settings.backbone, settings.pretrained).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.steps, pct_start=0.1)
-    aug = BatchAugment() if settings.augment else None
-    real_t, syn_t = torch.from_numpy(real), torch.from_numpy(synthetic)
-    half = settings.batch_size // 2
-    target = torch.cat([torch.ones(half), torch.zeros(half)]).to(device)
-    model.train()
-    t0 = time.time()
-    for step in range(settings.steps):
-        batch = torch.cat([real_t[gen.integers(0, len(real_t), half)], syn_t[gen.integers(0, len(syn_t), half)]])
-        x = to_model_input(batch.to(device), augment=aug)
-        loss = F.binary_cross_entropy_with_logits(model(x), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, settings.steps // 5) == 0 or step + 1 == settings.steps:
-            logger.info("discriminator step %d/%d loss %.4f (%.1f s)", step + 1, settings.steps, loss.item(), time.time() - t0)
-    return model.eval()
-
-
-def realism_scores(model, images: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
-    """p(real | x) for uint8 (N, H, W, 3) images."""
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = to_model_input(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device))
-            out.append(torch.sigmoid(model(x).float()).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
-def discriminator_bytes(model: Discriminator, settings: ScorerTrain, fold: int | None = None, folds: int | None = None,
-                        fold_seed: int | None = None) -> bytes:
-    """The stored form of a discriminator: weights, its input geometry and (cross-fit) its fold."""
-    buf = io.BytesIO()
-    torch.save({"backbone": settings.backbone, "image_size": settings.image_size,
-                "synthetic_center_crop": settings.synthetic_center_crop,
-                "fold": fold, "folds": folds, "fold_seed": fold_seed,
-                "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, buf)
-    return buf.getvalue()
-
-
-def load_discriminator_meta(data: bytes, device: str = "cpu") -> tuple[Discriminator, dict[str, Any]]:
-    """(model in eval mode, meta: backbone, image_size, synthetic_center_crop, fold, folds, fold_seed)."""
-    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    model = Discriminator(blob["backbone"])
-    model.load_state_dict(blob["state_dict"])
-    meta = {k: blob.get(k) for k in ("backbone", "image_size", "synthetic_center_crop", "fold", "folds", "fold_seed")}
-    meta["image_size"] = int(meta["image_size"])
-    return model.to(device).eval(), meta
-
-
-def load_discriminator(data: bytes, device: str = "cpu"):
-    """(model, image_size, synthetic_center_crop) from the bytes `fit_discriminator` stores."""
-    model, meta = load_discriminator_meta(data, device)
-    return model, meta["image_size"], meta["synthetic_center_crop"]
-
-
 @dataclass
 class DiscriminatorFit:
     """One trained discriminator and exactly the rows it was trained on."""
@@ -252,6 +167,10 @@ class DiscriminatorFit:
 def _fit_discriminator_task(real: str, real_ids: np.ndarray, synthetic: str, synthetic_ids: np.ndarray,
                             settings_json: str, opts: StorageOptions | None, real_subset: int, seed: int,
                             gpu: bool, fold: int | None, folds: int | None, fold_seed: int | None) -> bytes:
+    import torch
+
+    from synthfar_ray.discriminator import discriminator_bytes, train_discriminator
+
     settings = ScorerTrain.model_validate_json(settings_json)
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     real_images = read_images(real, real_ids, settings.image_size, opts, settings.center_crop, real_subset)
@@ -416,6 +335,10 @@ class ScoreActor:
 
     def __init__(self, method: str, model_uri: str | None, opts: StorageOptions | None, class_key: list[str],
                  combine: str, use_gpu: bool, folds: int | None = None, fold_seed: int = 0):
+        import torch
+
+        from synthfar_ray.discriminator import load_discriminator_meta
+
         self.method, self.class_key, self.combine = method, list(class_key), combine
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.center_crop: int | None = None
@@ -446,6 +369,8 @@ class ScoreActor:
             raise ValueError(f"ScoreActor does not score method {method!r}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         if "split" in batch:
             keep = np.asarray(batch["split"]) == "train"
             batch = {k: np.asarray(v)[keep] for k, v in batch.items() if k != "split"}

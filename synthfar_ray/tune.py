@@ -578,7 +578,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
 
     t0 = time.time()
     ensure_ray()
-    fs, path = st.resolve(cfg.storage_path, cfg.storage)
+    fs, path = st.resolve_retrying(cfg.storage_path, cfg.storage)
     fs.create_dir(path, recursive=True)
     sweep_path = f"{path.rstrip('/')}/{cfg.name}"
     runs_uri = st.join(cfg.sweep_uri, RUNS_DIR)
@@ -649,10 +649,9 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from synthfar_ray.cli import add_config_args
+    from synthfar_ray.cli import add_config_args, stage_parser
 
-    p = subparsers.add_parser("tune", help="Ray Tune sweep over mixing ratio, sampler, top-K and learning rate",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage_parser(subparsers, "tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.set_defaults(func=_cli)
 

@@ -8,6 +8,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.ray  # the bench starts its own local Ray
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -112,22 +112,31 @@ def test_synthetic_data_pays_when_real_data_is_scarce(demo):
 
 def test_selection_selects(demo):
     """Effect 4: cl-sam's chosen rows have clearly higher label precision (share whose picture shows
-    all three labels) than a random pick of the same K (>= +0.05), and a model trained on them
-    scores higher on photo data than one trained on the random pick.
+    all three labels) than a random pick of the same K (>= +0.05), and a model trained on them is
+    better at the attributes whose labels the selection cleaned.
 
-    The model effect is small (runs measured +0.004 / +0.005 / +0.024: gender and age-bin precision
-    gain about a point, ethnicity about ten), so it is measured on two independent trainings per sampler, the pipeline run (scored
-    on both test splits) and the Tune trial at mix 1.0 (scored on the val split), and their mean
-    difference must be > 0."""
+    Which attributes those are is read from the precision measurement itself, before any model is
+    scored: every attribute whose precision cl-sam raised by >= 0.05 over random. In every demo run
+    so far that is ethnicity alone (0.910 vs 0.807); gender and age bin gain about a point, so
+    their downstream differences are pure training noise (one run: gender -9 points, ethnicity +8).
+    Earlier versions of this test averaged all six accuracies and the Tune trials' val score, which
+    diluted the effect with that noise: +0.004 / +0.005 / +0.024 / -0.0002 over four runs, a coin
+    flip in CI. The model effect is asserted on balanced accuracy (chance = 1 / classes, whatever a
+    split's class balance), averaged over both photo-style test splits: cl-sam > random."""
     sel = json.loads((demo / "selection_precision.json").read_text())
     assert sel["method"] == "cl-sam"
-    clsam, random = sel["precision"]["chosen"]["all"], sel["random_precision"]["chosen"]["all"]
-    assert clsam >= random + 0.05, sel
-    assert abs(random - sel["precision"]["pool"]["all"]) < 0.05  # random is the pool's precision, give or take
-    runs = score(demo, "cl_sam_selected") - score(demo, "random_selected")
-    trials = pd.read_csv(demo / "tune" / "tune_results.csv").set_index(["mix_ratio", "sampler"])["val_score"]
-    sweep = trials[(1.0, "cl-sam")] - trials[(1.0, "random")]
-    assert (runs + sweep) / 2 > 0, (runs, sweep)
+    chosen, random = sel["precision"]["chosen"], sel["random_precision"]["chosen"]
+    assert chosen["all"] >= random["all"] + 0.05, sel
+    assert abs(random["all"] - sel["precision"]["pool"]["all"]) < 0.05  # random is the pool's precision, give or take
+    cleaned = [a for a in ("ethnicity", "gender", "age_bin") if chosen[a] >= random[a] + 0.05]
+    assert cleaned, sel
+
+    def balanced(run: str, attribute: str) -> float:
+        confusion = json.loads((demo / "eval" / run / "metrics.json").read_text())["confusion"]
+        return float(np.mean([balanced_accuracy(confusion[t][attribute]["matrix"]) for t in TESTS]))
+
+    gains = {a: balanced("cl_sam_selected", a) - balanced("random_selected", a) for a in cleaned}
+    assert all(g > 0 for g in gains.values()), (gains, sel)
 
 
 def test_tune_ranks_like_separately_trained_runs(demo):

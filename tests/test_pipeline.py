@@ -128,3 +128,29 @@ def test_spearman_and_standin_label_strings():
     assert fairface_labels({"age": 75.0, "gender": 1, "ethnicity": 0}, salt=1) == ("more than 70", "Female",
                                                                                    "Middle Eastern")
     assert fairface_labels({"age": 4.0, "gender": 0, "ethnicity": 1}, salt=7) == ("3-9", "Male", "Black")
+
+
+def test_parallel_runs_auto_counts_what_each_run_holds(tmp_path):
+    """parallel_runs: auto fits the largest run's request into the cluster's CPUs and GPUs (node types
+    included); fractional gpus_per_worker packs several runs on one GPU. No Ray: shapes are given."""
+    from synthfar_ray.pipeline import runs_in_flight
+    from synthfar_ray.raycluster import NodeShape
+
+    def plan(**train):
+        cfg = PipelineConfig.model_validate({**SMALL, "run_dir": str(tmp_path / "run"), "parallel_runs": "auto",
+                                             "train": {**SMALL["train"], **train}})
+        return plan_stages(cfg).runs
+
+    cpu_box = [NodeShape("node 127.0.0.1", {"CPU": 2.0}, 1, True)]
+    # real_only reads real + val: 0.5 + 2 x 0.25 = 1.0 CPU; synth_to_real's phases read one set each + val: 1.0.
+    assert runs_in_flight("auto", plan(), cpu_box) == 2
+    assert runs_in_flight("auto", plan(cpus_per_worker=1.5), cpu_box) == 1  # 2.0 CPUs each: one at a time
+    assert runs_in_flight(3, plan(), cpu_box) == 3  # a number is taken as given
+    gpus = [NodeShape("head", {"CPU": 0.0}, 1, True), NodeShape("gpu-train", {"CPU": 96.0, "GPU": 8.0}, 2, False)]
+    many = {f"r{i}": t for i, t in enumerate(list(plan(use_gpu=True, gpus_per_worker=0.25).values()) * 20)}
+    assert runs_in_flight("auto", many, gpus) == 40  # 4 per GPU on 16 GPUs would be 64, but there are 40 runs
+    assert runs_in_flight("auto", {**many, **{f"s{i}": t for i, t in enumerate(many.values())}}, gpus) == 64
+    whole = plan(use_gpu=True, gpus_per_worker=1.0)
+    assert runs_in_flight("auto", {f"r{i}": t for i, t in enumerate(list(whole.values()) * 20)}, gpus) == 16
+    with pytest.raises(ConfigError, match="parallel_runs must be >= 1 or auto"):
+        load_config(PipelineConfig, None, [f"run_dir={tmp_path / 'run'}", "parallel_runs=0"])

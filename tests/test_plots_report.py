@@ -270,8 +270,6 @@ def test_tune_section_best_first(tmp_path):
 
 
 def test_cli_report(data, tmp_path, capsys, monkeypatch):
-    # only this sub-command: the other stages' modules are not what this test is about
-    monkeypatch.setattr(cli, "STAGE_MODULES", ("synthfar_ray.report",))
     run_dir = write_run_dir(tmp_path / "run")
     (tmp_path / "run" / "tune_results.csv").write_text(
         "trial_id,mix_ratio,sampler,top_k,lr,val_score\nx,0.25,cl-sam,1,1e-5,0.6\ny,0.75,cl-sam,2,1e-5,0.8\n")

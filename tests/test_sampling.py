@@ -16,8 +16,9 @@ import pytest
 from synthfar_ray.config import ConfigError, load_config
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.labels import CORE_FIELDS, age_to_bin
+from synthfar_ray.discriminator import load_discriminator, realism_scores
 from synthfar_ray.sampling import (SELECTION_FILE, SampleConfig, ScorerTrain, class_quotas, fit_discriminator,
-                                   load_discriminator, random_scores, realism_scores, run_sample, select_top_k)
+                                   random_scores, run_sample, select_top_k)
 from synthfar_ray.selection import read_selection_ids
 
 
@@ -410,7 +411,8 @@ def test_paths_are_absolute_and_torchvision_kept(tmp_path, monkeypatch):
 
 
 def test_cr_sam_cross_fit_never_scores_rows_a_discriminator_saw(ray_cluster, tmp_path):
-    from synthfar_ray.scorers import fold_of, load_discriminator_meta
+    from synthfar_ray.discriminator import load_discriminator_meta
+    from synthfar_ray.scorers import fold_of
     from synthfar_ray.transforms import decode_resize
 
     real = write_dataset(str(tmp_path / "real"), [face_rows(48, 1, 0, "train", "bright"),
