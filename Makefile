@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/synthfar pipeline configs/pipeline/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --timeout=900 tests
+	$(BIN)/python -m pytest -q -ra --timeout=900 --durations=25 tests
 
 # The edit-test loop: pure-Python and single-process tests (no Ray, no end-to-end jobs). CI runs `test`.
 test-fast: $(STAMP)
