@@ -4,7 +4,8 @@
 
 Every named split is read from Parquet and decoded + resized on CPU tasks (with its own centre
 crop), the splits are unioned and go through one `map_batches(Predictor)` actor pool (each actor
-loads the checkpoint once, on a GPU when the cluster has one); outputs and labels are gathered on
+loads the checkpoint once, on a GPU when the cluster has one; `run_evaluations` scores several
+checkpoints in the same pass, as the pipeline does with its runs); outputs and labels are gathered on
 the driver and scored per split with `metrics.compute_metrics`. UTKFace gives age MAE (clipped),
 FairFace age-bin accuracy (from the bin head, or bucketized regression ages for a regression-only
 net); both give gender and ethnicity accuracy. Every metric is also scored per ethnicity, gender
@@ -77,21 +78,21 @@ class EvaluateConfig(StageConfig):
 
 
 class Predictor:
-    """Ray Data actor: loads the net once, turns decoded uint8 batches into outputs + labels."""
+    """Ray Data actor: loads each net once, turns decoded uint8 batches into every net's outputs
+    (columns `pred_<j>:<head>` for checkpoint j) + labels."""
 
-    def __init__(self, checkpoint: str, storage_options: StorageOptions, use_gpu: bool):
+    def __init__(self, checkpoints: list[str], storage_options: StorageOptions, use_gpu: bool):
         import torch
 
         from synthfar_ray.checkpoints import load_model
         from synthfar_ray.precision import device_precision
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model, _ = load_model(checkpoint, storage_options)
         # Training's rule (bf16 on GPUs with native bf16, fp16 on older ones, fp32 on CPU; NHWC on
         # CUDA), whatever the run trained with: the layout does not change the weights.
         self.precision = device_precision("auto", "auto", self.device)
-        self.model = model.to(self.device, memory_format=torch.channels_last if self.precision.channels_last
-                              else torch.preserve_format)
+        fmt = torch.channels_last if self.precision.channels_last else torch.preserve_format
+        self.models = [load_model(c, storage_options)[0].to(self.device, memory_format=fmt) for c in checkpoints]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -99,9 +100,10 @@ class Predictor:
         from synthfar_ray.model import predict
 
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
-        outputs = predict(self.model, images, self.precision, nhwc=True)
-        result = {OUTPUT_PREFIX + k: v.cpu().numpy() for k, v in outputs.items()}
-        result.update({k: batch[k] for k in (*LABEL_COLUMNS, "id", "split_index")})
+        result = {k: batch[k] for k in (*LABEL_COLUMNS, "id", "split_index")}
+        for j, model in enumerate(self.models):
+            outputs = predict(model, images, self.precision, nhwc=True)
+            result.update({f"{OUTPUT_PREFIX}{j}:{k}": v.cpu().numpy() for k, v in outputs.items()})
         return result
 
 
@@ -134,9 +136,10 @@ def _tag(batch: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
     return batch
 
 
-def predict_splits(cfg: EvaluateConfig, checkpoint: str, image_size: int) -> dict[str, tuple[dict, dict]]:
-    """{NAME:SPLIT: (outputs, labels)} from one Ray Data job: every split is decoded with its own crop,
-    then all go through one actor pool, so the net is loaded once per actor, not once per split."""
+def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int) -> list[dict[str, tuple[dict, dict]]]:
+    """Per checkpoint, {NAME:SPLIT: (outputs, labels)}, from one Ray Data job: every split is read and
+    decoded once (with its own crop), then all go through one actor pool that holds every net, so
+    evaluating the pipeline's runs costs one pass over the test data, not one per run."""
     import ray
 
     parts_ds = [_decoded_split(cfg, i, *item.split(":"), image_size) for i, item in enumerate(cfg.on)]
@@ -145,22 +148,24 @@ def predict_splits(cfg: EvaluateConfig, checkpoint: str, image_size: int) -> dic
     ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                         num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
-                        fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": cfg.storage,  # an object: JSON would mask the secrets
+                        fn_constructor_kwargs={"checkpoints": checkpoints, "storage_options": cfg.storage,  # an object: JSON would mask the secrets
                                                "use_gpu": gpus > 0})
     parts: dict[str, list[np.ndarray]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in batch.items():
             parts.setdefault(k, []).append(np.asarray(v))
     cols = {k: np.concatenate(v) for k, v in parts.items()}
-    results = {}
+    results: list[dict[str, tuple[dict, dict]]] = [{} for _ in checkpoints]
     for i, item in enumerate(cfg.on):
         rows = np.flatnonzero(cols["split_index"] == i) if cols else np.zeros(0, dtype=np.int64)
         if not len(rows):
             name = item.split(":")[0]
             raise ConfigError(f"--on {item}: no rows with that split in {cfg.data[name]}")
         rows = rows[np.argsort(cols["id"][rows], kind="stable")]  # a fixed row order, whatever the pool did
-        outputs = {k[len(OUTPUT_PREFIX):]: v[rows] for k, v in cols.items() if k.startswith(OUTPUT_PREFIX)}
-        results[item] = (outputs, {k: cols[k][rows] for k in LABEL_COLUMNS})
+        labels = {k: cols[k][rows] for k in LABEL_COLUMNS}
+        for j in range(len(checkpoints)):
+            prefix = f"{OUTPUT_PREFIX}{j}:"
+            results[j][item] = ({k[len(prefix):]: v[rows] for k, v in cols.items() if k.startswith(prefix)}, labels)
     return results
 
 
@@ -214,32 +219,65 @@ def metrics_markdown(checkpoint: str, results: dict[str, dict[str, float]],
     return text
 
 
+# Fields that decide what is read and how it is predicted: evaluations that agree on these (and on
+# the image size) share one pass over the data.
+_PER_CHECKPOINT = {"checkpoint", "out", "image_size", "age_bins_from", "min_group_rows"}
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """{"checkpoint": URI, "datasets": {"NAME:SPLIT": metrics}, "by_group": {"NAME:SPLIT":
     metrics.metrics_by_group}, "confusion": {"NAME:SPLIT": metrics.confusion_matrices}, ...}
     (also written to metrics.json/.md)."""
-    from synthfar_ray.checkpoints import META_FILE, resolve_checkpoint, write_json
+    return run_evaluations([cfg])[0]
+
+
+def run_evaluations(cfgs: list[EvaluateConfig]) -> list[dict[str, Any]]:
+    """run_evaluate for several checkpoints, in order: those that read the same splits the same way
+    at the same image size are scored in one Ray Data pass (the data is read and decoded once)."""
+    from synthfar_ray.checkpoints import META_FILE, resolve_checkpoint
     from synthfar_ray.raycluster import ensure_ray
 
     ensure_ray()
     t0 = time.time()
-    checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.storage)
-    meta = json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE), cfg.storage))
-    image_size = cfg.image_size or int(meta["image_size"])
+    groups: list[tuple[dict[str, Any], int, list[int]]] = []  # (shared fields, image size, indices)
+    resolved: list[tuple[str, dict[str, Any]]] = []
+    for index, cfg in enumerate(cfgs):
+        checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.storage)
+        meta = json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE), cfg.storage))
+        resolved.append((checkpoint, meta))
+        shared, size = cfg.model_dump(exclude=_PER_CHECKPOINT), cfg.image_size or int(meta["image_size"])
+        group = next((g for g in groups if g[0] == shared and g[1] == size), None)
+        if group is None:
+            groups.append((shared, size, [index]))
+        else:
+            group[2].append(index)
+    reports: list[dict[str, Any]] = [{} for _ in cfgs]
+    for _, size, indices in groups:
+        logger.info("evaluating %d checkpoint(s) at %d px on %s in one pass", len(indices), size, ", ".join(cfgs[indices[0]].on))
+        predictions = predict_splits(cfgs[indices[0]], [resolved[i][0] for i in indices], size)
+        for index, predicted in zip(indices, predictions):
+            reports[index] = _score_and_write(cfgs[index], *resolved[index], size, predicted, time.time() - t0)
+    return reports
+
+
+def _score_and_write(cfg: EvaluateConfig, checkpoint: str, meta: dict[str, Any], image_size: int,
+                     predicted: dict[str, tuple[dict, dict]], seconds: float) -> dict[str, Any]:
+    from synthfar_ray.checkpoints import write_json
+
     bins_from = cfg.age_bins_from if cfg.age_bins_from != "auto" else (
         "regression" if meta["age_mode"] == "regression" else "logits")
     results: dict[str, dict[str, float]] = {}
     by_group: dict[str, dict[str, dict]] = {}
     confusion: dict[str, dict[str, dict]] = {}
-    for item, (outputs, labels) in predict_splits(cfg, checkpoint, image_size).items():
+    for item, (outputs, labels) in predicted.items():
         results[item] = {k: float(v) for k, v in compute_metrics(outputs, labels, age_bins_from=bins_from).items()}
         by_group[item] = metrics_by_group(outputs, labels, age_bins_from=bins_from, min_rows=cfg.min_group_rows)
         confusion[item] = confusion_matrices(outputs, labels, age_bins_from=bins_from)
-        logger.info("%s: %s", item, ", ".join(f"{k} {v:.4g}" for k, v in results[item].items()))
+        logger.info("%s %s: %s", checkpoint, item, ", ".join(f"{k} {v:.4g}" for k, v in results[item].items()))
     report = {"checkpoint": checkpoint, "image_size": image_size, "age_bins_from": bins_from,
               "center_crop": {i.split(":")[0]: cfg.center_crop.get(i.split(":")[0]) for i in cfg.on},
               "datasets": results, "by_group": by_group, "confusion": confusion,
-              "seconds": round(time.time() - t0, 3)}
+              "seconds": round(seconds, 3)}  # of the whole pass it shared with other checkpoints
     out = cfg.out or _parent(checkpoint)
     write_json(storage.join(out, "metrics.json"), report, cfg.storage)  # NaN -> null
     storage.write_bytes(storage.join(out, "metrics.md"), metrics_markdown(checkpoint, results, by_group).encode(),

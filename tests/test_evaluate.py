@@ -13,7 +13,7 @@ from test_train import (
     write_fixture,  # the shared fixture-set writer (tests/ is on sys.path under pytest)
 )
 
-from synthfar_ray.evaluate import EvaluateConfig, run_evaluate
+from synthfar_ray.evaluate import EvaluateConfig, run_evaluate, run_evaluations
 from synthfar_ray.metrics import GROUPINGS, compute_metrics, confusion_matrices, metrics_by_group
 from synthfar_ray.model import MultiTaskNet, predict
 from synthfar_ray.train import load_model, save_model
@@ -81,6 +81,36 @@ def test_evaluate_matches_in_process_metrics(ray_cluster, sets):
     for name in ("utkface:test", "fairface:test"):
         for by in ("ethnicity", "gender", "age_bin"):
             assert f"| {name} | {by} |" in md
+
+
+def test_several_checkpoints_in_one_pass_score_as_each_alone(ray_cluster, sets, tmp_path, caplog):
+    """The pipeline's way: run_evaluations scores checkpoints that read the same splits at the same
+    size in one pass (one log line says so), and each gets exactly its own metrics, written to its
+    own folder; a checkpoint at another image size gets a pass of its own."""
+    import logging
+
+    root, utk, ff = sets
+    data = {"utkface": str(root / "utk"), "fairface": str(root / "ff")}
+    ckpts = [_checkpoint(tmp_path / f"m{i}" / "checkpoint_000000001", mode, seed=10 + i)
+             for i, mode in enumerate(("both", "regression", "both"))]
+    cfgs = [EvaluateConfig(checkpoint=c, on=["utkface:test", "fairface:test"], data=data, out=str(tmp_path / f"out{i}"),
+                           center_crop={"fairface": 36}, batch_size=16, image_size=24 if i == 2 else None)
+            for i, c in enumerate(ckpts)]
+    with caplog.at_level(logging.INFO, logger="synthfar_ray.evaluate"):
+        reports = run_evaluations(cfgs)
+    passes = [r.getMessage() for r in caplog.records if "in one pass" in r.getMessage()]
+    assert len(passes) == 2 and passes[0].startswith("evaluating 2 checkpoint(s) at 32 px"), passes
+    for i, (ckpt, report) in enumerate(zip(ckpts, reports)):
+        bins = "regression" if i == 1 else "logits"
+        assert report["checkpoint"] == ckpt and report["age_bins_from"] == bins
+        for name, table, crop in (("utkface:test", utk, None), ("fairface:test", ff, 36)):
+            want = _direct_metrics(table, "test", ckpt, 24 if i == 2 else 32, crop, bins)
+            for k in want:
+                assert report["datasets"][name][k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), (i, name, k)
+        written = json.loads((tmp_path / f"out{i}" / "metrics.json").read_text())
+        assert written["checkpoint"] == ckpt
+    # Different nets really gave different predictions (no output column was shared between them).
+    assert reports[0]["datasets"]["utkface:test"]["age_mae"] != reports[1]["datasets"]["utkface:test"]["age_mae"]
 
 
 def _approx_tree(got, want, where=""):
