@@ -48,6 +48,14 @@ from job_submit_util import (
 FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider's fixed name for the head's node type
 MARKER = "SYNTHFAR_FAKE_CLUSTER"
 OBJECT_STORE_BYTES = 160 * 2**20  # per fake node; the default (30 % of RAM each) would not fit several
+# Ray Data's own cluster autoscaler asks for more nodes whenever its tasks keep the CPUs busy (it
+# doubles what the dataset uses). On a real cluster that feeds a GPU; here every fake node is several
+# more processes on the same 2 cores, and a training run's reads took the cluster to every type's
+# max_workers and starved the work itself (a node-loss sweep crawled for minutes). A utilisation
+# threshold above 1 is never reached, so Ray Data asks for nothing; the jobs' own requests (actors,
+# Train workers, trials) still drive the autoscaler, which is what these tests are about.
+RAY_DATA_NO_SCALE_UP = {f"RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_{kind}_UTIL_THRESHOLD": "1.5"
+                        for kind in ("CPU", "GPU", "MEMORY", "OBJECT_STORE_MEMORY")}
 
 
 def scale_resources(resources: dict) -> dict:
@@ -196,7 +204,8 @@ def fake_cluster(yaml_path: Path, env: dict[str, str] | None = None, startup_tim
     head_res = dict(config["available_node_types"][FAKE_HEAD_TYPE]["resources"])
     full_env = head_environment(token)
     full_env.update(env or {})
-    full_env.update({MARKER: marker, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+    full_env.update({MARKER: marker, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                     **RAY_DATA_NO_SCALE_UP})
     cmd = [
         ray_executable(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",

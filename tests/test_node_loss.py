@@ -6,11 +6,9 @@ hosts its GPU work is SIGKILLed; the autoscaler sees the loss and the job must s
 generation exactly once (lost shards regenerated), training at its full budget after resuming from
 its last checkpoint on another node.
 
-Not here: a Tune sweep losing a node. Tried with configs/tune/paper_sweep.yaml's resources: one run
-completed both trials after the kill (the killed trial's worker group restarted from step 0, since
-the kill came before the controller had registered a checkpoint); with the kill gated on
-registration, the sweep did not finish within 500 s on 2 cores (the restarted trial's Ray Data
-reads took ~2 min). A sweep's trials run the same `run_train` as the training test above.
+A sweep (configs/tune/paper_sweep.yaml's resources, one trial, so its loss cannot hide behind another
+trial's success) loses the node of its trial's Train worker after the trial's first registered
+checkpoint: the trial resumes from that checkpoint and the sweep completes with its metric.
 """
 
 from __future__ import annotations
@@ -105,13 +103,23 @@ def test_generation_survives_losing_a_gpu_node(cluster, bucket, s3_server):
     assert manifest["num_images"] == 32
 
 
-def test_training_resumes_on_another_node_after_losing_its_gpu_node(cluster, bucket, s3_server, ray_cluster):
+@pytest.fixture(scope="module")
+def faces(s3_server, ray_cluster) -> str:
+    """256 procedural faces at 64 px on the moto S3 server, a fifth of them in split 'val'."""
     from synthfar_ray.generate import GenerateConfig, run_generate
 
-    data, runs = f"{bucket}/faces", f"{bucket}/runs"
+    name = f"faces-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    data = f"s3://{name}/faces"
     run_generate(GenerateConfig.model_validate({"output": data, "num_images": 256, "shard_size": 128,
                                                 "generator": "procedural", "render": {"size": 64},
+                                                "val_fraction": 0.2,
                                                 "storage": {"endpoint_url": s3_server, "region": "us-east-1"}}))
+    return data
+
+
+def test_training_resumes_on_another_node_after_losing_its_gpu_node(cluster, bucket, s3_server, faces):
+    data, runs = faces, f"{bucket}/runs"
     entry = ["python", "workflows/train.py", "--config", "configs/experiments/a_synthetic_only.yaml",
              f"synthetic={data}", f"storage_path={runs}", "real=null", "val_source=synthetic",
              "model.backbone=tiny", "model.pretrained=null", "amp=none", "warmup_steps=2", "image_size=64",
@@ -129,3 +137,41 @@ def test_training_resumes_on_another_node_after_losing_its_gpu_node(cluster, buc
     assert final["steps"] == 160 and final["start_step"] in range(20, 160, 20), f"killed {killed} at {at:.0f} s\n{story}"
     assert final["steps_run"] == 160 - final["start_step"]
     assert "checkpoint_000000160" in checkpoints()
+
+
+@pytest.mark.timeout(900)  # 380 s alone on 2 cores: a trial's start, the node's loss and the restart
+def test_sweep_resumes_its_trial_after_losing_the_trials_gpu_node(cluster, bucket, s3_server, faces):
+    """paper_sweep.yaml's resources (1 GPU worker per trial), one trial at tiny sizes. The node of the
+    trial's Train worker is killed once the trial has registered a checkpoint; the sweep must
+    complete: the trial at its full budget, resumed from a checkpoint, with its metric in the table."""
+    sweep = f"{bucket}/tune/utkface-mix-sweep"
+    entry = ["python", "workflows/tune.py", "--config", "configs/tune/paper_sweep.yaml", f"storage_path={bucket}/tune",
+             f"train.synthetic={faces}", f"train.real={faces}", "num_samples=1", "asha=false",
+             "space.mix_ratio=0.5", "space.sampler=none", "space.k_multiple=1.0", "space.lr=0.003",
+             "train.model.backbone=tiny", "train.model.pretrained=null", "train.amp=none", "train.warmup_steps=2",
+             "train.image_size=64", "train.dist_backend=gloo", "train.steps=120", "train.batch_size=32",
+             "train.val_every=20", "train.val_limit=32", "train.log_every=20", "train.cpus_per_worker=0.5",
+             "train.data_cpus=0.25"]
+
+    def trial_runs() -> list[str]:
+        names = {k.split("/runs/")[1].split("/")[0] for k in _keys(s3_server, f"{sweep}/runs/")}
+        return sorted(n for n in names if n)  # not the folder marker "runs/" itself
+
+    def registered() -> bool:
+        return any(_registered_checkpoints(s3_server, f"{sweep}/runs/{t}") >= 1 for t in trial_runs())
+
+    result, killed, at = _kill_when(cluster, entry, registered, "RayTrainWorker", timeout=840)
+    assert result.status == "SUCCEEDED", result.logs[-6000:]
+    assert killed not in {n.node_id for n in cluster.alive_workers()}
+    opts = StorageOptions(endpoint_url=s3_server, region="us-east-1")
+    (trial,) = trial_runs()
+    final = json.loads(storage.read_bytes(f"{sweep}/runs/{trial}/result.json", opts))
+    assert final["steps"] == 120 and final["start_step"] in range(20, 120, 20), f"killed {killed} at {at:.0f} s"
+    assert final["steps_run"] == 120 - final["start_step"]
+    import io
+
+    import pandas as pd
+
+    table = pd.read_csv(io.BytesIO(storage.read_bytes(f"{sweep}/tune_results.csv", opts)))
+    assert len(table) == 1 and table["status"].iloc[0] == "TERMINATED", table.to_string()
+    assert pd.notna(table["val_score"].iloc[0])
