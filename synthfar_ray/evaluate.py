@@ -238,7 +238,6 @@ def run_evaluations(cfgs: list[EvaluateConfig]) -> list[dict[str, Any]]:
     from synthfar_ray.raycluster import ensure_ray
 
     ensure_ray()
-    t0 = time.time()
     groups: list[tuple[dict[str, Any], int, list[int]]] = []  # (shared fields, image size, indices)
     resolved: list[tuple[str, dict[str, Any]]] = []
     for index, cfg in enumerate(cfgs):
@@ -253,6 +252,7 @@ def run_evaluations(cfgs: list[EvaluateConfig]) -> list[dict[str, Any]]:
             group[2].append(index)
     reports: list[dict[str, Any]] = [{} for _ in cfgs]
     for _, size, indices in groups:
+        t0 = time.time()
         logger.info("evaluating %d checkpoint(s) at %d px on %s in one pass", len(indices), size, ", ".join(cfgs[indices[0]].on))
         predictions = predict_splits(cfgs[indices[0]], [resolved[i][0] for i in indices], size)
         for index, predicted in zip(indices, predictions):
