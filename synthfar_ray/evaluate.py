@@ -116,13 +116,12 @@ def _pool(cfg: EvaluateConfig) -> tuple[int, float]:
 
 
 def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image_size: int):
-    import ray
     from ray.data.expressions import col
 
     from synthfar_ray.transforms import decode_batch
 
     fs, path = storage.resolve(cfg.data[name], cfg.storage)
-    ds = ray.data.read_parquet(path, filesystem=fs).filter(expr=col("split") == split)
+    ds = storage.ray_read_parquet(path, fs).filter(expr=col("split") == split)
     ds = ds.select_columns(["id", "image", *LABEL_COLUMNS])
     if cfg.limit:
         ds = ds.limit(cfg.limit)

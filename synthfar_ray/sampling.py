@@ -298,8 +298,8 @@ def score_dataset(cfg: SampleConfig, synthetic: DatasetContent, model_uri: str |
         actors, gpus = actor_pool(cfg.num_actors, cfg.gpus_per_actor)
         check_request("sample: each scoring actor", {"CPU": cfg.cpus_per_actor, "GPU": gpus})
         split = ["split"] if "split" in synthetic.dataset().schema.names else []
-        ds = ray.data.read_parquet(synthetic.files, filesystem=synthetic.fs,
-                                   columns=["id", "image", *labels, *split]).map_batches(
+        ds = st.ray_read_parquet(synthetic.files, synthetic.fs,
+                                columns=["id", "image", *labels, *split]).map_batches(
             ScoreActor,
             fn_constructor_kwargs={"method": cfg.method, "model_uri": model_uri, "opts": cfg.storage,
                                    "class_key": list(cfg.class_key), "combine": cfg.combine, "use_gpu": gpus > 0,

@@ -308,3 +308,19 @@ def open_parquet_dataset(uri: str, options: StorageOptions | None = None, partit
     fs, files, base = parquet_files(uri, options)
     return pads.dataset(files, filesystem=fs, format="parquet", partitioning=partitioning,
                         partition_base_dir=base if partitioning else None)
+
+
+def ray_read_parquet(paths: str | list[str], filesystem: pafs.FileSystem, **kwargs: Any):
+    """`ray.data.read_parquet` through Ray Data's V1 Parquet datasource, the one way this project
+    makes a Ray Dataset from Parquet (set RAY_DATA_USE_DATASOURCE_V2=1 to get Ray's default back).
+
+    Why not the V2 default: per read it starts 32 footer-reader actors, each needing a free CPU to be
+    placed and spread over the nodes, whatever the number of files. On an autoscaling cluster every
+    read then asks for 32 CPUs (the fake-cluster tests saw every node type scaled to max_workers by
+    a training run), and on a 4-CPU local Ray a read of 8 small files took 4.5-6 s against 0.4 s
+    with V1 (and 1.9 s with one footer actor)."""
+    import ray
+
+    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+        ray.data.DataContext.get_current().use_datasource_v2 = False
+    return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)

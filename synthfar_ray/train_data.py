@@ -64,7 +64,7 @@ def read_rows(uri: str, opts: StorageOptions, splits: tuple[str, ...], *, subset
     # Train sets read their files in a new order each pass (streaming, unlike randomize_block_order,
     # which waits for every read to finish); each worker's shuffle buffer (shuffle_rows) mixes rows further.
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    ds = ray.data.read_parquet(path, filesystem=fs, shuffle=shuffle, num_cpus=num_cpus)
+    ds = storage.ray_read_parquet(path, fs, shuffle=shuffle, num_cpus=num_cpus)
     pred = col("split").is_in(list(splits))
     if subset is not None and subset < 100:
         if "subset" not in ds.columns():

@@ -204,8 +204,11 @@ def fake_cluster(yaml_path: Path, env: dict[str, str] | None = None, startup_tim
     head_res = dict(config["available_node_types"][FAKE_HEAD_TYPE]["resources"])
     full_env = head_environment(token)
     full_env.update(env or {})
+    # The state API finds its cluster by looking for GCS processes on the machine; beside the test
+    # session's own Ray there are two, and Ray Train's PlacementGroupCleaner died on "Found multiple
+    # active Ray instances". A real node runs one Ray; this points every process at this cluster.
     full_env.update({MARKER: marker, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                     **RAY_DATA_NO_SCALE_UP})
+                     "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash_port}", **RAY_DATA_NO_SCALE_UP})
     cmd = [
         ray_executable(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",

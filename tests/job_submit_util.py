@@ -171,6 +171,7 @@ def local_head(num_cpus: int = 2, object_store_mb: int = 256, startup_timeout: f
     token = secrets.token_hex(32)
     env = head_environment(token)
     port = free_port()
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # see fake_cluster_util: one Ray per machine
     cmd = [
         ray_executable(), "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", "--port=0",

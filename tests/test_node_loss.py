@@ -139,7 +139,6 @@ def test_training_resumes_on_another_node_after_losing_its_gpu_node(cluster, buc
     assert "checkpoint_000000160" in checkpoints()
 
 
-@pytest.mark.timeout(900)  # 380 s alone on 2 cores: a trial's start, the node's loss and the restart
 def test_sweep_resumes_its_trial_after_losing_the_trials_gpu_node(cluster, bucket, s3_server, faces):
     """paper_sweep.yaml's resources (1 GPU worker per trial), one trial at tiny sizes. The node of the
     trial's Train worker is killed once the trial has registered a checkpoint; the sweep must
@@ -160,7 +159,7 @@ def test_sweep_resumes_its_trial_after_losing_the_trials_gpu_node(cluster, bucke
     def registered() -> bool:
         return any(_registered_checkpoints(s3_server, f"{sweep}/runs/{t}") >= 1 for t in trial_runs())
 
-    result, killed, at = _kill_when(cluster, entry, registered, "RayTrainWorker", timeout=840)
+    result, killed, at = _kill_when(cluster, entry, registered, "RayTrainWorker", timeout=540)
     assert result.status == "SUCCEEDED", result.logs[-6000:]
     assert killed not in {n.node_id for n in cluster.alive_workers()}
     opts = StorageOptions(endpoint_url=s3_server, region="us-east-1")
