@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -50,8 +49,6 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (module, _) in STAGES.items():
-        if importlib.util.find_spec(module) is None:
-            continue  # stage not built yet
         if stage is None or name == stage:
             importlib.import_module(module).add_cli(sub)
         else:
