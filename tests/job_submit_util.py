@@ -206,6 +206,39 @@ def ray_cli(args: list[str], env: dict[str, str] | None, timeout: float) -> subp
                           stderr=subprocess.STDOUT, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+# Ray actors whose stacks say where a hung job waits: Train's controller and workers, Tune's trials.
+_STACK_ACTORS = ("TrainController", "RayTrainWorker", "ImplicitFunc", "Trainable", "TuneController")
+
+
+def dump_stacks(entrypoint: list[str], limit: int = 16000) -> str:
+    """py-spy stacks of the job's driver (matched by its command line) and of the Train/Tune actors on
+    this machine, for a job that timed out. Diagnostics only: never raises."""
+    import psutil
+
+    tail = entrypoint[1:] if entrypoint and entrypoint[0].startswith("python") else entrypoint
+    py_spy = str(Path(sys.executable).with_name("py-spy"))
+    deadline = time.monotonic() + 45  # the caller's own test timeout is close
+    dumps: list[str] = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        title = " ".join(cmd)
+        is_driver = bool(tail) and cmd[-len(tail):] == tail
+        if not (is_driver or (title.startswith("ray::") and any(a in title for a in _STACK_ACTORS))):
+            continue
+        if time.monotonic() > deadline:
+            dumps.append(f"--- pid {proc.info['pid']}: {title[:160]}: not dumped (out of time)")
+            continue
+        try:
+            done = subprocess.run([py_spy, "dump", "--pid", str(proc.info["pid"])], capture_output=True,
+                                  text=True, timeout=15)
+            out = done.stdout or done.stderr
+        except (OSError, subprocess.TimeoutExpired) as e:
+            out = f"(py-spy failed: {e})"
+        dumps.append(f"--- pid {proc.info['pid']}: {title[:160]}\n{out}")
+    text = "\n".join(dumps) or "(no driver or Train/Tune actor process found to dump)"
+    return f"Stacks at the timeout:\n{text[-limit:]}"
+
+
 _STATUS_PATTERNS = (
     (re.compile(r"Job '[^']+' succeeded"), "SUCCEEDED"),
     (re.compile(r"Job '[^']+' failed"), "FAILED"),
@@ -244,10 +277,11 @@ def submit_job(address: str, entrypoint: list[str], timeout: float, *, env: dict
     try:
         done = ray_cli([*submit, "--", *entrypoint], env, timeout)
     except subprocess.TimeoutExpired as e:
+        stacks = dump_stacks(entrypoint)  # before the stop, so a hang shows where it waits
         ray_cli(["job", "stop", *common, "--no-wait", submission_id], env, 60)
         logs = ray_cli(["job", "logs", *common, submission_id], env, 60).stdout
         raise TimeoutError(f"job {submission_id} ({' '.join(entrypoint)}) still running after "
-                           f"{timeout:.0f} s; stopped. Logs:\n{logs[-6000:]}") from e
+                           f"{timeout:.0f} s; stopped. Logs:\n{logs[-6000:]}\n{stacks}") from e
     status_out = ray_cli(["job", "status", *common, submission_id], env, 60).stdout
     try:
         status = parse_job_status(status_out)
