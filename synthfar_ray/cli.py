@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "generate": ("synthfar_ray.generate", "generate a synthetic face dataset (Ray Data actor pool)"),
     "ingest": ("synthfar_ray.ingest", "real datasets (UTKFace, FairFace) into Parquet with fixed splits"),
     "prepare": ("synthfar_ray.prepare", "a training-resolution copy of a dataset (small JPEGs, cheap decode)"),
+    "quality": ("synthfar_ray.quality", "per-row and set-level quality of a synthetic set (faces, labels, duplicates)"),
     "sample": ("synthfar_ray.sampling", "select synthetic rows (random, cl-sam, cr-sam top-K per class)"),
     "train": ("synthfar_ray.train", "train the face-attribute net (Ray Train, DDP)"),
     "evaluate": ("synthfar_ray.evaluate", "score a checkpoint on dataset splits (Ray Data batch inference)"),

@@ -264,24 +264,28 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def class_probabilities(outputs: dict[str, np.ndarray], field_name: str) -> np.ndarray:
+    """(n, classes) probabilities of one field from MultiTaskNet outputs as numpy ("ethnicity_logits",
+    "gender_logit", "age_bin_logits"); column k is the probability of label k (gender: labels.GENDERS)."""
+    if field_name == "gender":
+        p1 = 1.0 / (1.0 + np.exp(-outputs["gender_logit"].reshape(-1).astype(np.float64)))
+        return np.stack([1.0 - p1, p1], axis=1)
+    key = "ethnicity_logits" if field_name == "ethnicity" else "age_bin_logits"
+    return _softmax(outputs[key].astype(np.float64))
+
+
 def cl_sam_scores(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], fields: list[str],
                   combine: str) -> np.ndarray:
     """Probability of each row's own label per field, combined over `fields`.
 
-    outputs: MultiTaskNet outputs as numpy ("ethnicity_logits", "gender_logit", "age_bin_logits").
+    outputs: MultiTaskNet outputs as numpy (see `class_probabilities`).
     A row whose label of a field is unknown (< 0) gets probability 0 for it."""
     probs = []
     for f in fields:
         y = labels[f]
-        known = y >= 0
-        if f == "gender":
-            p1 = 1.0 / (1.0 + np.exp(-outputs["gender_logit"].reshape(-1).astype(np.float64)))
-            p = np.where(y == 1, p1, 1.0 - p1)
-        else:
-            key = "ethnicity_logits" if f == "ethnicity" else "age_bin_logits"
-            sm = _softmax(outputs[key].astype(np.float64))
-            p = sm[np.arange(len(y)), np.clip(y, 0, sm.shape[1] - 1)]
-        probs.append(np.where(known, p, 0.0))
+        sm = class_probabilities(outputs, f)
+        p = sm[np.arange(len(y)), np.clip(y, 0, sm.shape[1] - 1)]
+        probs.append(np.where(y >= 0, p, 0.0))
     stacked = np.stack(probs)
     if combine == "product":
         return stacked.prod(axis=0)

@@ -1,0 +1,448 @@
+"""`synthfar quality DATASET [--real REAL] [--classifier CKPT] [key=value ...]`: which rows of a
+synthetic set are worth training on, measured per row and for the set.
+
+Per row (one Ray Data job, `QualityActor`, over every row of the dataset), keyed by id:
+- decoded, blank, pixel_std: the image decodes; it is not near-constant (quality_checks.is_blank);
+- faces, face_x/y/w/h: OpenCV Haar face boxes (count; the largest, in fractions of the image);
+- pose_centre_error, pose_size_ratio: the largest box against the head the requested pose placed
+  (poses.py's skeleton geometry for diffusion rows, faces.py's for procedural rows);
+- phash, duplicate_of: 64-bit perceptual hash; the smallest id of the row's near-duplicate group
+  (null when the row is unique), found over the whole set on the driver;
+- p_<field>, pred_<field> (ethnicity, gender, age_bin) and pred_age: with a classifier trained on
+  real data (`--classifier`, or a small one trained here on `--real`): p(stated label) and the
+  predicted label; label_agreement is the smallest p(stated label) over the fields;
+- p_real: with `--real` and `realism: true`, the cr-sam discriminator's p(real | x), cross-fitted
+  (train split only; the same cached scores `synthfar sample method=cr-sam` uses).
+
+Set level (summary.json + summary.md): detection rate, blank and near-duplicate rates, agreement
+per field, diversity per ethnicity (mean pairwise distance in the classifier's embedding) and the
+Fréchet distance between synthetic and real embeddings in that same space (the FID formula, but not
+FID: Inception weights cannot be fetched here). On a procedural set (render_* truth columns) it also
+reports how well label_agreement separates rows whose picture shows the label from rows where it
+does not (AUC per field).
+
+Output: `<dataset>/_quality/<fingerprint>/` with quality.parquet, summary.json, summary.md and
+_manifest.json (written last: it marks the folder complete). The fingerprint is of what the columns
+depend on, by content (the dataset's parts, the classifier's weights, the real set, the settings),
+so a re-run with the same inputs reuses the folder. `_`-prefixed folders are skipped by Parquet
+readers of the dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from synthfar_ray import quality_checks as qc
+from synthfar_ray import storage as st
+from synthfar_ray.config import ConfigError, StageConfig, dump_config, load_config
+from synthfar_ray.paths import InputPath
+from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
+from synthfar_ray.scorers import ScorerTrain, class_probabilities, head_for, input_geometry, pick_ids, read_images, train_ids
+from synthfar_ray.selection import CLASS_FIELDS, MANIFEST, RENDER_TRUTH, ClassField, label_array, read_parquet, write_parquet
+
+logger = logging.getLogger(__name__)
+
+QUALITY_DIR = "_quality"
+QUALITY_FILE = "quality.parquet"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+QUALITY_VERSION = 1  # bumped when what a column means changes
+POSE_COLUMNS = ("pose_scale", "pose_offset_x", "pose_offset_y")
+EMBED_SALT = 0xE4BEDD1E5
+
+
+class QualityConfig(StageConfig):
+    dataset: InputPath = Field(description="synthetic dataset URI (every row is checked)")
+    real: InputPath | None = Field(None, description="real dataset URI: trains the classifier when none is given, "
+                                                     "the realism discriminator, and the Fréchet reference")
+    real_subset: Literal[25, 50, 75, 100] = Field(100, description="real rows with subset <= this")
+    classifier: InputPath | None = Field(None, description="checkpoint of a model trained on real data (label "
+                                                           "agreement, relabelling, embeddings)")
+    fields: list[ClassField] = Field(default_factory=lambda: list(CLASS_FIELDS),
+                                     description="labels whose agreement is measured")
+    realism: bool = Field(True, description="with real: cr-sam p(real) per train row (trains the discriminators)")
+    duplicate_distance: int = Field(3, ge=0, le=3, description="near duplicates: phash bits that may differ")
+    embed_rows: int = Field(2000, ge=2, description="rows per set embedded for diversity and the Fréchet distance")
+    scorer_train: ScorerTrain = ScorerTrain()
+    reuse: bool = Field(True, description="use a complete folder of the same inputs and settings")
+    seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else 1")
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
+
+
+@dataclass
+class QualityResult:
+    folder: str
+    rows: int
+    summary: dict[str, Any]
+    reused: bool
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row checks (Ray Data actor)
+
+
+class QualityActor:
+    """Loads the classifier once; checks batches of rows (see the module doc for the columns)."""
+
+    def __init__(self, classifier: str | None, opts: st.StorageOptions | None, fields: list[str], use_gpu: bool):
+        self.model = None
+        self.fields: list[str] = []
+        if classifier is not None:
+            import torch
+
+            from synthfar_ray.checkpoints import load_model
+
+            self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+            model, meta = load_model(classifier, opts)
+            self.model = model.to(self.device).eval()
+            self.size, self.center_crop = input_geometry(meta)
+            self.fields = [f for f in fields if head_for(f, model)]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from synthfar_ray.faces import FACE_CENTRE, FACE_UNIT
+        from synthfar_ray.images import decode_image
+
+        ids = np.asarray(batch["id"], dtype=np.int64)
+        n = len(ids)
+        out: dict[str, np.ndarray] = {"id": ids, "decoded": np.zeros(n, bool), "blank": np.zeros(n, bool),
+                                      "pixel_std": np.full(n, np.nan, np.float32), "faces": np.zeros(n, np.int16),
+                                      "phash": np.zeros(n, np.int64)}
+        for f in CLASS_FIELDS:  # the stated labels, -1 unknown (what agreement and relabelling compare with)
+            if f in batch:
+                out[f] = label_array(batch[f], n).astype(np.int16)
+        if "age" in batch:
+            out["age"] = np.asarray(batch["age"], np.float32)
+        for k in ("face_x", "face_y", "face_w", "face_h", "pose_centre_error", "pose_size_ratio"):
+            out[k] = np.full(n, np.nan, np.float32)
+        procedural = ~pd.isna(batch["render_gender"]) if "render_gender" in batch else np.zeros(n, bool)
+        pose = {c: np.asarray(batch[c], np.float64) if c in batch else None for c in POSE_COLUMNS}
+        decoded: list[np.ndarray | None] = []
+        for i, data in enumerate(batch["image"]):
+            try:
+                image = decode_image(data)
+            except ValueError:
+                decoded.append(None)
+                continue
+            decoded.append(image)
+            out["decoded"][i] = True
+            out["pixel_std"][i] = qc.pixel_std(image)
+            out["blank"][i] = out["pixel_std"][i] < qc.CONSTANT_STD
+            out["phash"][i] = qc.phash(image)
+            boxes = qc.detect_faces(image)
+            out["faces"][i] = len(boxes)
+            if len(boxes):
+                out["face_x"][i], out["face_y"][i], out["face_w"][i], out["face_h"][i] = boxes[0]
+                if all(v is not None and np.isfinite(v[i]) for v in pose.values()):
+                    geometry = (FACE_CENTRE, FACE_UNIT) if procedural[i] else ()
+                    head = qc.expected_head(pose["pose_scale"][i], pose["pose_offset_x"][i],
+                                            pose["pose_offset_y"][i], *geometry)
+                    out["pose_centre_error"][i], out["pose_size_ratio"][i] = qc.pose_adherence(boxes[0], head)
+        if self.model is not None:
+            out.update(self._classify(batch, decoded, n))
+        return out
+
+    def _classify(self, batch: dict[str, np.ndarray], decoded: list[np.ndarray | None], n: int) -> dict[str, np.ndarray]:
+        import torch
+
+        from synthfar_ray.transforms import decode_resize, to_model_input
+
+        cols: dict[str, np.ndarray] = {}
+        ok = np.array([d is not None for d in decoded], bool)
+        rows = np.flatnonzero(ok)
+        outputs: dict[str, np.ndarray] = {}
+        if len(rows):
+            images = np.stack([decode_resize(batch["image"][i], self.size, self.center_crop) for i in rows])
+            with torch.no_grad():
+                x = to_model_input(torch.from_numpy(images).to(self.device))
+                outputs = {k: v.float().cpu().numpy() for k, v in self.model(x).items()}
+        agreement = np.full(n, np.nan, np.float64)
+        for f in self.fields:
+            stated = label_array(batch.get(f), n)
+            p_stated = np.full(n, np.nan, np.float32)
+            pred = np.full(n, -1, np.int16)
+            if len(rows):
+                probs = class_probabilities(outputs, f)
+                known = stated[rows] >= 0
+                p = probs[np.arange(len(rows)), np.clip(stated[rows], 0, probs.shape[1] - 1)]
+                p_stated[rows] = np.where(known, p, np.nan)
+                pred[rows] = probs.argmax(axis=1)
+            cols[f"p_{f}"], cols[f"pred_{f}"] = p_stated, pred
+            agreement = np.fmin(agreement, p_stated) if np.isfinite(agreement).any() else p_stated.astype(np.float64)
+        cols["label_agreement"] = agreement.astype(np.float32)
+        pred_age = np.full(n, np.nan, np.float32)
+        if len(rows) and "age" in outputs:
+            pred_age[rows] = outputs["age"].reshape(-1)
+        cols["pred_age"] = pred_age
+        return cols
+
+
+def _embed_task(uri: str, ids: np.ndarray, classifier: str, opts: st.StorageOptions | None,
+                real_subset: int | None) -> np.ndarray:
+    """Backbone features (n, d) of the training rows `ids` of a dataset."""
+    import torch
+
+    from synthfar_ray.checkpoints import load_model
+    from synthfar_ray.transforms import to_model_input
+
+    model, meta = load_model(classifier, opts)
+    size, crop = input_geometry(meta)
+    real_crop = meta.get("center_crop")
+    images = read_images(uri, ids, size, opts, crop if real_subset is None else real_crop, real_subset)
+    feats = []
+    with torch.no_grad():
+        for start in range(0, len(images), 256):
+            x = to_model_input(torch.from_numpy(images[start:start + 256]))
+            feats.append(model.backbone(x).float().numpy())
+    return np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def quality_key(cfg: QualityConfig, dataset: Any, real: Any, classifier_digest: str | None) -> dict[str, Any]:
+    """What the columns depend on (not where the inputs live, not the compute settings)."""
+    key: dict[str, Any] = {"version": QUALITY_VERSION, "dataset": dataset.key(), "classifier": classifier_digest,
+                           "fields": list(cfg.fields), "duplicate_distance": cfg.duplicate_distance,
+                           "embed_rows": cfg.embed_rows, "seed": cfg.seed}
+    if real is not None:
+        key.update(real=real.key(), real_subset=cfg.real_subset, realism=cfg.realism)
+        if cfg.realism or cfg.classifier is None:
+            key["scorer"] = cfg.scorer_train.model_dump(mode="json", exclude={"use_gpu"})
+    return key
+
+
+def quality_folder(dataset: str, fingerprint: str) -> str:
+    return st.join(dataset, QUALITY_DIR, fingerprint)
+
+
+def _sample_config(cfg: QualityConfig, method: str, classifier: str | None = None):
+    from synthfar_ray.sampling import SampleConfig
+
+    return SampleConfig(synthetic=cfg.dataset, real=cfg.real, real_subset=cfg.real_subset, method=method,
+                        classifier=classifier, class_key=list(cfg.fields), scorer_train=cfg.scorer_train,
+                        seed=cfg.seed, batch_size=cfg.batch_size, num_actors=cfg.num_actors,
+                        cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor, storage=cfg.storage)
+
+
+def check_rows(cfg: QualityConfig, content: Any, classifier: str | None) -> pd.DataFrame:
+    """The per-row columns of every row of the dataset, sorted by id (a Ray Data job)."""
+    import ray
+
+    names = content.dataset().schema.names
+    for col in ("id", "image"):
+        if col not in names:
+            raise ConfigError(f"dataset={cfg.dataset} has no {col!r} column (columns: {names})")
+    carry = [c for c in (*CLASS_FIELDS, "age", *POSE_COLUMNS, "render_gender") if c in names]
+    actors, gpus = actor_pool(cfg.num_actors, cfg.gpus_per_actor)
+    check_request("quality: each checking actor", {"CPU": cfg.cpus_per_actor, "GPU": gpus})
+    ds = st.ray_read_parquet(content.files, content.fs, columns=["id", "image", *carry]).map_batches(
+        QualityActor,
+        fn_constructor_kwargs={"classifier": classifier, "opts": cfg.storage, "fields": list(cfg.fields),
+                               "use_gpu": gpus > 0},
+        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+    t0, frames, done = time.time(), [], 0
+    for frame in ds.iter_batches(batch_format="pandas", batch_size=None):
+        frames.append(frame)
+        done += len(frame)
+        if time.time() - t0 > 30 or done == content.rows:
+            logger.info("quality: %d / %d rows checked", done, content.rows)
+    df = pd.concat(frames, ignore_index=True).sort_values("id", kind="stable").reset_index(drop=True)
+    if df["id"].duplicated().any():
+        raise ConfigError(f"dataset={cfg.dataset} has duplicate ids, e.g. {df.loc[df['id'].duplicated(), 'id'].iloc[0]}")
+    groups = qc.near_duplicates(df["id"].to_numpy(), df["phash"].to_numpy(), cfg.duplicate_distance)
+    decoded = df["decoded"].to_numpy()
+    df["duplicate_of"] = pd.array([groups.get(int(i)) if ok else None for i, ok in zip(df["id"], decoded)],
+                                  dtype="Int64")
+    return df
+
+
+def embeddings(cfg: QualityConfig, classifier: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(synthetic ids, their embeddings, real embeddings or None): up to embed_rows train rows each,
+    a seeded pick; one Ray task per set, in parallel."""
+    import ray
+
+    syn_ids = pick_ids(train_ids(cfg.dataset, cfg.storage), cfg.embed_rows, cfg.seed ^ EMBED_SALT)
+    task = ray.remote(num_cpus=1)(_embed_task)
+    refs = [task.remote(cfg.dataset, syn_ids, classifier, cfg.storage, None)]
+    if cfg.real is not None:
+        real_ids = pick_ids(train_ids(cfg.real, cfg.storage, cfg.real_subset), cfg.embed_rows, cfg.seed ^ EMBED_SALT)
+        refs.append(task.remote(cfg.real, real_ids, classifier, cfg.storage, cfg.real_subset))
+    out = ray.get(refs)
+    return syn_ids, out[0], out[1] if len(out) > 1 else None
+
+
+def summarize(df: pd.DataFrame, truth: pd.DataFrame | None, syn_embed: tuple[np.ndarray, np.ndarray] | None,
+              real_embed: np.ndarray | None, fields: list[str]) -> dict[str, Any]:
+    """Set-level numbers from the per-row columns (rates over decoded rows)."""
+    ok = df[df["decoded"]]
+    n = max(len(ok), 1)
+    summary: dict[str, Any] = {
+        "rows": int(len(df)), "undecodable": int((~df["decoded"]).sum()),
+        "blank_rate": float(ok["blank"].mean()) if len(ok) else float("nan"),
+        "face_detection_rate": float((ok["faces"] > 0).sum() / n),
+        "multiple_faces_rate": float((ok["faces"] > 1).sum() / n),
+        "near_duplicate_rate": float(ok["duplicate_of"].notna().sum() / n),
+        "pose_centre_error_median": float(ok["pose_centre_error"].median()) if ok["pose_centre_error"].notna().any() else None,
+    }
+    agreement: dict[str, Any] = {}
+    for f in fields:
+        if f"p_{f}" not in df:
+            continue
+        known = ok[ok[f] >= 0] if f in ok else ok.iloc[:0]
+        agreement[f] = {"mean_p_stated": float(known[f"p_{f}"].mean()),
+                        "predicted_equals_stated": float((known[f"pred_{f}"] == known[f].astype(int)).mean())}
+        if truth is not None:
+            t = known.merge(truth, on="id", how="inner")
+            agreement[f]["auc_vs_truth"] = qc.auc(t[f"p_{f}"].to_numpy(), t[f"{f}_true"].to_numpy())
+            agreement[f]["stated_is_true"] = float(t[f"{f}_true"].mean())
+    if agreement:
+        summary["label_agreement"] = agreement
+    if "p_real" in df:
+        summary["p_real_mean"] = float(df["p_real"].mean())
+    if syn_embed is not None:
+        ids, emb = syn_embed
+        eth = df.set_index("id").reindex(ids)["ethnicity"].to_numpy() if "ethnicity" in df else np.full(len(ids), -1)
+        summary["diversity"] = {"all": qc.mean_pairwise_distance(emb)}
+        from synthfar_ray.labels import ETHNICITIES
+
+        for k, name in enumerate(ETHNICITIES):
+            rows = emb[np.asarray(eth) == k]
+            if len(rows) >= 2:
+                summary["diversity"][name] = qc.mean_pairwise_distance(rows)
+        summary["embedded_rows"] = int(len(ids))
+        if real_embed is not None and len(real_embed) >= 2:
+            summary["frechet_distance_classifier_space"] = qc.frechet_distance(emb, real_embed)
+            summary["real_diversity"] = qc.mean_pairwise_distance(real_embed)
+    return summary
+
+
+def truth_table(content: Any, fields: list[str]) -> pd.DataFrame | None:
+    """id and `<field>_true` (the stated label is what the picture shows) on a procedural set; None otherwise."""
+    from synthfar_ray.labels import age_to_bin
+
+    names = content.dataset().schema.names
+    if not all(c in names for c in ("id", *RENDER_TRUTH.values())):
+        return None
+    t = content.dataset().to_table(columns=["id", "age", "gender", "ethnicity", *RENDER_TRUTH.values()]).to_pandas()
+    if t["render_gender"].isna().all():
+        return None
+    out = pd.DataFrame({"id": t["id"].astype(np.int64)})
+    same = {"age_bin": age_to_bin(t["age"].to_numpy(float)) == age_to_bin(t["render_age"].to_numpy(float)),
+            "gender": t["gender"].to_numpy() == t["render_gender"].to_numpy(),
+            "ethnicity": t["ethnicity"].to_numpy() == t["render_ethnicity"].to_numpy()}
+    for f in fields:
+        out[f"{f}_true"] = same[f]
+    return out
+
+
+def summary_markdown(summary: dict[str, Any], dataset: str) -> str:
+    def num(v: Any) -> str:
+        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    lines = [f"# Quality of {dataset}", "", "| measure | value |", "| --- | --- |"]
+    for k in ("rows", "undecodable", "blank_rate", "face_detection_rate", "multiple_faces_rate", "near_duplicate_rate",
+              "pose_centre_error_median", "p_real_mean", "frechet_distance_classifier_space", "embedded_rows"):
+        if k in summary:
+            lines.append(f"| {k} | {num(summary[k])} |")
+    if "label_agreement" in summary:
+        lines += ["", "| label | mean p(stated) | predicted = stated | AUC vs truth |", "| --- | --- | --- | --- |"]
+        for f, a in summary["label_agreement"].items():
+            lines.append(f"| {f} | {num(a['mean_p_stated'])} | {num(a['predicted_equals_stated'])} | "
+                         f"{num(a.get('auc_vs_truth'))} |")
+    if "diversity" in summary:
+        lines += ["", "| diversity (mean pairwise distance, classifier space) | value |", "| --- | --- |"]
+        lines += [f"| {k} | {num(v)} |" for k, v in summary["diversity"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_quality(cfg: QualityConfig) -> QualityResult:
+    from synthfar_ray.sampling import _sha, classifier_content, compute_scores, dataset_content
+
+    t0 = time.time()
+    content = dataset_content(cfg.dataset, cfg.storage, "dataset")
+    real = dataset_content(cfg.real, cfg.storage, "real") if cfg.real is not None else None
+    classifier = digest = None
+    if cfg.classifier is not None:
+        classifier, digest, _ = classifier_content(cfg.classifier, cfg.storage, list(cfg.fields))
+    fingerprint = _sha(quality_key(cfg, content, real, digest))[:12]
+    folder = quality_folder(cfg.dataset, fingerprint)
+    if cfg.reuse and st.exists(st.join(folder, MANIFEST), cfg.storage):
+        summary = json.loads(st.read_bytes(st.join(folder, SUMMARY_JSON), cfg.storage))
+        logger.info("quality: reusing %s (same inputs and settings)", folder)
+        return QualityResult(folder=folder, rows=summary["rows"], summary=summary, reused=True, seconds=time.time() - t0)
+    ensure_ray()
+    if classifier is None and cfg.real is not None:
+        from synthfar_ray.scorers import train_classifier
+
+        classifier = train_classifier(_sample_config(cfg, "cl-sam"), st.join(folder, "classifier"))
+    if classifier is None:
+        logger.warning("quality: no classifier and no real set: no label agreement, embeddings or realism")
+    logger.info("quality: checking %d rows of %s", content.rows, cfg.dataset)
+    df = check_rows(cfg, content, classifier)
+    if cfg.real is not None and cfg.realism:
+        scores, _ = compute_scores(_sample_config(cfg, "cr-sam"))
+        df = df.merge(scores[["id", "score"]].rename(columns={"score": "p_real"}), on="id", how="left")
+    syn_embed = real_embed = None
+    if classifier is not None:
+        ids, emb, real_embed = embeddings(cfg, classifier)
+        syn_embed = (ids, emb)
+    summary = summarize(df, truth_table(content, list(cfg.fields)), syn_embed, real_embed, list(cfg.fields))
+    summary.update(dataset=cfg.dataset, real=cfg.real, classifier=classifier, seconds=round(time.time() - t0, 2))
+    write_parquet(df, st.join(folder, QUALITY_FILE), cfg.storage)
+    st.write_bytes(st.join(folder, SUMMARY_JSON), json.dumps(summary, indent=2, default=str).encode(), cfg.storage)
+    st.write_bytes(st.join(folder, SUMMARY_MD), summary_markdown(summary, cfg.dataset).encode(), cfg.storage)
+    manifest = {"fingerprint": fingerprint, "rows": len(df), "config": dump_config(cfg),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    st.write_bytes(st.join(folder, MANIFEST), json.dumps(manifest, indent=2, default=str).encode(), cfg.storage)
+    logger.info("quality: %d rows in %.1f s -> %s", len(df), time.time() - t0, folder)
+    return QualityResult(folder=folder, rows=len(df), summary=summary, reused=False, seconds=time.time() - t0)
+
+
+def read_quality(folder: str, opts: st.StorageOptions | None = None) -> pd.DataFrame:
+    """The per-row columns of a complete quality folder."""
+    if not st.exists(st.join(folder, MANIFEST), opts):
+        raise ConfigError(f"{folder} is not a complete quality folder (no {MANIFEST}): run `synthfar quality` first")
+    return read_parquet(st.join(folder, QUALITY_FILE), opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    from synthfar_ray.cli import stage_parser
+
+    p = stage_parser(subparsers, "quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", help="synthetic dataset URI")
+    p.add_argument("--real", help="real dataset URI")
+    p.add_argument("--classifier", help="checkpoint trained on real data")
+    p.add_argument("--config", help="YAML with further QualityConfig settings")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. embed_rows=500")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    given = [f"dataset={args.dataset}"] + [f"{k}={v}" for k in ("real", "classifier")
+                                            if (v := getattr(args, k)) is not None]
+    cfg = load_config(QualityConfig, args.config, given + list(args.overrides))
+    result = run_quality(cfg)
+    s = result.summary
+    print(f"quality: {result.rows} rows, faces found in {s['face_detection_rate']:.1%}, near duplicates "
+          f"{s['near_duplicate_rate']:.1%}, blank {s['blank_rate']:.1%}"
+          f"{' (reused)' if result.reused else ''} -> {result.folder}")
+    return 0
