@@ -10,7 +10,7 @@ Per row (one Ray Data job, `QualityActor`, over every row of the dataset), keyed
   (null when the row is unique), found over the whole set on the driver;
 - p_<field>, pred_<field> (ethnicity, gender, age_bin) and pred_age: with a classifier trained on
   real data (`--classifier`, or a small one trained here on `--real`): p(stated label) and the
-  predicted label; label_agreement is the smallest p(stated label) over the fields;
+  predicted label; label_agreement is their product over the fields (cl-sam's default score);
 - p_real: with `--real` and `realism: true`, the cr-sam discriminator's p(real | x), cross-fitted
   (train split only; the same cached scores `synthfar sample method=cr-sam` uses).
 
@@ -35,7 +35,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ from pydantic import Field
 
 from synthfar_ray import quality_checks as qc
 from synthfar_ray import storage as st
-from synthfar_ray.config import ConfigError, StageConfig, dump_config, load_config
+from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.paths import InputPath
 from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
 from synthfar_ray.scorers import ScorerTrain, class_probabilities, head_for, input_geometry, pick_ids, read_images, train_ids
@@ -168,7 +168,7 @@ class QualityActor:
             with torch.no_grad():
                 x = to_model_input(torch.from_numpy(images).to(self.device))
                 outputs = {k: v.float().cpu().numpy() for k, v in self.model(x).items()}
-        agreement = np.full(n, np.nan, np.float64)
+        agreement = np.ones(n, np.float64)
         for f in self.fields:
             stated = label_array(batch.get(f), n)
             p_stated = np.full(n, np.nan, np.float32)
@@ -180,7 +180,7 @@ class QualityActor:
                 p_stated[rows] = np.where(known, p, np.nan)
                 pred[rows] = probs.argmax(axis=1)
             cols[f"p_{f}"], cols[f"pred_{f}"] = p_stated, pred
-            agreement = np.fmin(agreement, p_stated) if np.isfinite(agreement).any() else p_stated.astype(np.float64)
+            agreement = agreement * p_stated  # NaN where a label is unknown or the image did not decode
         cols["label_agreement"] = agreement.astype(np.float32)
         pred_age = np.full(n, np.nan, np.float32)
         if len(rows) and "age" in outputs:
@@ -418,6 +418,45 @@ def read_quality(folder: str, opts: st.StorageOptions | None = None) -> pd.DataF
     if not st.exists(st.join(folder, MANIFEST), opts):
         raise ConfigError(f"{folder} is not a complete quality folder (no {MANIFEST}): run `synthfar quality` first")
     return read_parquet(st.join(folder, QUALITY_FILE), opts)
+
+
+class QualityFilter(StrictModel):
+    """Train on the synthetic rows that pass these thresholds of a `synthfar quality` folder (with a
+    selection too: the rows in both). A row without the column a threshold needs (no classifier, or
+    p_real outside the train split) fails that threshold."""
+
+    folder: InputPath = Field(description="a quality folder: <dataset>/_quality/<fingerprint>")
+    min_agreement: dict[ClassField, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="per label: the smallest p(stated label) kept, e.g. {ethnicity: 0.3}")
+    min_p_real: float | None = Field(None, ge=0, le=1, description="cr-sam realism")
+    require_face: bool = Field(False, description="the face detector found at least one face")
+    drop_duplicates: bool = Field(True, description="keep one row of each near-duplicate group (the smallest id)")
+    drop_blank: bool = Field(True, description="drop undecodable and near-constant images")
+
+
+def passing_ids(qf: QualityFilter, opts: st.StorageOptions | None = None) -> np.ndarray:
+    """Sorted ids of the rows that pass `qf` (see QualityFilter); errors name the setting."""
+    df = read_quality(qf.folder, opts)
+    keep = np.ones(len(df), bool)
+    if qf.drop_blank:
+        keep &= df["decoded"].to_numpy() & ~df["blank"].to_numpy()
+    if qf.drop_duplicates:
+        keep &= df["duplicate_of"].isna().to_numpy()
+    if qf.require_face:
+        keep &= df["faces"].to_numpy() > 0
+    thresholds = [(f"min_agreement.{f}", f"p_{f}", t, "--classifier or --real") for f, t in qf.min_agreement.items()]
+    if qf.min_p_real is not None:
+        thresholds.append(("min_p_real", "p_real", qf.min_p_real, "--real"))
+    for setting, column, threshold, needs in thresholds:
+        if column not in df:
+            raise ConfigError(f"quality.{setting}={threshold}, but {qf.folder} has no {column} column "
+                              f"(run `synthfar quality` with {needs})")
+        keep &= df[column].fillna(-1.0).to_numpy() >= threshold
+    ids = np.sort(df.loc[keep, "id"].to_numpy(np.int64))
+    logger.info("quality filter %s: %d of %d rows pass", qf.folder, len(ids), len(df))
+    if len(ids) == 0:
+        raise ConfigError(f"quality: no row of {qf.folder} passes the thresholds {qf.model_dump(exclude={'folder'})}")
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from synthfar_ray.errors import StageFailed, last_line
 from synthfar_ray.losses import LossWeights
 from synthfar_ray.paths import InputPath, OutputPath, absolute_location
 from synthfar_ray.precision import AmpMode, Layout, Precision
+from synthfar_ray.quality import QualityFilter
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class TrainConfig(StageConfig):
     synthetic: InputPath | None = Field(None, description="synthetic dataset folder URI")
     synthetic_selection: InputPath | None = Field(None, description="selection folder (or its selection.parquet) "
                                                                     "from the sampling stage: train on chosen ids only")
+    quality: QualityFilter | None = Field(None, description="train on the synthetic rows that pass a "
+                                          "`synthfar quality` folder's thresholds (and the selection, if any)")
     real: InputPath | None = Field(None, description="real dataset folder URI (UTKFace / FairFace ingest output)")
     real_subset: Literal[25, 50, 75, 100] = Field(100, description="train on the P % subset of the real train split")
     mix_ratio: float = Field(0.5, ge=0, le=1, description="mix plan: synthetic share of every batch (in "
@@ -608,16 +611,15 @@ def needed_datasets(cfg: TrainConfig) -> set[str]:
 
 def check_inputs(cfg: TrainConfig) -> None:
     """Every input the run will read exists: checked on the driver before Ray starts."""
-    from synthfar_ray.selection import read_selection_ids
-    from synthfar_ray.train_data import check_dataset, val_source_of
+    from synthfar_ray.train_data import check_dataset, synthetic_ids, val_source_of
 
     needed = needed_datasets(cfg) | ({val_source_of(cfg)} - {"none"})
     crops = {"synthetic": ("synthetic_center_crop", cfg.synthetic_center_crop), "real": ("center_crop", cfg.center_crop)}
     for name in ("synthetic", "real"):
         if name in needed:
             check_dataset(getattr(cfg, name), name, cfg.storage, crops[name][1], crops[name][0])
-    if cfg.synthetic_selection and "synthetic" in needed:
-        read_selection_ids(cfg.synthetic_selection, cfg.storage)
+    if "synthetic" in needed:
+        synthetic_ids(cfg)
 
 
 def _stored_result(cfg: TrainConfig, stored: dict[str, Any]) -> TrainResult:

@@ -93,14 +93,29 @@ def val_source_of(cfg: TrainConfig) -> str:
     return cfg.val_source if cfg.val_source != "auto" else ("real" if cfg.real else "synthetic")
 
 
-def build_datasets(cfg: TrainConfig, needed: set[str]) -> dict[str, Any]:
-    """Ray Datasets: "synthetic" / "real" train rows (those in `needed`) and "val" (unsplit)."""
+def synthetic_ids(cfg: TrainConfig) -> np.ndarray | None:
+    """The synthetic ids training may use: the selection's chosen ids and/or the rows that pass the
+    quality thresholds (both: the rows in both); None = every row."""
     from synthfar_ray.selection import read_selection_ids
 
+    chosen = read_selection_ids(cfg.synthetic_selection, cfg.storage) if cfg.synthetic_selection else None
+    if cfg.quality is not None:
+        from synthfar_ray.quality import passing_ids
+
+        passing = passing_ids(cfg.quality, cfg.storage)
+        chosen = passing if chosen is None else np.intersect1d(chosen, passing)
+        if len(chosen) == 0:
+            raise UserError(f"synthetic_selection={cfg.synthetic_selection} and quality.folder={cfg.quality.folder} "
+                            "have no id in common: nothing to train on")
+    return chosen
+
+
+def build_datasets(cfg: TrainConfig, needed: set[str]) -> dict[str, Any]:
+    """Ray Datasets: "synthetic" / "real" train rows (those in `needed`) and "val" (unsplit)."""
     data_aug = cfg.augment and cfg.augment_on == "data"
     out: dict[str, Any] = {}
     if "synthetic" in needed:
-        chosen = read_selection_ids(cfg.synthetic_selection, cfg.storage) if cfg.synthetic_selection else None
+        chosen = synthetic_ids(cfg)
         ds = read_rows(cfg.synthetic, cfg.storage, ("train",), chosen_ids=chosen, shuffle_seed=cfg.seed,
                        num_cpus=cfg.data_cpus)
         out["synthetic"] = decode_rows(ds, cfg, cfg.synthetic_center_crop, data_aug, 1)
