@@ -459,6 +459,52 @@ def passing_ids(qf: QualityFilter, opts: st.StorageOptions | None = None) -> np.
     return ids
 
 
+class QualityRanking(StrictModel):
+    """`synthfar sample method=quality`: rank rows by a weighted mean of quality columns, each turned
+    into its percentile rank within the set (so columns of different scales weigh as told). Rows
+    that fail the hard checks rank below every row that passes."""
+
+    folder: InputPath | None = Field(None, description="a quality folder; default: run `synthfar quality` on the "
+                                                        "synthetic set with the stage's real set, classifier and seed")
+    weights: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"label_agreement": 1.0, "p_real": 0.5},
+        description="quality column -> weight (label_agreement, p_<label>, p_real, faces, pixel_std, "
+                    "pose_centre_error (lower is better, ranked reversed) ...)")
+    drop_blank: bool = True
+    drop_duplicates: bool = True
+    require_face: bool = False
+
+
+LOWER_IS_BETTER = ("pose_centre_error",)
+
+
+def quality_rank_scores(df: pd.DataFrame, ranking: QualityRanking, folder: str = "") -> np.ndarray:
+    """Score in [0, 1] per row of a quality table (see QualityRanking); -1 for rows failing the hard checks.
+    A missing value ranks lowest in its column."""
+    missing = [c for c in ranking.weights if c not in df]
+    if missing:
+        raise ConfigError(f"quality.weights names {missing}, which quality folder {folder} has no column for "
+                          f"(columns: {sorted(df.columns)})")
+    total = sum(ranking.weights.values())
+    if total <= 0:
+        raise ConfigError("quality.weights: at least one weight must be > 0")
+    score = np.zeros(len(df), np.float64)
+    for column, weight in ranking.weights.items():
+        values = pd.to_numeric(df[column], errors="coerce").astype(float)
+        if column in LOWER_IS_BETTER:
+            values = -values
+        score += weight * values.rank(pct=True, method="average").fillna(0.0).to_numpy()
+    score /= total
+    fails = np.zeros(len(df), bool)
+    if ranking.drop_blank:
+        fails |= ~df["decoded"].to_numpy(bool) | df["blank"].to_numpy(bool)
+    if ranking.drop_duplicates:
+        fails |= df["duplicate_of"].notna().to_numpy()
+    if ranking.require_face:
+        fails |= df["faces"].to_numpy() == 0
+    return np.where(fails, -1.0, score)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 

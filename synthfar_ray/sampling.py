@@ -11,6 +11,10 @@ Methods (the sampling paper's, adapted to diffusion data):
   p(real | x). High score = hard to tell from a real photo. Cross-fitted: the synthetic train rows
   are split into `scorer_train.cross_fit_folds` folds (seeded hash of the id) and each fold is
   scored by a discriminator trained on the other folds, so no row is scored by a model that saw it.
+- `quality`: a weighted mean of the percentile ranks of `synthfar quality` columns (`quality.weights`,
+  default label_agreement 1.0 and p_real 0.5: cl-sam's and cr-sam's signals at once); blank,
+  undecodable and near-duplicate rows rank last. Without `quality.folder` the stage runs (or reuses)
+  `synthfar quality` on its own inputs.
 
 Only the synthetic *train* split (split == 'train') is scored and selected: those are the rows
 training reads, so K is met from rows training actually uses.
@@ -54,12 +58,13 @@ from pydantic import Field, model_validator
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, dump_config, load_config
 from synthfar_ray.paths import InputPath, OutputPath
+from synthfar_ray.quality import QualityRanking
 from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
 from synthfar_ray.scorers import (DISCRIMINATORS_DIR, Combine, DiscriminatorFit,  # noqa: F401
                                   ScoreActor, ScorerTrain, cl_sam_scores, classifier_train_config,
                                   count_real_train, fit_discriminator,
                                   fit_fold_discriminators, fold_model_uri, fold_of, fold_trained_on_uri,
-                                  head_for, open_dataset, train_classifier, train_filter)
+                                  head_for, open_dataset, train_classifier, train_filter, train_ids)
 from synthfar_ray.selection import (CLASS_FIELDS, CLASS_NAMES, MANIFEST, RENDER_TRUTH, SELECTION_FILE,  # noqa: F401
                                     SELECTIONS_DIR, label_precision, UNKNOWN_CLASS, ClassField, SelectionError, class_names,
                                     class_quotas, label_array, random_scores, read_parquet, read_selection_ids,
@@ -69,13 +74,13 @@ from synthfar_ray.storage import StorageOptions
 logger = logging.getLogger(__name__)
 PRECISION_FILE = "label_precision.json"  # in a selection folder, procedural synthetic sets only
 
-METHODS: tuple[str, ...] = ("random", "cl-sam", "cr-sam")
+METHODS: tuple[str, ...] = ("random", "cl-sam", "cr-sam", "quality")
 SCORES_DIR = "_scores"
 SCORES_FILE = "scores.parquet"
 # Bumped when what a cached score means changes (2: train split only, content keys, cr-sam cross-fit).
 SCORES_VERSION = 2
 
-Method = Literal["random", "cl-sam", "cr-sam"]
+Method = Literal["random", "cl-sam", "cr-sam", "quality"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +100,8 @@ class SampleConfig(StageConfig):
     redistribute: bool = Field(False, description="give the shortfall of short classes to the other classes")
     classifier: InputPath | None = Field(None, description="cl-sam: checkpoint URI of a model trained on real data")
     scorer_train: ScorerTrain = ScorerTrain()
+    quality: QualityRanking = Field(default_factory=QualityRanking, description="method quality: which columns "
+                                    "of a `synthfar quality` folder rank the rows, with what weights")
     output: OutputPath | None = Field(None, description="selection URI; default <synthetic>/_selections/<method>-<K>")
     reuse_scores: bool = Field(True, description="use cached scores of the same inputs (by content) and settings")
     seed: int = Field(0, description="random scores, cr-sam folds and scorer training")
@@ -350,8 +357,46 @@ def _check_cross_fit(df: pd.DataFrame, fits: list[DiscriminatorFit], info: dict[
         record["scored_rows"] = int(len(scored))
 
 
+def quality_folder_for(cfg: SampleConfig) -> str:
+    """cfg.quality.folder, or the folder `synthfar quality` writes (or reuses) for this stage's inputs."""
+    from synthfar_ray.quality import QualityConfig, run_quality
+
+    if cfg.quality.folder is not None:
+        return cfg.quality.folder
+    qcfg = QualityConfig(dataset=cfg.synthetic, real=cfg.real, real_subset=cfg.real_subset, classifier=cfg.classifier,
+                         fields=list(cfg.class_key), scorer_train=cfg.scorer_train, seed=cfg.seed,
+                         batch_size=cfg.batch_size, num_actors=cfg.num_actors, cpus_per_actor=cfg.cpus_per_actor,
+                         gpus_per_actor=cfg.gpus_per_actor, storage=cfg.storage)
+    return run_quality(qcfg).folder
+
+
+def quality_train_rows(cfg: SampleConfig, folder: str) -> pd.DataFrame:
+    """The quality columns of the synthetic train rows (what selection may choose), sorted by id."""
+    from synthfar_ray.quality import read_quality
+
+    df = read_quality(folder, cfg.storage)
+    missing = [f for f in cfg.class_key if f not in df]
+    if missing:
+        raise ConfigError(f"class_key={list(cfg.class_key)} names {missing}, but quality folder {folder} has no such "
+                          "label column (the synthetic set lacks it)")
+    df = df[df["id"].isin(train_ids(cfg.synthetic, cfg.storage))].sort_values("id", kind="stable")
+    if df.empty:
+        raise ConfigError(f"quality folder {folder} has no row of synthetic={cfg.synthetic}'s train split: "
+                          "was it made for another dataset?")
+    return df.reset_index(drop=True)
+
+
 def compute_scores(cfg: SampleConfig) -> tuple[pd.DataFrame, str]:
     """Scores of the synthetic train rows for cfg.method, from the cache when there (and reuse_scores)."""
+    if cfg.method == "quality":  # pure pandas on the quality columns (which are cached themselves)
+        from synthfar_ray.quality import QUALITY_FILE, quality_rank_scores
+
+        folder = quality_folder_for(cfg)
+        df = quality_train_rows(cfg, folder)
+        scores = pd.DataFrame({"id": df["id"].to_numpy(np.int64),
+                               **{f: label_array(df[f].to_numpy() if f in df else None, len(df)) for f in CLASS_FIELDS},
+                               "score": quality_rank_scores(df, cfg.quality, folder)})
+        return scores, st.join(folder, QUALITY_FILE)
     synthetic = dataset_content(cfg.synthetic, cfg.storage, "synthetic")
     real = None
     if cfg.method == "cr-sam" or (cfg.method == "cl-sam" and cfg.classifier is None):

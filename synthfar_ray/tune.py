@@ -37,13 +37,14 @@ from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.errors import StageFailed, UserError, last_line
 from synthfar_ray.paths import OutputPath, absolute_location
+from synthfar_ray.quality import QualityRanking
 from synthfar_ray.raycluster import capacity, check_request, ensure_ray, node_shapes
 from synthfar_ray.sampling import (ClassField, Combine, ScorerTrain, SampleConfig, compute_scores,
                                    count_real_train, resolve_k, select_top_k, write_selection)
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("none", "random", "cl-sam", "cr-sam")
+SAMPLERS = ("none", "random", "cl-sam", "cr-sam", "quality")
 RESULTS_CSV, RESULTS_MD = "tune_results.csv", "tune_results.md"
 TRIAL_FILE = "trial.json"
 RUNS_DIR, SELECTIONS_DIR = "runs", "selections"
@@ -101,7 +102,7 @@ class SearchSpace(StrictModel):
                                     description="mix plan: synthetic share of each batch")
     pretrain_steps: Dist | int | None = Field(None, description="pretrain_finetune plan: synthetic steps "
                                                                 "(the rest of train.steps fine-tunes on real)")
-    sampler: Dist | Literal["none", "random", "cl-sam", "cr-sam"] = Field(
+    sampler: Dist | Literal["none", "random", "cl-sam", "cr-sam", "quality"] = Field(
         default_factory=lambda: Dist(choice=["random", "cl-sam", "cr-sam"]),
         description="none = the whole synthetic set")
     k_multiple: Dist | float = Field(default_factory=lambda: Dist(choice=[1.0, 2.0, 5.0]),
@@ -138,6 +139,7 @@ class SamplerSettings(StrictModel):
     redistribute: bool = False
     classifier: str | None = Field(None, description="cl-sam classifier checkpoint; default: train a small one")
     scorer_train: ScorerTrain = ScorerTrain()
+    quality: QualityRanking = Field(default_factory=QualityRanking, description="sampler quality: its columns and weights")
     seed: int = 0
     batch_size: int = Field(64, ge=1)
     num_actors: int | None = Field(None, ge=1)
@@ -351,7 +353,7 @@ def prepare_selections(cfg: TuneConfig) -> dict[str, str]:
         scfg = SampleConfig(
             synthetic=base["synthetic"], real=base["real"], real_subset=real_subset, method=sampler, k=1,
             class_key=s.class_key, combine=s.combine, redistribute=s.redistribute, classifier=s.classifier,
-            scorer_train=s.scorer_train, seed=s.seed, batch_size=s.batch_size, num_actors=s.num_actors,
+            scorer_train=s.scorer_train, quality=s.quality, seed=s.seed, batch_size=s.batch_size, num_actors=s.num_actors,
             cpus_per_actor=s.cpus_per_actor, gpus_per_actor=s.gpus_per_actor, storage=cfg.storage)
         scores, scores_uri = compute_scores(scfg)
         for mult in cfg.space.k_multiples():

@@ -95,3 +95,44 @@ def s3_proxy(s3_bucket):
     yield bucket, opts.model_copy(update={"endpoint_url": proxy.endpoint, "retry_window_s": 30.0,
                                           "retry_initial_s": 0.2, "retry_max_s": 1.0}), proxy
     proxy.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The ground-truth sets of the quality and sampling tests (session-scoped: several modules use them)
+
+def procedural_set(output: str, n: int, style: str, label_noise: float, seed: int) -> str:
+    from synthfar_ray.generate import GenerateConfig, run_generate
+
+    cfg = GenerateConfig.model_validate({
+        "output": output, "num_images": n, "seed": seed, "shard_size": n // 2, "val_fraction": 0.1,
+        "generator": "procedural", "render": {"size": 64, "style": style, "label_noise": label_noise},
+        "compute": {"num_actors": 1, "cpus_per_actor": 1}})
+    run_generate(cfg)
+    return output
+
+
+@pytest.fixture(scope="session")
+def quality_sets(ray_cluster, tmp_path_factory):
+    """The ground-truth domain for quality and sampling tests: 600 synthetic-style faces with 30 %
+    label noise (render_* truth columns) and 1,200 photo-style faces with exact labels ("real"),
+    64 px, written by the procedural generator; 10 % of each is the val split."""
+    root = tmp_path_factory.mktemp("quality")
+    synthetic = procedural_set(str(root / "synthetic"), 600, "synthetic", 0.3, seed=0)
+    real = procedural_set(str(root / "real"), 1200, "photo", 0.0, seed=1)
+    return synthetic, real
+
+
+QUALITY_SETTINGS = dict(embed_rows=300, seed=0,
+                        scorer_train={"backbone": "tiny", "image_size": 64, "steps": 300, "batch_size": 32,
+                                      "lr": 0.003, "cpus_per_worker": 1, "data_cpus": 0.5, "cross_fit_folds": 2})
+
+
+@pytest.fixture(scope="session")
+def quality_assessed(quality_sets):
+    """`synthfar quality` of the noisy synthetic set against the photo-style set (classifier and
+    realism discriminators trained here)."""
+    synthetic, real = quality_sets
+    from synthfar_ray.quality import QualityConfig, run_quality
+
+    cfg = QualityConfig(dataset=synthetic, real=real, **QUALITY_SETTINGS)
+    return cfg, run_quality(cfg)
