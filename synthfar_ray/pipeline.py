@@ -1,4 +1,4 @@
-"""The whole chain: generate -> ingest -> sample -> train runs -> tune -> evaluate -> report.
+"""The whole chain: generate -> ingest -> sample -> quality -> train runs -> tune -> evaluate -> report.
 
 `synthfar pipeline CONFIG [key=value ...]` (and `workflows/pipeline.py`) runs it for any config;
 `make demo` runs `configs/pipeline/demo.yaml`. Each section of the config is the config of one
@@ -9,6 +9,7 @@ stage minus the paths, which the pipeline derives from `run_dir`:
     run_dir/standin/<layout>     stand-in files            run_dir/standin_parquet     stand-in as rendered
     run_dir/train/<run>          checkpoints, TensorBoard  run_dir/eval/<run>/metrics.json
     run_dir/tune                 sweep (tune_results.csv)                     run_dir/report/report.{md,html}
+    run_dir/synthetic/_quality/<key>  quality columns + summary (run_dir/quality.json points at it)
 
 Every section is validated before any work starts. Stages that finished on an earlier run are
 resumed or skipped (generation and training resume by design; ingest/sample reuse their outputs).
@@ -36,7 +37,7 @@ from synthfar_ray.report_groundtruth import SELECTION_PRECISION, TUNE_AGREEMENT 
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("generate", "ingest", "sample", "train", "tune", "evaluate", "report")
+STAGES = ("generate", "ingest", "sample", "quality", "train", "tune", "evaluate", "report")
 
 
 class StandInConfig(StrictModel):
@@ -69,6 +70,8 @@ class PipelineConfig(StageConfig):
     standin: StandInConfig | None = None
     real: RealConfig = RealConfig()
     sample: dict[str, Any] | None = Field(default_factory=dict, description="SampleConfig minus synthetic/real")
+    quality: dict[str, Any] | None = Field(None, description="QualityConfig minus dataset/real (null: no quality "
+                                           "stage); without a classifier it uses the one cl-sam trained, if any")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig shared by every run")
     runs: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"synthetic_only": {"plan": "synthetic"}, "real_only": {"plan": "real"},
@@ -104,6 +107,7 @@ class StagePlan:
     preview: Any | None = None
     real_sets: dict[str, str] = field(default_factory=dict)  # dataset -> ingested URI (evaluation data)
     standin_folders: dict[str, str] = field(default_factory=dict)  # layout -> local folder of stand-in files
+    quality: Any | None = None
 
 
 def _section(model: type, data: dict[str, Any], name: str, source: str):
@@ -149,6 +153,12 @@ def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
     if cfg.sample is not None:
         sample = _section(SampleConfig, {**cfg.sample, "synthetic": synthetic, "real": real_uri, "storage": st},
                           "sample", source)
+    quality = None
+    if cfg.quality is not None and "quality" in cfg.stages:
+        from synthfar_ray.quality import QualityConfig
+
+        quality = _section(QualityConfig, {**cfg.quality, "dataset": synthetic, "real": real_uri, "storage": st},
+                           "quality", source)
     runs, selection_runs = {}, {}
     for name, over in cfg.runs.items():
         over = dict(over)
@@ -169,7 +179,8 @@ def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
         from synthfar_ray.tune import TuneConfig
 
         tune = _section(TuneConfig, tune_section(cfg, synthetic, real_uri), "tune", source)
-    return StagePlan(gen, standin, real_uri, real_src, sample, runs, tune, selection_runs, preview, real_sets, folders)
+    return StagePlan(gen, standin, real_uri, real_src, sample, runs, tune, selection_runs, preview, real_sets, folders,
+                     quality)
 
 
 def tune_section(cfg: PipelineConfig, synthetic: str, real_uri: str) -> dict[str, Any]:
@@ -227,6 +238,9 @@ def run_selections(cfg: PipelineConfig, plan: StagePlan, timed, metrics: dict[st
 
     sampled = timed("sample", run_sample, plan.sample)
     out = {"sample": sampled.output}
+    manifest = storage.join(sampled.scores_uri.rsplit("/", 1)[0], "_manifest.json")
+    if storage.exists(manifest, cfg.storage):  # random has no score cache; cl-sam records its classifier
+        out["classifier"] = json.loads(storage.read_bytes(manifest, cfg.storage)).get("classifier")
     if "random" in plan.selection_runs.values() or sampled.precision is not None:
         random_cfg = plan.sample.model_copy(update={"method": "random", "k": sampled.k, "k_multiple": None,
                                                     "output": None})
@@ -238,6 +252,21 @@ def run_selections(cfg: PipelineConfig, plan: StagePlan, timed, metrics: dict[st
             storage.write_bytes(storage.join(cfg.run_dir, SELECTION_PRECISION),
                                 json.dumps(metrics["selection"], indent=2).encode(), cfg.storage)
     return out
+
+
+def run_quality_stage(cfg: PipelineConfig, plan: StagePlan, classifier: str | None, timed,
+                      metrics: dict[str, Any]) -> None:
+    """`synthfar quality` of the synthetic set (with the sample stage's cl-sam classifier when the
+    section names none), and the pointer the report follows to it."""
+    from synthfar_ray.quality import REPORT_POINTER, run_quality
+
+    qcfg = plan.quality
+    if qcfg.classifier is None and classifier:
+        qcfg = qcfg.model_copy(update={"classifier": classifier})
+    result = timed("quality", run_quality, qcfg)
+    metrics["quality"] = {"folder": result.folder, "summary": result.summary}
+    storage.write_bytes(storage.join(cfg.run_dir, REPORT_POINTER),
+                        json.dumps({"folder": result.folder, "dataset": qcfg.dataset}).encode(), cfg.storage)
 
 
 def runs_to_train(plan: StagePlan, selections: dict[str, str]) -> dict[str, Any]:
@@ -436,6 +465,8 @@ def run_pipeline(cfg: PipelineConfig, source: str = "<pipeline>") -> PipelineRes
     selections: dict[str, str] = {}
     if plan.sample is not None and "sample" in cfg.stages:
         selections = run_selections(cfg, plan, timed, metrics)
+    if plan.quality is not None:
+        run_quality_stage(cfg, plan, selections.get("classifier"), timed, metrics)
     checkpoints: dict[str, str] = {}
     trained: dict[str, tuple[Any, Any]] = {}  # run -> (config as trained, TrainResult)
     if "train" in cfg.stages:

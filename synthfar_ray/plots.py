@@ -90,20 +90,27 @@ def _fitting_font(draw: ImageDraw.ImageDraw, text: str, width: int) -> ImageFont
 
 
 def first_rows(uri: str, n: int, storage: StorageOptions | None = None,
-               columns: Iterable[str] = ("id", "image", *LABEL_COLUMNS)) -> list[dict]:
-    """The n rows with the smallest ids; reads ids first so only n images' bytes are fetched."""
+               columns: Iterable[str] = ("id", "image", *LABEL_COLUMNS), ids: Iterable[int] | None = None) -> list[dict]:
+    """The n rows with the smallest ids (or the first n of `ids`, in that order); reads ids first so
+    only n images' bytes are fetched."""
     dataset = _dataset(uri, storage)
     columns = list(columns)
     _check_columns(dataset, columns, uri)
-    ids = dataset.to_table(columns=["id"]).column("id").to_numpy()
-    chosen = np.sort(ids)[:n]
-    table = dataset.to_table(columns=columns, filter=pc.field("id").isin(chosen.tolist()))
-    return sorted(table.to_pylist(), key=lambda r: r["id"])[:n]
+    if ids is None:
+        chosen = np.sort(dataset.to_table(columns=["id"]).column("id").to_numpy())[:n].tolist()
+    else:
+        chosen = [int(i) for i in ids][:n]
+    table = dataset.to_table(columns=columns, filter=pc.field("id").isin(chosen))
+    order = {i: k for k, i in enumerate(chosen)}
+    return sorted(table.to_pylist(), key=lambda r: order[r["id"]])[:n]
 
 
 def sample_grid(uri: str, out_png: str, storage: StorageOptions | None = None, n: int = 16,
-                columns: int = 4, caption: bool = True, tile: int = 128) -> str:
-    """A grid of the first n images (by id), each fitted into a `tile` x `tile` square.
+                columns: int = 4, caption: bool = True, tile: int = 128, ids: Iterable[int] | None = None,
+                captions: dict[int, str] | None = None) -> str:
+    """A grid of the first n images (by id), or of the rows `ids` in their order (an undecodable one
+    drawn as a grey tile), each fitted into a `tile` x `tile` square; `captions` replaces the label
+    caption of the ids it names.
 
     The PNG is exactly `columns * tile` pixels wide and `rows * (tile + CAPTION_HEIGHT)` high
     (`rows = ceil(shown / columns)`, no caption band when caption=False), where shown = min(n,
@@ -111,7 +118,7 @@ def sample_grid(uri: str, out_png: str, storage: StorageOptions | None = None, n
     """
     if n < 1 or columns < 1 or tile < 8:
         raise ValueError(f"sample_grid needs n >= 1, columns >= 1, tile >= 8 (got n={n}, columns={columns}, tile={tile})")
-    rows = first_rows(uri, n, storage)
+    rows = first_rows(uri, n, storage, ids=ids)
     if not rows:
         raise PlotError(f"dataset {uri} has no rows to show")
     cap_h = CAPTION_HEIGHT if caption else 0
@@ -123,10 +130,12 @@ def sample_grid(uri: str, out_png: str, storage: StorageOptions | None = None, n
         try:
             img = Image.fromarray(decode_image(row["image"]))
         except ValueError as e:
-            raise PlotError(f"dataset {uri}, id {row['id']}: {e}") from e
+            if ids is None:
+                raise PlotError(f"dataset {uri}, id {row['id']}: {e}") from e
+            img = Image.new("RGB", (tile, tile), (160, 160, 160))  # the worst rows may not decode: show that
         canvas.paste(ImageOps.pad(img, (tile, tile), color=(255, 255, 255)), (x, y))
         if caption:
-            text = caption_for(row)
+            text = (captions or {}).get(row["id"]) or caption_for(row)
             font = _fitting_font(draw, text, tile)
             draw.text((x + tile / 2, y + tile + cap_h / 2), text, fill="black", font=font, anchor="mm")
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)

@@ -7,7 +7,8 @@ Per row (one Ray Data job, `QualityActor`, over every row of the dataset), keyed
 - pose_centre_error, pose_size_ratio: the largest box against the head the requested pose placed
   (poses.py's skeleton geometry for diffusion rows, faces.py's for procedural rows);
 - phash, duplicate_of: 64-bit perceptual hash; the smallest id of the row's near-duplicate group
-  (null when the row is unique), found over the whole set on the driver;
+  (null when the row is unique), found over the whole set on the driver (hash candidates confirmed
+  by an 8x8 colour thumbnail, see quality_checks);
 - p_<field>, pred_<field> (ethnicity, gender, age_bin) and pred_age: with a classifier trained on
   real data (`--classifier`, or a small one trained here on `--real`): p(stated label) and the
   predicted label; label_agreement is their product over the fields (cl-sam's default score);
@@ -71,6 +72,8 @@ class QualityConfig(StageConfig):
                                      description="labels whose agreement is measured")
     realism: bool = Field(True, description="with real: cr-sam p(real) per train row (trains the discriminators)")
     duplicate_distance: int = Field(3, ge=0, le=3, description="near duplicates: phash bits that may differ")
+    duplicate_thumb_diff: float = Field(qc.MAX_THUMB_DIFF, ge=0, description="near duplicates: largest mean "
+                                        "difference of their 8x8 colour thumbnails (grey levels)")
     embed_rows: int = Field(2000, ge=2, description="rows per set embedded for diversity and the Fréchet distance")
     scorer_train: ScorerTrain = ScorerTrain()
     reuse: bool = Field(True, description="use a complete folder of the same inputs and settings")
@@ -119,7 +122,7 @@ class QualityActor:
         n = len(ids)
         out: dict[str, np.ndarray] = {"id": ids, "decoded": np.zeros(n, bool), "blank": np.zeros(n, bool),
                                       "pixel_std": np.full(n, np.nan, np.float32), "faces": np.zeros(n, np.int16),
-                                      "phash": np.zeros(n, np.int64)}
+                                      "phash": np.zeros(n, np.int64), "thumb": np.full(n, b"", dtype=object)}
         for f in CLASS_FIELDS:  # the stated labels, -1 unknown (what agreement and relabelling compare with)
             if f in batch:
                 out[f] = label_array(batch[f], n).astype(np.int16)
@@ -141,6 +144,7 @@ class QualityActor:
             out["pixel_std"][i] = qc.pixel_std(image)
             out["blank"][i] = out["pixel_std"][i] < qc.CONSTANT_STD
             out["phash"][i] = qc.phash(image)
+            out["thumb"][i] = qc.thumbnail(image)
             boxes = qc.detect_faces(image)
             out["faces"][i] = len(boxes)
             if len(boxes):
@@ -217,6 +221,7 @@ def quality_key(cfg: QualityConfig, dataset: Any, real: Any, classifier_digest: 
     """What the columns depend on (not where the inputs live, not the compute settings)."""
     key: dict[str, Any] = {"version": QUALITY_VERSION, "dataset": dataset.key(), "classifier": classifier_digest,
                            "fields": list(cfg.fields), "duplicate_distance": cfg.duplicate_distance,
+                           "duplicate_thumb_diff": cfg.duplicate_thumb_diff,
                            "embed_rows": cfg.embed_rows, "seed": cfg.seed}
     if real is not None:
         key.update(real=real.key(), real_subset=cfg.real_subset, realism=cfg.realism)
@@ -264,7 +269,9 @@ def check_rows(cfg: QualityConfig, content: Any, classifier: str | None) -> pd.D
     df = pd.concat(frames, ignore_index=True).sort_values("id", kind="stable").reset_index(drop=True)
     if df["id"].duplicated().any():
         raise ConfigError(f"dataset={cfg.dataset} has duplicate ids, e.g. {df.loc[df['id'].duplicated(), 'id'].iloc[0]}")
-    groups = qc.near_duplicates(df["id"].to_numpy(), df["phash"].to_numpy(), cfg.duplicate_distance)
+    groups = qc.near_duplicates(df["id"].to_numpy(), df["phash"].to_numpy(), cfg.duplicate_distance,
+                                df["thumb"].tolist(), cfg.duplicate_thumb_diff)
+    df = df.drop(columns=["thumb"])  # only the duplicate check needs it
     decoded = df["decoded"].to_numpy()
     df["duplicate_of"] = pd.array([groups.get(int(i)) if ok else None for i, ok in zip(df["id"], decoded)],
                                   dtype="Int64")
@@ -503,6 +510,62 @@ def quality_rank_scores(df: pd.DataFrame, ranking: QualityRanking, folder: str =
     if ranking.require_face:
         fails |= df["faces"].to_numpy() == 0
     return np.where(fails, -1.0, score)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report section
+
+
+REPORT_POINTER = "quality.json"  # in a pipeline's run_dir: {"folder": ..., "dataset": ...}
+
+
+def report_blocks(run_dir: str, tmp: str, images: list[tuple[str, bytes]], opts: st.StorageOptions | None = None,
+                  n: int = 8) -> list:
+    """The report's quality section (when run_dir has a quality pointer): the summary, the agreement
+    table, and the n worst and n best rows by the default quality ranking as image grids."""
+    from synthfar_ray import plots
+    from synthfar_ray.report import Block, Cell
+
+    pointer = st.join(run_dir, REPORT_POINTER)
+    if not st.exists(pointer, opts):
+        return []
+    info = json.loads(st.read_bytes(pointer, opts))
+    folder, dataset = info["folder"], info["dataset"]
+    summary = json.loads(st.read_bytes(st.join(folder, SUMMARY_JSON), opts))
+    df = read_quality(folder, opts)
+    weights = {c: w for c, w in QualityRanking().weights.items() if c in df and df[c].notna().any()}
+    score = quality_rank_scores(df, QualityRanking(weights=weights or {"pixel_std": 1.0}), folder)
+    order = np.argsort(score, kind="stable")
+    worst, best = df.iloc[order[:n]], df.iloc[order[::-1][:n]]
+
+    def caption(row: pd.Series) -> str:
+        flags = [name for name, bad in (("undecodable", not row["decoded"]), ("blank", row["blank"]),
+                                        ("duplicate", pd.notna(row["duplicate_of"]))) if bad]
+        agree = f"agree {row['label_agreement']:.2f}" if "label_agreement" in row and pd.notna(row["label_agreement"]) else ""
+        return " ".join(flags) or agree or f"faces {row['faces']}"
+
+    rows = [[Cell(k), Cell(f"{v:.3f}" if isinstance(v, float) else str(v))] for k, v in summary.items()
+            if isinstance(v, (int, float)) and k != "seconds"]
+    blocks = [Block("heading", "Synthetic data quality"),
+              Block("text", f"`synthfar quality` of {dataset} ({summary['rows']} rows): face detection (OpenCV Haar), "
+                            "blank and near-duplicate images, and agreement of a real-trained classifier with the "
+                            "stated labels (AUC vs the truth on procedural sets). Fréchet distance is measured in "
+                            "that classifier's embedding, not Inception's: it is not FID."),
+              Block("table", headers=["measure", "value"], rows=rows)]
+    agreement = summary.get("label_agreement") or {}
+    if agreement:
+        blocks.append(Block("table", headers=["label", "mean p(stated)", "predicted = stated", "AUC vs truth"],
+                            rows=[[Cell(f), *[Cell(f"{a[k]:.3f}" if isinstance(a.get(k), float) else "n/a")
+                                              for k in ("mean_p_stated", "predicted_equals_stated", "auc_vs_truth")]]
+                                  for f, a in agreement.items()]))
+    for label, part in (("worst", worst), ("best", best)):
+        png = plots.sample_grid(dataset, f"{tmp}/quality_{label}.png", opts, n=n, ids=part["id"].tolist(),
+                                captions={int(r["id"]): caption(r) for _, r in part.iterrows()})
+        images.append((f"plots/quality_{label}.png", open(png, "rb").read()))
+        blocks.append(Block("image", f"The {n} {label} rows by the default quality ranking", image=images[-1][1],
+                            image_name=images[-1][0]))
+    blocks.append(Block("sources", st.join(folder, QUALITY_FILE)))
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@
 - Pose adherence: where the detected face sits against where the requested head pose put it
   (centre error in head half-widths, size ratio).
 - Degenerate images: near-constant pixels (a blank or black diffusion output) and undecodable bytes.
-- Near duplicates: a 64-bit DCT perceptual hash per image; two images whose hashes differ in at most
-  `max_distance` bits are near duplicates. Candidate pairs come from 4 bands of 16 bits (two hashes
-  within 3 bits share at least one band exactly), so a set is never compared pair by pair.
+- Near duplicates: a 64-bit DCT perceptual hash per image finds candidates: hashes that differ in at
+  most `max_distance` bits (from 4 bands of 16 bits: two hashes within 3 bits share at least one band
+  exactly, so a set is never compared pair by pair). A candidate pair is a near duplicate only if
+  their 8x8 colour thumbnails also differ by at most `max_thumb_diff` grey levels on average: the
+  grey-level hash alone matched different procedural faces of the same framing (measured on the
+  demo's 2,340 faces: 21 rows flagged, the pairs looked at were all different people).
 - Set level: Fréchet distance between two Gaussians fitted to embeddings (the FID formula, computed
   in the space of the project's own real-trained classifier: Inception weights cannot be fetched
   here, so it is not FID and is not named so), and diversity as mean pairwise embedding distance.
@@ -105,20 +108,42 @@ def phash(image: np.ndarray) -> int:
     return int(np.array(value, dtype=np.uint64).astype(np.int64))
 
 
+THUMB_SIDE = 8
+MAX_THUMB_DIFF = 8.0
+
+
+def thumbnail(image: np.ndarray) -> bytes:
+    """8x8 RGB area-averaged thumbnail (192 bytes): the colour check of a near-duplicate candidate."""
+    import cv2
+
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return cv2.resize(img[..., :3].astype(np.uint8), (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA).tobytes()
+
+
+def thumb_diff(a: bytes, b: bytes) -> float:
+    """Mean absolute difference of two thumbnails in grey levels (0..255)."""
+    return float(np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8)).mean())
+
+
 def hamming(a: int, b: int) -> int:
     return int((int(a) ^ int(b)) & 0xFFFFFFFFFFFFFFFF).bit_count()
 
 
-def near_duplicates(ids: np.ndarray, hashes: np.ndarray, max_distance: int = 3) -> dict[int, int]:
+def near_duplicates(ids: np.ndarray, hashes: np.ndarray, max_distance: int = 3, thumbs: list[bytes] | None = None,
+                    max_thumb_diff: float = MAX_THUMB_DIFF) -> dict[int, int]:
     """For each id that is a near duplicate of an earlier one (smaller id), that earlier id's group
     head: {id: first id of its group}. Ids not in the result are unique. max_distance <= 3 keeps the
-    banded candidate search exact (4 bands of 16 bits)."""
+    banded candidate search exact (4 bands of 16 bits); with `thumbs` (one per id, see `thumbnail`)
+    a candidate pair must also pass the colour check."""
     if not 0 <= max_distance < HASH_BANDS:
         raise ValueError(f"max_distance must be 0..{HASH_BANDS - 1} (bands of {64 // HASH_BANDS} bits), got {max_distance}")
     ids = np.asarray(ids, dtype=np.int64)
     h = np.asarray(hashes, dtype=np.int64).astype(np.uint64)
     order = np.argsort(ids, kind="stable")
     ids, h = ids[order], h[order]
+    thumbs = [thumbs[i] for i in order] if thumbs is not None else None
     parent = list(range(len(ids)))
 
     def root(i: int) -> int:
@@ -135,7 +160,8 @@ def near_duplicates(ids: np.ndarray, hashes: np.ndarray, max_distance: int = 3) 
         for members in buckets.values():
             for a_pos, i in enumerate(members):
                 for j in members[a_pos + 1:]:
-                    if hamming(h[i], h[j]) <= max_distance:
+                    if hamming(h[i], h[j]) <= max_distance and (
+                            thumbs is None or thumb_diff(thumbs[i], thumbs[j]) <= max_thumb_diff):
                         ri, rj = root(i), root(j)
                         if ri != rj:
                             parent[max(ri, rj)] = min(ri, rj)  # the smallest index (id) heads the group

@@ -396,6 +396,7 @@ def group_section(run_groups: dict[str, tuple[dict, dict]], tmp: str, images: li
     """Blocks of the "Evaluation by group" section: per run and evaluated dataset, the per-group
     table, its absent/few groups and a confusion-matrix figure (appended to `images`)."""
     from synthfar_ray import plots  # matplotlib: only when a report is drawn
+    from synthfar_ray.quality import report_blocks as quality_blocks
 
     blocks = [Block("heading", "Evaluation by group"),
               Block("text", "Per run and dataset: the worst group and the gap (max - min between groups) of each "
@@ -539,6 +540,7 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
     columns, else val_score, max (min for names with mae/loss/error).
     """
     from synthfar_ray import plots  # matplotlib: only when a report is drawn
+    from synthfar_ray.quality import report_blocks as quality_blocks
 
     out_dir = out_dir or st.join(run_dir, "report")
     sources: list[str] = []
@@ -595,6 +597,7 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
     with tempfile.TemporaryDirectory(prefix="synthfar-report-") as tmp:
         if run_groups:
             blocks += group_section(run_groups, tmp, images)
+        blocks += quality_blocks(run_dir, tmp, images, storage)  # when the pipeline ran `synthfar quality`
         if datasets:
             blocks.append(Block("heading", "Datasets"))
             frames = {n: plots.read_labels(u, storage) for n, u in datasets.items()}
