@@ -48,7 +48,7 @@ from synthfar_ray.errors import StageFailed, last_line
 from synthfar_ray.losses import LossWeights
 from synthfar_ray.paths import InputPath, OutputPath, absolute_location
 from synthfar_ray.precision import AmpMode, Layout, Precision
-from synthfar_ray.quality import QualityFilter
+from synthfar_ray.quality import QualityFilter, Relabel
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ def _weights_location(value: str | None) -> str | None:
 
 
 WeightsPath = Annotated[str | None, AfterValidator(_weights_location)]
+
+
+RELABELLED_FILE = "relabelled.parquet"  # in a run folder: the labels relabelling replaced
 
 
 class NetConfig(StrictModel):
@@ -86,6 +89,8 @@ class TrainConfig(StageConfig):
                                                                     "from the sampling stage: train on chosen ids only")
     quality: QualityFilter | None = Field(None, description="train on the synthetic rows that pass a "
                                           "`synthfar quality` folder's thresholds (and the selection, if any)")
+    relabel: Relabel | None = Field(None, description="synthetic rows: the quality classifier's label where it is "
+                                    "confident and disagrees (recorded in <run>/relabelled.parquet)")
     real: InputPath | None = Field(None, description="real dataset folder URI (UTKFace / FairFace ingest output)")
     real_subset: Literal[25, 50, 75, 100] = Field(100, description="train on the P % subset of the real train split")
     mix_ratio: float = Field(0.5, ge=0, le=1, description="mix plan: synthetic share of every batch (in "
@@ -646,6 +651,11 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     scaling = _scaling(cfg)
     check_resources(cfg, scaling)
     datasets = build_datasets(cfg, needed_datasets(cfg))
+    if cfg.relabel is not None and "synthetic" in needed_datasets(cfg):
+        from synthfar_ray.quality import relabel_changes
+        from synthfar_ray.selection import write_parquet
+
+        write_parquet(relabel_changes(cfg.relabel, cfg.storage), storage.join(cfg.run_uri, RELABELLED_FILE), cfg.storage)
     fs, path = storage.resolve_retrying(cfg.storage_path, cfg.storage)
     fs.create_dir(path, recursive=True)
     env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}

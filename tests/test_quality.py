@@ -142,3 +142,44 @@ def test_quality_ranked_selection_beats_random_and_tune_can_search_it(quality_as
     assert set(selections) == {"random|0.1", "random|0.2", "quality|0.1", "quality|0.2"}
     chosen = read_selection_ids(selections["quality|0.2"])
     assert 200 <= len(chosen) <= 220  # 0.2 x ~1,080 real train rows, split over 5 classes
+
+
+def test_relabelling_replaces_confident_disagreeing_labels_and_training_reads_them(quality_assessed, tmp_path):
+    """Relabelling where the real-trained classifier finds the stated label implausible (p(stated)
+    < 0.05, the default), measured at seed 0 on the ethnicity of the 30 %-noise set: 73 labels
+    changed, 37 to the true one, 5 clean ones broken; the set's ethnicity precision 0.712 -> 0.765.
+    (Replacing wherever the prediction is confident instead, p(pred) >= 0.6, fixed 43 and broke 48.)
+    It does not recover a majority of the 173 noisy labels: this small classifier reads
+    synthetic-style ethnicity with accuracy ~0.58 across the style gap (trained 2,000 steps: 0.53;
+    in-domain, cross-fitted on 300 noisy rows: 0.48). Asserted: at least 2x as many labels corrected
+    as broken and precision up by >= 0.03. Training reads the new labels."""
+    from synthfar_ray.quality import Relabel, relabel_changes
+    from synthfar_ray.train import TrainConfig, needed_datasets
+    from synthfar_ray.train_data import build_datasets
+
+    cfg, result = quality_assessed
+    table = pq.read_table(cfg.dataset).to_pandas().set_index("id")
+    rl = Relabel(folder=result.folder, fields=["ethnicity", "age"])
+    changes = relabel_changes(rl)
+    eth = changes[changes["field"] == "ethnicity"].set_index("id")
+    truth = table.loc[eth.index, "render_ethnicity"].to_numpy()
+    corrected = int((eth["new"].to_numpy() == truth).sum())
+    broken = int((eth["stated"].to_numpy() == truth).sum())
+    before = float((table["ethnicity"] == table["render_ethnicity"]).mean())
+    after_labels = table["ethnicity"].astype(int)
+    after_labels.loc[eth.index] = eth["new"].astype(int)
+    after = float((after_labels == table["render_ethnicity"]).mean())
+    assert corrected >= 2 * broken and after >= before + 0.03, (len(eth), corrected, broken, before, after)
+    ages = changes[changes["field"] == "age"]
+    assert set(changes["field"]) <= {"ethnicity", "age", "age_bin"}
+    assert (changes["field"] == "age_bin").sum() == len(ages)  # the bin follows a replaced age
+    assert (np.abs(ages["new"] - ages["stated"]) > rl.age_tolerance).all()
+
+    train = TrainConfig(name="relabel", storage_path=str(tmp_path / "runs"), plan="synthetic", synthetic=cfg.dataset,
+                        relabel=rl, val_source="none", steps=1, image_size=32, augment=False)
+    ds = build_datasets(train, needed_datasets(train))
+    rows = ds["synthetic"].to_pandas().set_index("id")
+    moved = [i for i in eth.index if i in rows.index]
+    assert moved and all(rows.loc[i, "ethnicity"] == eth.loc[i, "new"] for i in moved)
+    untouched = [i for i in rows.index if i not in set(changes["id"])][:50]
+    assert all(rows.loc[i, "ethnicity"] == table.loc[i, "ethnicity"] for i in untouched)
