@@ -15,6 +15,10 @@ Methods (the sampling paper's, adapted to diffusion data):
   default label_agreement 1.0 and p_real 0.5: cl-sam's and cr-sam's signals at once); blank,
   undecodable and near-duplicate rows rank last. Without `quality.folder` the stage runs (or reuses)
   `synthfar quality` on its own inputs.
+- `rl`: an actor-critic policy over those quality columns, rewarded by small child networks' accuracy
+  on the real val split when trained on the rows it picks (rl_sampler.py: formulation, budget,
+  resume). Its state lives in `<synthetic>/_scores/rl-<key>/` (state.pt, rewards.json,
+  tensorboard/); a re-run with more `rl.episodes` continues it. It is trained for one K.
 
 Only the synthetic *train* split (split == 'train') is scored and selected: those are the rows
 training reads, so K is met from rows training actually uses.
@@ -59,6 +63,7 @@ from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, dump_config, load_config
 from synthfar_ray.paths import InputPath, OutputPath
 from synthfar_ray.quality import QualityRanking
+from synthfar_ray.rl_sampler import RLSettings
 from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
 from synthfar_ray.scorers import (DISCRIMINATORS_DIR, Combine, DiscriminatorFit,  # noqa: F401
                                   ScoreActor, ScorerTrain, cl_sam_scores, classifier_train_config,
@@ -74,13 +79,13 @@ from synthfar_ray.storage import StorageOptions
 logger = logging.getLogger(__name__)
 PRECISION_FILE = "label_precision.json"  # in a selection folder, procedural synthetic sets only
 
-METHODS: tuple[str, ...] = ("random", "cl-sam", "cr-sam", "quality")
+METHODS: tuple[str, ...] = ("random", "cl-sam", "cr-sam", "quality", "rl")
 SCORES_DIR = "_scores"
 SCORES_FILE = "scores.parquet"
 # Bumped when what a cached score means changes (2: train split only, content keys, cr-sam cross-fit).
 SCORES_VERSION = 2
 
-Method = Literal["random", "cl-sam", "cr-sam", "quality"]
+Method = Literal["random", "cl-sam", "cr-sam", "quality", "rl"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +106,9 @@ class SampleConfig(StageConfig):
     classifier: InputPath | None = Field(None, description="cl-sam: checkpoint URI of a model trained on real data")
     scorer_train: ScorerTrain = ScorerTrain()
     quality: QualityRanking = Field(default_factory=QualityRanking, description="method quality: which columns "
-                                    "of a `synthfar quality` folder rank the rows, with what weights")
+                                    "of a `synthfar quality` folder rank the rows, with what weights (its folder "
+                                    "also gives method rl its features)")
+    rl: RLSettings = Field(default_factory=RLSettings, description="method rl: budget and hyper-parameters")
     output: OutputPath | None = Field(None, description="selection URI; default <synthetic>/_selections/<method>-<K>")
     reuse_scores: bool = Field(True, description="use cached scores of the same inputs (by content) and settings")
     seed: int = Field(0, description="random scores, cr-sam folds and scorer training")
@@ -386,8 +393,42 @@ def quality_train_rows(cfg: SampleConfig, folder: str) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def compute_scores(cfg: SampleConfig) -> tuple[pd.DataFrame, str]:
-    """Scores of the synthetic train rows for cfg.method, from the cache when there (and reuse_scores)."""
+# Quality columns the rl policy reads (those present); the duplicate flag is added as a number.
+RL_FEATURES = ("p_ethnicity", "p_gender", "p_age_bin", "label_agreement", "p_real", "faces", "blank", "pixel_std",
+               "pose_centre_error")
+
+
+def rl_features(df: pd.DataFrame) -> pd.DataFrame:
+    """id, the class fields and the numeric quality features of quality rows (see RL_FEATURES)."""
+    out = df[["id", *[f for f in CLASS_FIELDS if f in df], *[c for c in RL_FEATURES if c in df]]].copy()
+    out["duplicate"] = df["duplicate_of"].notna().to_numpy()
+    return out
+
+
+def _rl_scores(cfg: SampleConfig, k: int | None) -> tuple[pd.DataFrame, str]:
+    from synthfar_ray.rl_sampler import fingerprint, rl_scores
+
+    if k is None:
+        raise ConfigError("method rl learns a policy for one K: compute its scores with the K (run_sample does)")
+    folder = quality_folder_for(cfg)
+    features = rl_features(quality_train_rows(cfg, folder))
+    inputs = f"quality:{folder.rstrip('/').rsplit('/', 1)[-1]}"  # the quality folder's name is its content key
+    fp = fingerprint(cfg.rl, k, list(cfg.class_key), features, cfg.synthetic, cfg.real, cfg.real_subset, cfg.seed,
+                     cfg.redistribute, inputs)
+    state_dir = st.join(cfg.synthetic, SCORES_DIR, f"rl-{fp}")
+    scores = rl_scores(cfg.synthetic, cfg.real, features, k, list(cfg.class_key), cfg.rl, state_dir, cfg.storage,
+                       cfg.real_subset, cfg.seed, cfg.redistribute, inputs)
+    df = features[["id"]].merge(scores, on="id")
+    for f in CLASS_FIELDS:
+        df[f] = label_array(features[f].to_numpy() if f in features else None, len(features))
+    return df[["id", *CLASS_FIELDS, "score"]], state_dir
+
+
+def compute_scores(cfg: SampleConfig, k: int | None = None) -> tuple[pd.DataFrame, str]:
+    """Scores of the synthetic train rows for cfg.method, from the cache when there (and reuse_scores).
+    k: the top-K the scores are for (only method rl learns for a K)."""
+    if cfg.method == "rl":
+        return _rl_scores(cfg, k)
     if cfg.method == "quality":  # pure pandas on the quality columns (which are cached themselves)
         from synthfar_ray.quality import QUALITY_FILE, quality_rank_scores
 
@@ -447,7 +488,7 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
         except st.StorageError as e:
             raise st.StorageError(f"real: {e}") from e
     k = resolve_k(cfg.k, cfg.k_multiple, real_rows or 0, cfg.real, cfg.real_subset)
-    scores, scores_uri = compute_scores(cfg)
+    scores, scores_uri = compute_scores(cfg, k)
     selection = select_top_k(scores, k, list(cfg.class_key), cfg.redistribute)
     output = cfg.output or selection_uri(cfg.synthetic, cfg.method, k)
     per_class = write_selection(selection, output, cfg.method, k, cfg.storage, extra={

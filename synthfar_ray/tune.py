@@ -38,13 +38,14 @@ from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_conf
 from synthfar_ray.errors import StageFailed, UserError, last_line
 from synthfar_ray.paths import OutputPath, absolute_location
 from synthfar_ray.quality import QualityRanking
+from synthfar_ray.rl_sampler import RLSettings
 from synthfar_ray.raycluster import capacity, check_request, ensure_ray, node_shapes
 from synthfar_ray.sampling import (ClassField, Combine, ScorerTrain, SampleConfig, compute_scores,
                                    count_real_train, resolve_k, select_top_k, write_selection)
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("none", "random", "cl-sam", "cr-sam", "quality")
+SAMPLERS = ("none", "random", "cl-sam", "cr-sam", "quality", "rl")
 RESULTS_CSV, RESULTS_MD = "tune_results.csv", "tune_results.md"
 TRIAL_FILE = "trial.json"
 RUNS_DIR, SELECTIONS_DIR = "runs", "selections"
@@ -102,7 +103,7 @@ class SearchSpace(StrictModel):
                                     description="mix plan: synthetic share of each batch")
     pretrain_steps: Dist | int | None = Field(None, description="pretrain_finetune plan: synthetic steps "
                                                                 "(the rest of train.steps fine-tunes on real)")
-    sampler: Dist | Literal["none", "random", "cl-sam", "cr-sam", "quality"] = Field(
+    sampler: Dist | Literal["none", "random", "cl-sam", "cr-sam", "quality", "rl"] = Field(
         default_factory=lambda: Dist(choice=["random", "cl-sam", "cr-sam"]),
         description="none = the whole synthetic set")
     k_multiple: Dist | float = Field(default_factory=lambda: Dist(choice=[1.0, 2.0, 5.0]),
@@ -140,6 +141,7 @@ class SamplerSettings(StrictModel):
     classifier: str | None = Field(None, description="cl-sam classifier checkpoint; default: train a small one")
     scorer_train: ScorerTrain = ScorerTrain()
     quality: QualityRanking = Field(default_factory=QualityRanking, description="sampler quality: its columns and weights")
+    rl: RLSettings = Field(default_factory=RLSettings, description="sampler rl: its budget (one policy per K)")
     seed: int = 0
     batch_size: int = Field(64, ge=1)
     num_actors: int | None = Field(None, ge=1)
@@ -353,11 +355,13 @@ def prepare_selections(cfg: TuneConfig) -> dict[str, str]:
         scfg = SampleConfig(
             synthetic=base["synthetic"], real=base["real"], real_subset=real_subset, method=sampler, k=1,
             class_key=s.class_key, combine=s.combine, redistribute=s.redistribute, classifier=s.classifier,
-            scorer_train=s.scorer_train, quality=s.quality, seed=s.seed, batch_size=s.batch_size, num_actors=s.num_actors,
+            scorer_train=s.scorer_train, quality=s.quality, rl=s.rl, seed=s.seed, batch_size=s.batch_size, num_actors=s.num_actors,
             cpus_per_actor=s.cpus_per_actor, gpus_per_actor=s.gpus_per_actor, storage=cfg.storage)
-        scores, scores_uri = compute_scores(scfg)
+        scores, scores_uri = compute_scores(scfg) if sampler != "rl" else (None, "")
         for mult in cfg.space.k_multiples():
             k = resolve_k(None, mult, real_rows)
+            if sampler == "rl":  # the policy is learnt for its K
+                scores, scores_uri = compute_scores(scfg, k)
             uri = st.join(cfg.sweep_uri, SELECTIONS_DIR, f"{sampler}-{mult:g}x")
             selection = select_top_k(scores, k, list(s.class_key), s.redistribute)
             write_selection(selection, uri, sampler, k, cfg.storage, extra={

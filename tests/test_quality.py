@@ -136,12 +136,17 @@ def test_quality_ranked_selection_beats_random_and_tune_can_search_it(quality_as
 
     tune = TuneConfig(name="q", storage_path=str(tmp_path / "sweeps"), plan="mix",
                       train={"synthetic": cfg.dataset, "real": cfg.real},
-                      space={"sampler": {"grid": ["random", "quality"]}, "k_multiple": {"grid": [0.1, 0.2]}},
-                      sampling={"class_key": ["ethnicity"], "quality": {"folder": result.folder}})
+                      space={"sampler": {"grid": ["random", "quality", "rl"]}, "k_multiple": {"grid": [0.1, 0.2]}},
+                      sampling={"class_key": ["ethnicity"], "quality": {"folder": result.folder},
+                                "rl": {"episodes": 1, "children_per_episode": 2, "reference_children": 1,
+                                       "child_steps": 10, "image_size": 16}})
     selections = prepare_selections(tune)
-    assert set(selections) == {"random|0.1", "random|0.2", "quality|0.1", "quality|0.2"}
-    chosen = read_selection_ids(selections["quality|0.2"])
-    assert 200 <= len(chosen) <= 220  # 0.2 x ~1,080 real train rows, split over 5 classes
+    assert set(selections) == {f"{m}|{k}" for m in ("random", "quality", "rl") for k in (0.1, 0.2)}
+    for sampler in ("quality", "rl"):
+        small, large = (read_selection_ids(selections[f"{sampler}|{k}"]) for k in (0.1, 0.2))
+        assert 200 <= len(large) <= 220 and 100 <= len(small) <= 110  # 0.2 / 0.1 x ~1,080 real train rows
+    rl_states = [d for d in os.listdir(os.path.join(cfg.dataset, "_scores")) if d.startswith("rl-")]
+    assert len(rl_states) >= 2  # one policy per K
 
 
 def test_relabelling_replaces_confident_disagreeing_labels_and_training_reads_them(quality_assessed, tmp_path):
