@@ -103,7 +103,7 @@ class StagePlan:
     sample: Any | None
     runs: dict[str, Any]
     tune: Any | None
-    selection_runs: dict[str, str] = field(default_factory=dict)  # run -> "sample" (the stage's method) or "random"
+    selection_runs: dict[str, str] = field(default_factory=dict)  # run -> the method of the selection it trains on
     preview: Any | None = None
     real_sets: dict[str, str] = field(default_factory=dict)  # dataset -> ingested URI (evaluation data)
     standin_folders: dict[str, str] = field(default_factory=dict)  # layout -> local folder of stand-in files
@@ -117,7 +117,7 @@ def _section(model: type, data: dict[str, Any], name: str, source: str):
 def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
     """Validate every section against its stage's config model, before any work."""
     from synthfar_ray.generate import GenerateConfig
-    from synthfar_ray.sampling import SampleConfig
+    from synthfar_ray.sampling import METHODS, SampleConfig
     from synthfar_ray.train import TrainConfig
 
     unknown = [s for s in cfg.stages if s not in STAGES]
@@ -163,14 +163,14 @@ def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
     for name, over in cfg.runs.items():
         over = dict(over)
         use = over.pop("use_selection", False)
-        if use not in (False, True, "random"):
+        if use not in (False, True, *METHODS):
             raise ConfigError(f"{source}: runs.{name}: use_selection must be true (the sample stage's selection), "
-                              f"random (a random pick of the same K) or false, not {use!r}")
+                              f"a method of {list(METHODS)} (that method's pick of the same K) or false, not {use!r}")
         if use:
             if sample is None or ("train" in cfg.stages and "sample" not in cfg.stages):
                 raise ConfigError(f"{source}: runs.{name}: use_selection needs a `sample` section, and the sample "
                                   "stage wherever the train stage runs (it makes the selection the run reads)")
-            selection_runs[name] = "random" if use == "random" else "sample"
+            selection_runs[name] = sample.method if use is True else use
         data = {**cfg.train, **over, "name": name, "storage_path": storage.join(run_dir, "train"),
                 "synthetic": synthetic, "real": real_uri, "storage": st}
         runs[name] = _section(TrainConfig, data, f"runs.{name}", source)
@@ -232,32 +232,43 @@ def _ingest_real(cfg: PipelineConfig, plan: StagePlan, timed) -> None:
 
 
 def run_selections(cfg: PipelineConfig, plan: StagePlan, timed, metrics: dict[str, Any]) -> dict[str, str]:
-    """Run the sample stage, and a random pick of the same K when a run trains on it or the synthetic
-    set has ground truth (label precision of the method vs random). Returns {"sample"|"random": URI}."""
+    """The sample stage's selection, then the quality stage (with cl-sam's classifier), then a pick of
+    the same K by every other method a run trains on, and by random when the synthetic set has
+    ground truth (label precision of each method vs random). Returns {method: selection URI}."""
     from synthfar_ray.sampling import run_sample
 
     sampled = timed("sample", run_sample, plan.sample)
-    out = {"sample": sampled.output}
+    out = {sampled.method: sampled.output}
+    classifier = None
     manifest = storage.join(sampled.scores_uri.rsplit("/", 1)[0], "_manifest.json")
     if storage.exists(manifest, cfg.storage):  # random has no score cache; cl-sam records its classifier
-        out["classifier"] = json.loads(storage.read_bytes(manifest, cfg.storage)).get("classifier")
-    if "random" in plan.selection_runs.values() or sampled.precision is not None:
-        random_cfg = plan.sample.model_copy(update={"method": "random", "k": sampled.k, "k_multiple": None,
-                                                    "output": None})
-        random = timed("sample:random", run_sample, random_cfg)
-        out["random"] = random.output
-        if sampled.precision is not None:
-            metrics["selection"] = {"method": sampled.method, "k": sampled.k, "precision": sampled.precision,
-                                    "random_precision": random.precision}
-            storage.write_bytes(storage.join(cfg.run_dir, SELECTION_PRECISION),
-                                json.dumps(metrics["selection"], indent=2).encode(), cfg.storage)
+        classifier = json.loads(storage.read_bytes(manifest, cfg.storage)).get("classifier")
+    quality_folder = None
+    if plan.quality is not None:
+        quality_folder = run_quality_stage(cfg, plan, classifier, timed, metrics)
+    others = [m for m in dict.fromkeys(plan.selection_runs.values()) if m != sampled.method]
+    if sampled.precision is not None and "random" not in others and sampled.method != "random":
+        others.append("random")
+    results = {}
+    for method in others:
+        update: dict[str, Any] = {"method": method, "k": sampled.k, "k_multiple": None, "output": None}
+        if quality_folder is not None:  # quality / rl rank by the quality stage's columns
+            update["quality"] = plan.sample.quality.model_copy(update={"folder": quality_folder})
+        results[method] = timed(f"sample:{method}", run_sample, plan.sample.model_copy(update=update))
+        out[method] = results[method].output
+    if sampled.precision is not None:
+        metrics["selection"] = {"method": sampled.method, "k": sampled.k, "precision": sampled.precision,
+                                "random_precision": results["random"].precision if "random" in results else None,
+                                "others": {m: r.precision for m, r in results.items() if m != "random"}}
+        storage.write_bytes(storage.join(cfg.run_dir, SELECTION_PRECISION),
+                            json.dumps(metrics["selection"], indent=2).encode(), cfg.storage)
     return out
 
 
 def run_quality_stage(cfg: PipelineConfig, plan: StagePlan, classifier: str | None, timed,
-                      metrics: dict[str, Any]) -> None:
+                      metrics: dict[str, Any]) -> str:
     """`synthfar quality` of the synthetic set (with the sample stage's cl-sam classifier when the
-    section names none), and the pointer the report follows to it."""
+    section names none), and the pointer the report follows to it; returns the quality folder."""
     from synthfar_ray.quality import REPORT_POINTER, run_quality
 
     qcfg = plan.quality
@@ -267,6 +278,7 @@ def run_quality_stage(cfg: PipelineConfig, plan: StagePlan, classifier: str | No
     metrics["quality"] = {"folder": result.folder, "summary": result.summary}
     storage.write_bytes(storage.join(cfg.run_dir, REPORT_POINTER),
                         json.dumps({"folder": result.folder, "dataset": qcfg.dataset}).encode(), cfg.storage)
+    return result.folder
 
 
 def runs_to_train(plan: StagePlan, selections: dict[str, str]) -> dict[str, Any]:
@@ -347,8 +359,7 @@ def train_runs(runs: dict[str, Any], parallel: int, timed) -> dict[str, tuple[An
 
 def _run_point(plan: StagePlan, name: str, tcfg) -> tuple[float, str] | None:
     """(synthetic share, sampler) of a pipeline run in the terms of a mix sweep; None if not comparable."""
-    sampler = {"sample": plan.sample.method if plan.sample else None, "random": "random"}.get(
-        plan.selection_runs.get(name, ""), "none")
+    sampler = plan.selection_runs.get(name, "none")
     if tcfg.plan == "real":
         return None  # a sweep's 0 % mix ignores its sampler: no single trial to pair with
     share = 1.0 if tcfg.plan == "synthetic" else tcfg.mix_ratio if tcfg.plan == "mix" else None
@@ -465,8 +476,8 @@ def run_pipeline(cfg: PipelineConfig, source: str = "<pipeline>") -> PipelineRes
     selections: dict[str, str] = {}
     if plan.sample is not None and "sample" in cfg.stages:
         selections = run_selections(cfg, plan, timed, metrics)
-    if plan.quality is not None:
-        run_quality_stage(cfg, plan, selections.get("classifier"), timed, metrics)
+    elif plan.quality is not None:  # no sample stage this time: quality with its own classifier
+        run_quality_stage(cfg, plan, None, timed, metrics)
     checkpoints: dict[str, str] = {}
     trained: dict[str, tuple[Any, Any]] = {}  # run -> (config as trained, TrainResult)
     if "train" in cfg.stages:

@@ -494,7 +494,8 @@ def quality_rank_scores(df: pd.DataFrame, ranking: QualityRanking, folder: str =
     missing = [c for c in ranking.weights if c not in df]
     if missing:
         raise ConfigError(f"quality.weights names {missing}, which quality folder {folder} has no column for "
-                          f"(columns: {sorted(df.columns)})")
+                          "(p_real needs `realism: true` and a real set; p_<label> and label_agreement a classifier): "
+                          f"set quality.weights to columns it has: {sorted(df.columns)}")
     total = sum(ranking.weights.values())
     if total <= 0:
         raise ConfigError("quality.weights: at least one weight must be > 0")

@@ -37,12 +37,14 @@ def _num(value: Any, digits: int = 3) -> str:
 
 
 def precision_rows(sel: dict[str, Any]) -> list[list[str]]:
-    """Rows: the method's chosen rows, a random pick of the same K, every scored row."""
+    """Rows: the sample stage method's chosen rows, the other methods' picks of the same K, a random
+    pick, every scored row."""
     chosen = sel.get("precision", {}).get("chosen", {})
     random = (sel.get("random_precision") or {}).get("chosen", {})
     pool = sel.get("precision", {}).get("pool", {})
+    others = [(f"{m} (K={sel.get('k')})", (p or {}).get("chosen", {})) for m, p in (sel.get("others") or {}).items()]
     return [[label, *(_num(p.get(f)) for f in PRECISION_FIELDS)]
-            for label, p in ((f"{sel.get('method')} (K={sel.get('k')})", chosen),
+            for label, p in ((f"{sel.get('method')} (K={sel.get('k')})", chosen), *others,
                              (f"random (K={sel.get('k')})", random), ("all scored rows", pool))]
 
 
