@@ -272,12 +272,12 @@ def check_rows(cfg: QualityConfig, content: Any, classifier: str | None) -> pd.D
     df = pd.concat(frames, ignore_index=True).sort_values("id", kind="stable").reset_index(drop=True)
     if df["id"].duplicated().any():
         raise ConfigError(f"dataset={cfg.dataset} has duplicate ids, e.g. {df.loc[df['id'].duplicated(), 'id'].iloc[0]}")
-    groups = qc.near_duplicates(df["id"].to_numpy(), df["phash"].to_numpy(), cfg.duplicate_distance,
-                                df["thumb"].tolist(), cfg.duplicate_thumb_diff)
-    df = df.drop(columns=["thumb"])  # only the duplicate check needs it
     decoded = df["decoded"].to_numpy()
-    df["duplicate_of"] = pd.array([groups.get(int(i)) if ok else None for i, ok in zip(df["id"], decoded)],
-                                  dtype="Int64")
+    ok = df[decoded]  # an undecodable row has no hash or thumbnail to compare
+    groups = qc.near_duplicates(ok["id"].to_numpy(), ok["phash"].to_numpy(), cfg.duplicate_distance,
+                                ok["thumb"].tolist(), cfg.duplicate_thumb_diff)
+    df = df.drop(columns=["thumb"])  # only the duplicate check needs it
+    df["duplicate_of"] = pd.array([groups.get(int(i)) for i in df["id"]], dtype="Int64")
     return df
 
 
