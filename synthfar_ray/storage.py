@@ -111,11 +111,13 @@ def _s3_credentials(options: StorageOptions, anon: str, key: str, secret: str, t
     return out
 
 
-def _s3_filesystem(options: StorageOptions) -> pafs.S3FileSystem:
+def _s3_filesystem(options: StorageOptions, background_writes: bool = True) -> pafs.S3FileSystem:
     endpoint, region = _s3_endpoint_and_region(options)
     # Delayed open: a small object is one PutObject on close instead of a three-request multipart
     # upload (bench/storage.py); a failure then shows at close, inside write_bytes' retried attempt.
     kwargs: dict = {"allow_delayed_open": True}
+    if not background_writes:
+        kwargs["background_writes"] = False
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc
@@ -194,6 +196,13 @@ def resolve_retrying(uri: str, options: StorageOptions | None = None) -> tuple[p
     fs, path = resolve(uri, options)
     if isinstance(fs, pafs.LocalFileSystem):
         return fs, path
+    if isinstance(fs, pafs.S3FileSystem):
+        # Uploads in the writing thread. Ray Train/Tune copy folders with pyarrow's copy_files on
+        # Arrow's IO thread pool; through this wrapper (a Python filesystem, so Ray's own guard for
+        # S3 - use_threads=False, apache/arrow#32372 - does not apply) each copy's close waited for a
+        # background upload queued on that same pool, and with every IO thread in a close nothing
+        # ran: the Tune driver hung after a trial finished (tests/test_storage_retry.py).
+        fs = _s3_filesystem(options, background_writes=False)
     return retrying_filesystem(fs, options.retry_policy(), label=scheme(uri)), path
 
 

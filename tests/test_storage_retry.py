@@ -142,3 +142,44 @@ def test_storage_options_carry_the_retry_settings():
         StorageOptions.model_validate({"retry_window_s": -1})
     for name in ("retry_window_s", "retry_initial_s", "retry_max_s", "s3_client", "fsspec_options"):
         assert StorageOptions.model_fields[name].description
+
+
+def test_many_files_copied_in_parallel_to_the_retrying_s3_filesystem_do_not_deadlock(s3_bucket, tmp_path):
+    """Ray Train/Tune sync a folder with pyarrow.fs.copy_files, whose copies run on Arrow's IO thread
+    pool (8 threads) and write through the retrying wrapper (a Python filesystem) into S3. With the
+    S3 filesystem's background writes, each stream's close waited for an upload task queued on that
+    same pool: with all 8 threads in a close, no upload could run, and the Tune driver hung for good
+    after a trial finished (the node-loss sweep test, twice in make test; py-spy: 8 threads in
+    ObjectOutputStream::Close). With the pool cut to 1 thread the hang is certain (this test failed
+    so before the fix). The wrapped S3 filesystem now uploads in the writing thread."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from synthfar_ray import storage as st
+
+    bucket, opts = s3_bucket
+    src = tmp_path / "exp"
+    src.mkdir()
+    for i in range(24):
+        (src / f"file-{i:02d}.json").write_bytes(b"x" * (1000 + i))
+    fs, path = st.resolve_retrying(f"{bucket}/sync", opts)
+    done = threading.Event()
+
+    def copy() -> None:  # Ray Train's own upload helper (it turns threads off only for a bare S3FileSystem)
+        from ray.train._internal.storage import _pyarrow_fs_copy_files
+
+        _pyarrow_fs_copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        done.set()
+
+    # One IO thread makes the race certain: the copy task holds the only thread while its close waits.
+    threads = pa.io_thread_count()
+    pa.set_io_thread_count(1)
+    try:
+        threading.Thread(target=copy, daemon=True).start()
+        finished = done.wait(60)
+    finally:
+        pa.set_io_thread_count(threads)
+    assert finished, "copy_files into the retrying S3 filesystem did not finish in 60 s (deadlock)"
+    assert len(st.list_files(f"{bucket}/sync", opts)) == 24
