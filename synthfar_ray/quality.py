@@ -594,7 +594,7 @@ def report_blocks(run_dir: str, tmp: str, images: list[tuple[str, bytes]], opts:
     """The report's quality section (when run_dir has a quality pointer): the summary, the agreement
     table, and the n worst and n best rows by the default quality ranking as image grids."""
     from synthfar_ray import plots
-    from synthfar_ray.report import Block, Cell
+    from synthfar_ray.report import Block, Cell, _read
 
     pointer = st.join(run_dir, REPORT_POINTER)
     if not st.exists(pointer, opts):
@@ -631,7 +631,7 @@ def report_blocks(run_dir: str, tmp: str, images: list[tuple[str, bytes]], opts:
     for label, part in (("worst", worst), ("best", best)):
         png = plots.sample_grid(dataset, f"{tmp}/quality_{label}.png", opts, n=n, ids=part["id"].tolist(),
                                 captions={int(r["id"]): caption(r) for _, r in part.iterrows()})
-        images.append((f"plots/quality_{label}.png", open(png, "rb").read()))
+        images.append((f"plots/quality_{label}.png", _read(png)))
         blocks.append(Block("image", f"The {n} {label} rows by the default quality ranking", image=images[-1][1],
                             image_name=images[-1][0]))
     blocks.append(Block("sources", st.join(folder, QUALITY_FILE)))
