@@ -129,7 +129,7 @@ def test_selection_selects(demo):
     method > random. Measured for rl (8 episodes x 4 children; its policy weighs p(stated ethnicity)
     most): all three labels 0.548 vs 0.507, balanced ethnicity accuracy 0.558 vs 0.517 (cl-sam 0.591)."""
     sel = json.loads((demo / "selection_precision.json").read_text())
-    assert sel["method"] == "cl-sam" and set(sel["others"]) == {"rl"}
+    assert sel["method"] == "cl-sam" and set(sel["others"]) == {"rl", "quality"}
     random = sel["random_precision"]["chosen"]
     assert abs(random["all"] - sel["precision"]["pool"]["all"]) < 0.05  # random is the pool's precision, give or take
 
@@ -137,7 +137,8 @@ def test_selection_selects(demo):
         confusion = json.loads((demo / "eval" / run / "metrics.json").read_text())["confusion"]
         return float(np.mean([balanced_accuracy(confusion[t][attribute]["matrix"]) for t in TESTS]))
 
-    for method, run, margin in (("cl-sam", "cl_sam_selected", 0.05), ("rl", "rl_selected", 0.03)):
+    for method, run, margin in (("cl-sam", "cl_sam_selected", 0.05), ("rl", "rl_selected", 0.03),
+                                ("quality", "quality_selected", 0.03)):
         chosen = (sel["precision"] if method == "cl-sam" else sel["others"][method])["chosen"]
         assert chosen["all"] >= random["all"] + margin, (method, sel)
         cleaned = [a for a in ("ethnicity", "gender", "age_bin") if chosen[a] >= random[a] + 0.05]
@@ -161,7 +162,8 @@ def test_report_shows_faces_labels_gap_and_precision(demo):
     cl-sam and random, the rank agreement, grids of every dataset (the stand-ins named as such, the
     diffusion preview as machinery), and the reminder that these are not faces."""
     report = (demo / "report" / "report.md").read_text()
-    for run in ("synthetic_only", "real_only", "real_25", "synthetic_to_real_25", "mix_25", "rl_selected"):
+    for run in ("synthetic_only", "real_only", "real_25", "synthetic_to_real_25", "mix_25", "rl_selected",
+                "quality_selected"):
         assert run in report, run
     assert "label precision" in report.lower() and "| rl (K=" in report
     assert "procedural stand-in" in report and "random-weight diffusion" in report

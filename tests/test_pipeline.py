@@ -79,7 +79,7 @@ def test_demo_config_validates():
     assert plan.standin is not None and plan.tune is not None and plan.preview is not None
     assert set(plan.real_sets) == {"utkface", "fairface"} and plan.generate.generator == "procedural"
     assert plan.selection_runs == {"mix_25": "cl-sam", "cl_sam_selected": "cl-sam", "random_selected": "random",
-                                   "rl_selected": "rl"}
+                                   "rl_selected": "rl", "quality_selected": "quality"}
 
 
 def test_a_failed_parallel_run_stops_the_stage_with_its_own_error(ray_cluster, tmp_path):
