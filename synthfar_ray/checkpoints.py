@@ -57,32 +57,51 @@ def checkpoint_meta(cfg: TrainConfig, channels_last: bool | None = None) -> dict
 
 
 def save_model(directory: str, model, meta: dict[str, Any]) -> None:
-    """model.pt (state_dict) + meta.json (how to rebuild the net) in a local folder."""
+    """model.pt (state_dict) + meta.json (how to rebuild the net) in a local folder. A net trained
+    with auxiliary BatchNorms (adapt.py) is saved as the plain net with its real statistics."""
     import torch
 
+    from synthfar_ray.adapt import split_state_dict
+
     os.makedirs(directory, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(directory, MODEL_FILE))
+    plain, _ = split_state_dict(model.state_dict())
+    torch.save({k: v.detach().cpu() for k, v in plain.items()}, os.path.join(directory, MODEL_FILE))
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
 
 
 def save_training_state(directory: str, model, cfg: TrainConfig, opt, sched, scaler, step: int, phase_name: str,
-                        phase_index: int, metrics: dict[str, Any], channels_last: bool | None = None) -> None:
-    """A full checkpoint in a local folder: the loadable model + what resuming needs."""
+                        phase_index: int, metrics: dict[str, Any], channels_last: bool | None = None,
+                        discriminator=None) -> None:
+    """A full checkpoint in a local folder: the loadable model + what resuming needs (with
+    adaptation: the synthetic BatchNorm halves and the domain discriminator too)."""
     import torch
 
+    from synthfar_ray.adapt import split_state_dict
+
     save_model(directory, model, checkpoint_meta(cfg, channels_last) | {"step": step, "phase": phase_name})
+    _, synthetic_bn = split_state_dict(model.state_dict())
+    adapt = {"synthetic_bn": {k: v.detach().cpu() for k, v in synthetic_bn.items()},
+             "discriminator": None if discriminator is None else
+             {k: v.detach().cpu() for k, v in discriminator.state_dict().items()}}
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "phase": phase_name, "phase_index": phase_index, "metrics": metrics},
+                "step": step, "phase": phase_name, "phase_index": phase_index, "metrics": metrics, "adapt": adapt},
                os.path.join(directory, STATE_FILE))
 
 
-def load_training_state(directory: str, net) -> dict[str, Any]:
-    """Load a checkpoint folder's weights into `net`; return its training state."""
+def load_training_state(directory: str, net, discriminator=None) -> dict[str, Any]:
+    """Load a checkpoint folder's weights into `net` (and the adaptation parts); return its training state."""
     import torch
 
-    net.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), map_location="cpu", weights_only=True))
-    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+    from synthfar_ray.adapt import join_state_dict
+
+    plain = torch.load(os.path.join(directory, MODEL_FILE), map_location="cpu", weights_only=True)
+    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+    adapt = state.get("adapt") or {}
+    net.load_state_dict(join_state_dict(net, plain, adapt.get("synthetic_bn") or {}))
+    if discriminator is not None and adapt.get("discriminator") is not None:
+        discriminator.load_state_dict(adapt["discriminator"])
+    return state
 
 
 def resolve_checkpoint(uri: str, opts: StorageOptions | None = None) -> str:

@@ -162,7 +162,10 @@ class MultiTaskNet(nn.Module):
         self.ethnicity = nn.Linear(feat, len(ETHNICITIES))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.backbone(x)
+        return self.heads(self.backbone(x))
+
+    def heads(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The heads' outputs of encoder features (domain adaptation runs them on reversed features too)."""
         out = {"gender_logit": self.gender(f).squeeze(-1), "ethnicity_logits": self.ethnicity(f)}
         if self.age is not None:
             out["age"] = self.age(f).squeeze(-1)

@@ -42,6 +42,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, model_validator
 
 from synthfar_ray import checkpoints, storage
+from synthfar_ray.adapt import AdaptConfig
 from synthfar_ray.checkpoints import CHECKPOINT_PREFIX, load_model, resolve_checkpoint, save_model  # noqa: F401
 from synthfar_ray.config import StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.errors import StageFailed, last_line
@@ -91,6 +92,8 @@ class TrainConfig(StageConfig):
                                           "`synthfar quality` folder's thresholds (and the selection, if any)")
     relabel: Relabel | None = Field(None, description="synthetic rows: the quality classifier's label where it is "
                                     "confident and disagrees (recorded in <run>/relabelled.parquet)")
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="domain adaptation to the real set while "
+                               "training on synthetic rows: dann, daln, aux_bn (synthfar_ray/adapt.py)")
     real: InputPath | None = Field(None, description="real dataset folder URI (UTKFace / FairFace ingest output)")
     real_subset: Literal[25, 50, 75, 100] = Field(100, description="train on the P % subset of the real train split")
     mix_ratio: float = Field(0.5, ge=0, le=1, description="mix plan: synthetic share of every batch (in "
@@ -180,6 +183,10 @@ class TrainConfig(StageConfig):
             raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
         if self.plan == "pretrain_finetune" and (self.steps < 1 or min(self.pretrain_steps, self.finetune_steps) < 0):
             raise ValueError("pretrain_finetune needs pretrain_steps + finetune_steps >= 1")
+        if self.adapt.enabled and (self.real is None or self.plan == "real"):
+            raise ValueError(f"adapt ({self.adapt.method}{', aux_bn' if self.adapt.aux_bn else ''}) adapts synthetic "
+                             "training to the real set: it needs `real` (its train rows, labels unused, are the "
+                             "target) and a plan that trains on synthetic rows")
         if self.val_source == "real" and self.real is None:
             raise ValueError("val_source 'real' needs `real`")
         if self.val_source == "synthetic" and self.synthetic is None:
@@ -204,6 +211,10 @@ class Phase:
     end: int
     lr: float
     weights: LossWeights
+
+    def adapts(self, cfg: TrainConfig) -> bool:
+        """Domain adaptation runs in phases that train on synthetic rows (the target stream joins them)."""
+        return cfg.adapt.enabled and "synthetic" in self.datasets
 
 
 def phases_of(cfg: TrainConfig) -> list[Phase]:
@@ -250,6 +261,7 @@ class WorkerState:
     model: Any  # the DDP-wrapped (and maybe compiled) net the steps run
     raw_model: Any  # the net itself (checkpoints, validation)
     restored: dict[str, Any] | None  # training state of the checkpoint resumed from
+    adaptive: Any = None  # adapt_modules.AdaptiveNet around raw_model when cfg.adapt is on
     step: int = 0
     start_step: int = 0
     steps_run: int = 0
@@ -325,14 +337,21 @@ def setup_worker(cfg: TrainConfig) -> WorkerState:
     checkpoint = ray.train.get_checkpoint()
     pretrained = None if checkpoint else _local_weights(cfg.model.pretrained, cfg.storage)  # resuming: no need
     net = MultiTaskNet(cfg.model.backbone, pretrained, cfg.model.age_mode)
+    adaptive = None
+    if cfg.adapt.enabled:
+        from synthfar_ray.adapt_modules import AdaptiveNet
+
+        adaptive = AdaptiveNet(net, cfg.adapt)  # converts the BatchNorms (aux_bn) before any weights load
     restored = None
     if checkpoint:
         with checkpoint.as_directory() as d:
-            restored = checkpoints.load_training_state(d, net)
+            restored = checkpoints.load_training_state(d, net, adaptive.discriminator if adaptive else None)
         if rank == 0:
             logger.info("resuming %s from step %d (phase %s)", cfg.name, restored["step"], restored["phase"])
-    model, net = prepare_net(net, device, precision, cfg.compile)
-    state = WorkerState(cfg, rank, world, device, precision, model, net, restored)
+    model, trained = prepare_net(adaptive or net, device, precision, cfg.compile)
+    net = trained.net if adaptive is not None else trained
+    state = WorkerState(cfg, rank, world, device, precision, model, net, restored,
+                        adaptive=trained if adaptive is not None else None)
     if restored is not None:
         state.step = state.start_step = int(restored["step"])
         state.last_metrics = dict(restored.get("metrics") or {})
@@ -386,15 +405,19 @@ def _streams(w: WorkerState, phase: Phase) -> dict[str, Any]:
 
     from synthfar_ray.train_data import BatchStream, prefetch_all
 
-    crops = {"synthetic": w.cfg.synthetic_center_crop, "real": w.cfg.center_crop}
+    crops = {"synthetic": w.cfg.synthetic_center_crop, "real": w.cfg.center_crop, "target": w.cfg.center_crop}
+    names = phase.datasets + (("target",) if phase.adapts(w.cfg) else ())
     streams = {name: BatchStream(ray.train.get_dataset_shard(name), w.cfg.worker_batch(), w.cfg, w.rank, w.device,
-                                 crops[name]) for name in phase.datasets}
+                                 crops[name]) for name in names}
     prefetch_all(streams)  # start every pipeline at once, not one after the other
     return streams
 
 
-def train_step(w: WorkerState, batch: tuple, augment, opt, sched, scaler, weights: LossWeights):
+def train_step(w: WorkerState, batch: tuple, augment, opt, sched, scaler, weights: LossWeights,
+               n_source: int = 0, coefficient: float = 0.0):
     """One optimizer step on a device batch; returns the (device) loss and its per-head parts.
+    With adaptation, rows [0, n_source) are synthetic and the rest real (unlabelled target rows
+    included), and `coefficient` is the gradient reversal's.
     Nothing here reads a value back to the host (without a GradScaler): the CPU queues step after step."""
     import torch
 
@@ -405,8 +428,14 @@ def train_step(w: WorkerState, batch: tuple, augment, opt, sched, scaler, weight
     p = w.precision
     x = to_model_input(images, augment, channels_last=p.channels_last, nhwc=False)
     with torch.autocast(device_type=w.device.type, dtype=p.autocast_dtype or torch.float32, enabled=p.amp != "none"):
-        outputs = w.model(x)
+        if w.adaptive is not None:
+            outputs, adapt_loss = w.model(x, n_source, coefficient)
+        else:
+            outputs = w.model(x)
     loss, parts = multitask_loss(outputs, labels, weights)
+    if w.adaptive is not None and w.cfg.adapt.method != "none":
+        loss = loss + w.cfg.adapt.weight * adapt_loss.float()
+        parts = {**parts, "adapt": adapt_loss.float()}
     scaler.scale(loss).backward()
     if w.cfg.grad_clip:
         scaler.unscale_(opt)
@@ -481,7 +510,8 @@ def report(w: WorkerState, phase: Phase, index: int, opt, sched, scaler, validat
         ckpt = None
         if checkpoint_now and w.rank == 0:
             checkpoints.save_training_state(d, w.raw_model, w.cfg, opt, sched, scaler, w.step, phase.name, index,
-                                            metrics, channels_last=w.precision.channels_last)
+                                            metrics, channels_last=w.precision.channels_last,
+                                            discriminator=getattr(w.adaptive, "discriminator", None))
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt,
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{w.step:09d}" if ckpt else None)
@@ -491,7 +521,8 @@ def run_phase(w: WorkerState, index: int, phase: Phase) -> None:
     """Train one phase from the current step to its end, logging, validating and checkpointing."""
     import torch
 
-    from synthfar_ray.train_data import MixSchedule, concat_batches, val_source_of
+    from synthfar_ray.adapt import reversal_coefficient
+    from synthfar_ray.train_data import MixSchedule, concat_batches, unlabelled, val_source_of
     from synthfar_ray.transforms import BatchAugment
 
     cfg = w.cfg
@@ -507,14 +538,20 @@ def run_phase(w: WorkerState, index: int, phase: Phase) -> None:
                     max(w.step, phase.start), phase.end, "+".join(phase.datasets), phase.lr, w.world, cfg.worker_batch())
     window = LossWindow(w.device)
     mark = time.perf_counter()  # training time excludes validation and checkpointing
+    adapts = phase.adapts(cfg)
     while w.step < phase.end:
         counts = mix.counts(w.step)
-        batch = concat_batches([streams[n].take(counts[n]) for n in phase.datasets])
-        loss, parts = train_step(w, batch, augment, opt, sched, scaler, phase.weights)
+        batch = concat_batches([streams[n].take(counts[n]) for n in phase.datasets])  # synthetic rows first
+        syn = batch[2]
+        n = int(batch[0].shape[0])
+        n_source, coefficient = counts.get("synthetic", 0), 0.0
+        if adapts:  # the real target rows (labels unused) join the batch after the labelled rows
+            batch = concat_batches([batch, unlabelled(streams["target"].take(cfg.worker_batch()))])
+            coefficient = reversal_coefficient(w.step, cfg.adapt.warmup_steps)
+        loss, parts = train_step(w, batch, augment, opt, sched, scaler, phase.weights, n_source, coefficient)
         w.step += 1
         w.steps_run += 1
-        n = int(batch[0].shape[0])
-        w.syn_rows += batch[2].sum()
+        w.syn_rows += syn.sum()
         w.all_rows += n
         w.images_seen += n
         window.add(loss, parts, n)
@@ -578,7 +615,7 @@ def run_request(cfg: TrainConfig, gpu: bool) -> dict[str, float]:
     share per Ray Data pipeline it reads (each train set of its largest phase, plus the val split)."""
     from synthfar_ray.train_data import val_source_of
 
-    pipelines = max(len(p.datasets) for p in phases_of(cfg)) + int(val_source_of(cfg) != "none")
+    pipelines = max(len(p.datasets) + int(p.adapts(cfg)) for p in phases_of(cfg)) + int(val_source_of(cfg) != "none")
     request = {"CPU": cfg.num_workers * cfg.cpus_per_worker + pipelines * cfg.data_cpus}
     if gpu:
         request["GPU"] = cfg.num_workers * cfg.gpus_per_worker
@@ -611,7 +648,9 @@ def check_resources(cfg: TrainConfig, scaling) -> None:
 
 
 def needed_datasets(cfg: TrainConfig) -> set[str]:
-    return {n for p in phases_of(cfg) for n in p.datasets}
+    """The train sets the phases read ("target": the real train rows as adaptation's unlabelled target)."""
+    phases = phases_of(cfg)
+    return {n for p in phases for n in p.datasets} | ({"target"} if any(p.adapts(cfg) for p in phases) else set())
 
 
 def check_inputs(cfg: TrainConfig) -> None:
@@ -619,6 +658,8 @@ def check_inputs(cfg: TrainConfig) -> None:
     from synthfar_ray.train_data import check_dataset, synthetic_ids, val_source_of
 
     needed = needed_datasets(cfg) | ({val_source_of(cfg)} - {"none"})
+    if "target" in needed:
+        needed.add("real")
     crops = {"synthetic": ("synthetic_center_crop", cfg.synthetic_center_crop), "real": ("center_crop", cfg.center_crop)}
     for name in ("synthetic", "real"):
         if name in needed:

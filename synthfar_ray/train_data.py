@@ -119,7 +119,8 @@ def relabel_map(cfg: TrainConfig) -> dict[str, dict[int, float]]:
 
 
 def build_datasets(cfg: TrainConfig, needed: set[str]) -> dict[str, Any]:
-    """Ray Datasets: "synthetic" / "real" train rows (those in `needed`) and "val" (unsplit)."""
+    """Ray Datasets: "synthetic" / "real" / "target" (adaptation: real train rows, labels unused) train rows
+    (those in `needed`) and "val" (unsplit)."""
     from synthfar_ray.quality import apply_changes
 
     data_aug = cfg.augment and cfg.augment_on == "data"
@@ -136,6 +137,10 @@ def build_datasets(cfg: TrainConfig, needed: set[str]) -> dict[str, Any]:
         ds = read_rows(cfg.real, cfg.storage, ("train",), subset=cfg.real_subset, shuffle_seed=cfg.seed,
                        num_cpus=cfg.data_cpus)
         out["real"] = decode_rows(ds, cfg, cfg.center_crop, data_aug, 0)
+    if "target" in needed:  # adaptation's unlabelled real rows: the same rows in another order
+        ds = read_rows(cfg.real, cfg.storage, ("train",), subset=cfg.real_subset, shuffle_seed=cfg.seed + 1,
+                       num_cpus=cfg.data_cpus)
+        out["target"] = decode_rows(ds, cfg, cfg.center_crop, data_aug, 0)
     source = val_source_of(cfg)
     if source != "none":
         uri, crop = (cfg.real, cfg.center_crop) if source == "real" else (cfg.synthetic, cfg.synthetic_center_crop)
@@ -175,6 +180,15 @@ def concat_batches(parts: list[tuple]):
     labels = {k: torch.cat([p[1][k] for p in parts]) for k in LABEL_COLUMNS}
     syn = torch.cat([p[2] for p in parts])
     return images, labels, syn
+
+
+def unlabelled(item: tuple) -> tuple:
+    """The rows with every label unknown (age NaN, classes -1): adaptation's target rows, which the
+    masked losses skip."""
+    import torch
+
+    images, labels, syn = item
+    return images, {k: torch.full_like(v, float("nan") if k == "age" else -1) for k, v in labels.items()}, syn
 
 
 def _nbytes(item: tuple) -> int:

@@ -109,9 +109,16 @@ class SearchSpace(StrictModel):
     k_multiple: Dist | float = Field(default_factory=lambda: Dist(choice=[1.0, 2.0, 5.0]),
                                      description="top-K as a multiple of the real training rows")
     lr: Dist | float = Field(default_factory=lambda: Dist(loguniform=(1e-5, 1e-3)))
+    adapt_method: Dist | Literal["none", "dann", "daln"] | None = Field(
+        None, description="train.adapt.method per trial (null: train.adapt as given)")
+    adapt_weight: Dist | float | None = Field(None, description="train.adapt.weight per trial (null: as given)")
 
     @model_validator(mode="after")
     def _check(self) -> "SearchSpace":
+        if isinstance(self.adapt_method, Dist):
+            bad = [m for m in self.adapt_method.values() or ["(a range)"] if m not in ("none", "dann", "daln")]
+            if bad:
+                raise ValueError(f"adapt_method values must be none, dann or daln, got {bad}")
         for name in ("sampler", "k_multiple"):
             value = getattr(self, name)
             if isinstance(value, Dist) and value.values() is None:
@@ -217,8 +224,11 @@ def _first(value: Any) -> Any:
     return lo
 
 
+SEARCHED = ("mix_ratio", "pretrain_steps", "sampler", "k_multiple", "lr", "adapt_method", "adapt_weight")
+
+
 def _example_params(cfg: TuneConfig) -> dict[str, Any]:
-    return {k: _first(getattr(cfg.space, k)) for k in ("mix_ratio", "pretrain_steps", "sampler", "k_multiple", "lr")}
+    return {k: _first(getattr(cfg.space, k)) for k in SEARCHED}
 
 
 def trial_train_config(cfg: TuneConfig, params: dict[str, Any], name: str, runs_uri: str,
@@ -229,6 +239,9 @@ def trial_train_config(cfg: TuneConfig, params: dict[str, Any], name: str, runs_
     data = dict(cfg.train)
     data.update(name=name, storage_path=runs_uri, plan=cfg.plan, lr=float(params["lr"]),
                 synthetic_selection=selection, storage=cfg.storage.model_dump())
+    adapt = {k: params[f"adapt_{k}"] for k in ("method", "weight") if params.get(f"adapt_{k}") is not None}
+    if adapt:
+        data["adapt"] = {**dict(data.get("adapt") or {}), **adapt}
     if cfg.plan == "mix":
         data["mix_ratio"] = float(params["mix_ratio"])
     else:
@@ -376,6 +389,7 @@ def prepare_selections(cfg: TuneConfig) -> dict[str, str]:
 def _param_space(cfg: TuneConfig) -> dict[str, Any]:
     space: dict[str, Any] = {}
     names = ["sampler", "k_multiple", "lr"] + (["mix_ratio"] if cfg.plan == "mix" else ["pretrain_steps"])
+    names += [n for n in ("adapt_method", "adapt_weight") if getattr(cfg.space, n) is not None]
     for name in names:
         value = getattr(cfg.space, name)
         space[name] = value.to_tune() if isinstance(value, Dist) else value
@@ -384,7 +398,7 @@ def _param_space(cfg: TuneConfig) -> dict[str, Any]:
 
 def _has_grid(cfg: TuneConfig) -> bool:
     return any(isinstance(getattr(cfg.space, n), Dist) and getattr(cfg.space, n).grid is not None
-               for n in ("sampler", "k_multiple", "lr", "mix_ratio", "pretrain_steps"))
+               for n in SEARCHED)
 
 
 def _searcher(cfg: TuneConfig, concurrent: int):
@@ -542,6 +556,8 @@ def _trial_table(cfg: TuneConfig, grid, real_rows: int | None, steps: int) -> pd
             "error": error,
             "effective_mix_ratio": m.get("synthetic_fraction") if cfg.plan == "mix" else None,
             "pretrain_steps": c.get("pretrain_steps"),
+            "adapt_method": c.get("adapt_method"),
+            "adapt_weight": c.get("adapt_weight"),
             "k": resolve_k(None, c["k_multiple"], real_rows) if real_rows and sampler not in (None, "none") else None,
             "step": m.get("step"),
             "plan": cfg.plan,
@@ -566,6 +582,7 @@ def _markdown(df: pd.DataFrame, cfg: TuneConfig) -> str:
         cols.insert(2, "pretrain_steps")
     else:
         cols.insert(2, "effective_mix_ratio")
+    cols[-3:-3] = [n for n in ("adapt_method", "adapt_weight") if getattr(cfg.space, n) is not None]
 
     def fmt(v: Any) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -632,7 +649,8 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
 
     ranked = table[table[cfg.metric].notna()] if not table.empty else table
     best = ranked.iloc[0].to_dict() if not ranked.empty else None
-    best_params = {k: best[k] for k in ("sampler", "top_k", "lr", "mix_ratio", "pretrain_steps")
+    best_params = {k: best[k] for k in ("sampler", "top_k", "lr", "mix_ratio", "pretrain_steps", "adapt_method",
+                                        "adapt_weight")
                    if best and k in best and pd.notna(best[k])} if best else {}
     result = TuneResult(best_params=best_params, best_metric=float(best[cfg.metric]) if best else None,
                         best_trial_id=best["trial_id"] if best else None, table_path=csv_uri, markdown_path=md_uri,

@@ -229,6 +229,23 @@ def test_param_space_and_searcher(tmp_path, caplog):
     assert set(_param_space(pf)) == {"sampler", "k_multiple", "lr", "pretrain_steps"}
 
 
+def test_space_can_search_the_adaptation_method_and_weight(tmp_path):
+    """adapt_method / adapt_weight reach each trial's train.adapt (other adapt settings kept)."""
+    from synthfar_ray.tune import trial_train_config
+
+    cfg = sweep_config(str(tmp_path), space={"adapt_method": {"grid": ["none", "daln"]}, "adapt_weight": 0.3,
+                                             "sampler": "none", "lr": 1e-3, "mix_ratio": 0.5},
+                       train={"synthetic": "s", "real": "r", "adapt": {"warmup_steps": 7}})
+    space = _param_space(cfg)
+    assert space["adapt_method"] == {"grid_search": ["none", "daln"]} and space["adapt_weight"] == 0.3
+    params = {"sampler": "none", "k_multiple": 1.0, "lr": 1e-3, "mix_ratio": 0.5, "adapt_method": "daln",
+              "adapt_weight": 0.3}
+    adapt = trial_train_config(cfg, params, "t", str(tmp_path / "runs"), None).adapt
+    assert (adapt.method, adapt.weight, adapt.warmup_steps) == ("daln", 0.3, 7)
+    with pytest.raises(ValueError, match="adapt_method"):
+        sweep_config(str(tmp_path), space={"adapt_method": {"choice": ["coral"]}})
+
+
 def test_scheduler_asha_only_when_it_can_stop(tmp_path):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
