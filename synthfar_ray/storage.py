@@ -173,8 +173,9 @@ def _fsspec_filesystem(uri: str, options: StorageOptions) -> tuple[pafs.FileSyst
     return pafs.PyFileSystem(FSSpecHandler(fs)), cls._strip_protocol(uri).rstrip("/")
 
 
-def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
-    """URI -> (pyarrow filesystem, path inside it)."""
+def resolve(uri: str, options: StorageOptions | None = None,
+            background_writes: bool = True) -> tuple[pafs.FileSystem, str]:
+    """URI -> (pyarrow filesystem, path inside it); `background_writes`: pyarrow's S3 client only."""
     options = options or StorageOptions()
     if is_s3(uri):
         parsed = urlparse(uri)
@@ -182,7 +183,7 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
             raise StorageError(f"s3 URI without a bucket: {uri!r}")
         if options.s3_client == "s3fs":
             return _fsspec_filesystem(uri, options)
-        return _s3_filesystem(options), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        return _s3_filesystem(options, background_writes), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if is_remote(uri):
         return _fsspec_filesystem(uri, options)
     return pafs.LocalFileSystem(), _local_path(uri)
@@ -193,16 +194,14 @@ def resolve_retrying(uri: str, options: StorageOptions | None = None) -> tuple[p
     faults: for writers we do not call ourselves (Ray Train/Tune's `storage_filesystem`, whose
     checkpoint uploads would otherwise fail the worker group at the first refused connection)."""
     options = options or StorageOptions()
-    fs, path = resolve(uri, options)
+    # Uploads in the writing thread (pyarrow's S3 client). Ray Train/Tune copy folders with pyarrow's
+    # copy_files on Arrow's IO thread pool; through this wrapper (a Python filesystem, so Ray's own
+    # guard for S3 - use_threads=False, apache/arrow#32372 - does not apply) each copy's close waited
+    # for a background upload queued on that same pool, and with every IO thread in a close nothing
+    # ran: the Tune driver hung after a trial finished (tests/test_storage_retry.py).
+    fs, path = resolve(uri, options, background_writes=False)
     if isinstance(fs, pafs.LocalFileSystem):
         return fs, path
-    if isinstance(fs, pafs.S3FileSystem):
-        # Uploads in the writing thread. Ray Train/Tune copy folders with pyarrow's copy_files on
-        # Arrow's IO thread pool; through this wrapper (a Python filesystem, so Ray's own guard for
-        # S3 - use_threads=False, apache/arrow#32372 - does not apply) each copy's close waited for a
-        # background upload queued on that same pool, and with every IO thread in a close nothing
-        # ran: the Tune driver hung after a trial finished (tests/test_storage_retry.py).
-        fs = _s3_filesystem(options, background_writes=False)
     return retrying_filesystem(fs, options.retry_policy(), label=scheme(uri)), path
 
 

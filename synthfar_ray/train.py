@@ -691,12 +691,14 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     ensure_ray()
     scaling = _scaling(cfg)
     check_resources(cfg, scaling)
-    datasets = build_datasets(cfg, needed_datasets(cfg))
+    relabelled = None
     if cfg.relabel is not None and "synthetic" in needed_datasets(cfg):
         from synthfar_ray.quality import relabel_changes
         from synthfar_ray.selection import write_parquet
 
-        write_parquet(relabel_changes(cfg.relabel, cfg.storage), storage.join(cfg.run_uri, RELABELLED_FILE), cfg.storage)
+        relabelled = relabel_changes(cfg.relabel, cfg.storage)
+        write_parquet(relabelled, storage.join(cfg.run_uri, RELABELLED_FILE), cfg.storage)
+    datasets = build_datasets(cfg, needed_datasets(cfg), relabelled)
     fs, path = storage.resolve_retrying(cfg.storage_path, cfg.storage)
     fs.create_dir(path, recursive=True)
     env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}

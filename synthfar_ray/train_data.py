@@ -110,18 +110,15 @@ def synthetic_ids(cfg: TrainConfig) -> np.ndarray | None:
     return chosen
 
 
-def relabel_map(cfg: TrainConfig) -> dict[str, dict[int, float]]:
-    """{field: {id: new label}} of cfg.relabel (see quality.relabel_changes)."""
-    from synthfar_ray.quality import relabel_changes
-
-    changes = relabel_changes(cfg.relabel, cfg.storage)
+def relabel_map(changes) -> dict[str, dict[int, float]]:
+    """{field: {id: new label}} of quality.relabel_changes' table."""
     return {f: dict(zip(rows["id"].tolist(), rows["new"].tolist())) for f, rows in changes.groupby("field")}
 
 
-def build_datasets(cfg: TrainConfig, needed: set[str]) -> dict[str, Any]:
+def build_datasets(cfg: TrainConfig, needed: set[str], relabelled=None) -> dict[str, Any]:
     """Ray Datasets: "synthetic" / "real" / "target" (adaptation: real train rows, labels unused) train rows
     (those in `needed`) and "val" (unsplit)."""
-    from synthfar_ray.quality import apply_changes
+    from synthfar_ray.quality import apply_changes, relabel_changes
 
     data_aug = cfg.augment and cfg.augment_on == "data"
     out: dict[str, Any] = {}
@@ -129,9 +126,11 @@ def build_datasets(cfg: TrainConfig, needed: set[str]) -> dict[str, Any]:
         chosen = synthetic_ids(cfg)
         ds = read_rows(cfg.synthetic, cfg.storage, ("train",), chosen_ids=chosen, shuffle_seed=cfg.seed,
                        num_cpus=cfg.data_cpus)
-        if cfg.relabel is not None:
+        if cfg.relabel is not None:  # `relabelled`: the driver's relabel_changes table, if it has it already
+            if relabelled is None:
+                relabelled = relabel_changes(cfg.relabel, cfg.storage)
             ds = ds.map_batches(apply_changes, batch_format="numpy", num_cpus=min(0.25, cfg.data_cpus),
-                                fn_kwargs={"changes": relabel_map(cfg)})
+                                fn_kwargs={"changes": relabel_map(relabelled)})
         out["synthetic"] = decode_rows(ds, cfg, cfg.synthetic_center_crop, data_aug, 1)
     if "real" in needed:
         ds = read_rows(cfg.real, cfg.storage, ("train",), subset=cfg.real_subset, shuffle_seed=cfg.seed,
