@@ -30,6 +30,7 @@ from synthfar_ray.config import ConfigError, StageConfig, validate
 from synthfar_ray.metrics import MIN_GROUP_ROWS, compute_metrics, confusion_matrices, metrics_by_group
 from synthfar_ray.paths import InputPath, OutputPath
 from synthfar_ray.storage import StorageOptions
+from synthfar_ray.label_maps import MIN_ROWS as MIN_ADAPT_ROWS
 from synthfar_ray.transforms import LABEL_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ class EvaluateConfig(StageConfig):
     limit: int | None = Field(None, ge=1, description="score at most this many rows per split")
     min_group_rows: int = Field(MIN_GROUP_ROWS, ge=1, description="groups with fewer rows are flagged and not "
                                                                     "ranked as the worst group or in the gap")
+    adapt_on: str | None = Field(None, description="NAME:SPLIT whose labels fit test-time label maps on the frozen "
+                                                   "net's outputs (label_maps.py); metrics are reported with and "
+                                                   "without them")
+    adapt_limit: int = Field(2000, ge=1, description="adapt_on: fit on at most this many rows (the first in file order)")
 
     @field_validator("on")
     @classmethod
@@ -69,9 +74,20 @@ class EvaluateConfig(StageConfig):
             raise ValueError("name at least one NAME:SPLIT")
         return value
 
+    @field_validator("adapt_on")
+    @classmethod
+    def _adapt_split(cls, value: str | None) -> str | None:
+        if value is not None:
+            cls._names([value])
+        return value
+
+    def splits(self) -> list[str]:
+        """Every NAME:SPLIT the pass predicts: `on`, then `adapt_on` if it is not one of them."""
+        return self.on + ([self.adapt_on] if self.adapt_on and self.adapt_on not in self.on else [])
+
     @model_validator(mode="after")
     def _data_for_each(self) -> EvaluateConfig:
-        missing = sorted({i.split(":")[0] for i in self.on} - set(self.data))
+        missing = sorted({i.split(":")[0] for i in self.splits()} - set(self.data))
         if missing:
             raise ValueError(f"no dataset URI for {missing}: pass --data NAME=URI")
         return self
@@ -115,7 +131,7 @@ def _pool(cfg: EvaluateConfig) -> tuple[int, float]:
     return actors, gpus
 
 
-def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image_size: int):
+def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image_size: int, adapt_only: bool = False):
     from ray.data.expressions import col
 
     from synthfar_ray.transforms import decode_batch
@@ -123,8 +139,9 @@ def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image
     fs, path = storage.resolve(cfg.data[name], cfg.storage)
     ds = storage.ray_read_parquet(path, fs).filter(expr=col("split") == split)
     ds = ds.select_columns(["id", "image", *LABEL_COLUMNS])
-    if cfg.limit:
-        ds = ds.limit(cfg.limit)
+    limit = cfg.adapt_limit if adapt_only else cfg.limit
+    if limit:
+        ds = ds.limit(limit)
     ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
                         fn_kwargs={"size": image_size, "center_crop": cfg.center_crop.get(name)})
     return ds.map_batches(_tag, batch_format="numpy", fn_kwargs={"index": index}, num_cpus=0.1)
@@ -141,7 +158,9 @@ def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int)
     evaluating the pipeline's runs costs one pass over the test data, not one per run."""
     import ray
 
-    parts_ds = [_decoded_split(cfg, i, *item.split(":"), image_size) for i, item in enumerate(cfg.on)]
+    splits = cfg.splits()
+    parts_ds = [_decoded_split(cfg, i, *item.split(":"), image_size, item == cfg.adapt_on and item not in cfg.on)
+                for i, item in enumerate(splits)]
     ds = parts_ds[0].union(*parts_ds[1:]) if len(parts_ds) > 1 else parts_ds[0]
     actors, gpus = _pool(cfg)
     ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=cfg.batch_size,
@@ -155,7 +174,7 @@ def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int)
             parts.setdefault(k, []).append(np.asarray(v))
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     results: list[dict[str, tuple[dict, dict]]] = [{} for _ in checkpoints]
-    for i, item in enumerate(cfg.on):
+    for i, item in enumerate(splits):
         rows = np.flatnonzero(cols["split_index"] == i) if cols else np.zeros(0, dtype=np.int64)
         if not len(rows):
             name = item.split(":")[0]
@@ -252,7 +271,8 @@ def run_evaluations(cfgs: list[EvaluateConfig]) -> list[dict[str, Any]]:
     reports: list[dict[str, Any]] = [{} for _ in cfgs]
     for _, size, indices in groups:
         t0 = time.time()
-        logger.info("evaluating %d checkpoint(s) at %d px on %s in one pass", len(indices), size, ", ".join(cfgs[indices[0]].on))
+        logger.info("evaluating %d checkpoint(s) at %d px on %s in one pass", len(indices), size,
+                    ", ".join(cfgs[indices[0]].splits()))
         predictions = predict_splits(cfgs[indices[0]], [resolved[i][0] for i in indices], size)
         for index, predicted in zip(indices, predictions):
             reports[index] = _score_and_write(cfgs[index], *resolved[index], size, predicted, time.time() - t0)
@@ -268,7 +288,8 @@ def _score_and_write(cfg: EvaluateConfig, checkpoint: str, meta: dict[str, Any],
     results: dict[str, dict[str, float]] = {}
     by_group: dict[str, dict[str, dict]] = {}
     confusion: dict[str, dict[str, dict]] = {}
-    for item, (outputs, labels) in predicted.items():
+    for item in cfg.on:
+        outputs, labels = predicted[item]
         results[item] = {k: float(v) for k, v in compute_metrics(outputs, labels, age_bins_from=bins_from).items()}
         by_group[item] = metrics_by_group(outputs, labels, age_bins_from=bins_from, min_rows=cfg.min_group_rows)
         confusion[item] = confusion_matrices(outputs, labels, age_bins_from=bins_from)
@@ -277,12 +298,41 @@ def _score_and_write(cfg: EvaluateConfig, checkpoint: str, meta: dict[str, Any],
               "center_crop": {i.split(":")[0]: cfg.center_crop.get(i.split(":")[0]) for i in cfg.on},
               "datasets": results, "by_group": by_group, "confusion": confusion,
               "seconds": round(seconds, 3)}  # of the whole pass it shared with other checkpoints
+    if cfg.adapt_on:
+        report["adapted"] = _adapted(cfg, predicted, bins_from)
     out = cfg.out or _parent(checkpoint)
     write_json(storage.join(out, "metrics.json"), report, cfg.storage)  # NaN -> null
-    storage.write_bytes(storage.join(out, "metrics.md"), metrics_markdown(checkpoint, results, by_group).encode(),
-                        cfg.storage)
+    text = metrics_markdown(checkpoint, results, by_group) + (adapted_markdown(report["adapted"]) if cfg.adapt_on else "")
+    storage.write_bytes(storage.join(out, "metrics.md"), text.encode(), cfg.storage)
     logger.info("wrote %s", storage.join(out, "metrics.json"))
     return report
+
+
+def _adapted(cfg: EvaluateConfig, predicted: dict[str, tuple[dict, dict]], bins_from: str) -> dict[str, Any]:
+    """Test-time label maps fitted on the adapt split's predictions; the `on` splits scored through them."""
+    from synthfar_ray.label_maps import apply_label_maps, fit_label_maps
+
+    maps = fit_label_maps(*predicted[cfg.adapt_on])
+    if not maps:
+        raise ConfigError(f"--adapt-on {cfg.adapt_on}: no head has {MIN_ADAPT_ROWS} or more labelled rows there")
+    datasets = {}
+    for item in cfg.on:
+        outputs, labels = predicted[item]
+        adapted = apply_label_maps(outputs, maps)
+        datasets[item] = {k: float(v) for k, v in compute_metrics(adapted, labels, age_bins_from=bins_from).items()}
+        logger.info("%s adapted on %s: %s", item, cfg.adapt_on,
+                    ", ".join(f"{k} {v:.4g}" for k, v in datasets[item].items()))
+    return {"on": cfg.adapt_on, "rows": {head: m.rows for head, m in maps.items()}, "datasets": datasets}
+
+
+def adapted_markdown(adapted: dict[str, Any]) -> str:
+    present = [m for m in METRIC_ORDER if any(m in r for r in adapted["datasets"].values())]
+    rows = ", ".join(f"{head} {n}" for head, n in adapted["rows"].items())
+    lines = ["", f"## With test-time label maps fitted on {adapted['on']} (labelled rows: {rows})", "",
+             "| dataset | " + " | ".join(METRIC_TITLES[m] for m in present) + " |", "|---" * (len(present) + 1) + "|"]
+    for name, r in adapted["datasets"].items():
+        lines.append(f"| {name} | " + " | ".join(_format(m, r.get(m)) for m in present) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _parent(uri: str) -> str:
@@ -310,11 +360,14 @@ def _cli(args: argparse.Namespace) -> int:
     if args.crop:
         data["center_crop"] = {k: (None if v.lower() in ("", "none", "null") else int(v))
                                for k, v in _pairs(args.crop, "--crop").items()}
+    if args.adapt_on:
+        data["adapt_on"] = args.adapt_on
     for key in ("batch_size", "num_actors", "limit", "image_size", "min_group_rows"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     report = run_evaluate(validate(EvaluateConfig, data, "synthfar evaluate arguments"))
-    print(metrics_markdown(report["checkpoint"], report["datasets"], report["by_group"]))
+    print(metrics_markdown(report["checkpoint"], report["datasets"], report["by_group"])
+          + (adapted_markdown(report["adapted"]) if "adapted" in report else ""))
     return 0
 
 
@@ -332,6 +385,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-actors", dest="num_actors", type=int)
     p.add_argument("--image-size", dest="image_size", type=int)
     p.add_argument("--limit", type=int, help="rows per split at most")
+    p.add_argument("--adapt-on", dest="adapt_on", metavar="NAME:SPLIT",
+                   help="fit test-time label maps on this split's labels (frozen net) and report metrics with them too")
     p.add_argument("--min-group-rows", dest="min_group_rows", type=int,
                    help=f"groups with fewer rows are flagged, not ranked (default {MIN_GROUP_ROWS})")
     p.set_defaults(func=_cli)
