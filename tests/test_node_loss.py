@@ -115,6 +115,13 @@ def faces(s3_server, ray_cluster) -> str:
                                                 "generator": "procedural", "render": {"size": 64},
                                                 "val_fraction": 0.2,
                                                 "storage": {"endpoint_url": s3_server, "region": "us-east-1"}}))
+    # Every part must read back as Parquet here, before any job reads it: in one full-suite run the
+    # jobs found part-000000.parquet without Parquet's footer (not reproduced alone). If it happens
+    # again, this says whether the object was already bad when generation returned, and what it held.
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for obj in s3.list_objects_v2(Bucket=name, Prefix="faces/part-")["Contents"]:
+        body = s3.get_object(Bucket=name, Key=obj["Key"])["Body"].read()
+        assert body[:4] == body[-4:] == b"PAR1", (obj["Key"], obj["Size"], len(body), body[:16], body[-16:])
     return data
 
 
