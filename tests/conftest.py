@@ -23,6 +23,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
 
 
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster shared by the whole session (ray.init costs seconds).
@@ -33,8 +36,11 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
+        # The S3 test credentials go to every worker, whichever fixture starts first: workers started
+        # before s3_server set them had none, and pyarrow's S3 client then sent unsigned aws-chunked
+        # uploads that moto stored with their chunk framing (parts without Parquet's footer).
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **S3_TEST_ENV}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
@@ -49,11 +55,7 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = S3_TEST_ENV
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield f"http://{host}:{port}"
