@@ -224,13 +224,18 @@ def group_markdown(by_group: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def metrics_markdown(checkpoint: str, results: dict[str, dict[str, float]],
-                     by_group: dict[str, dict[str, dict]] | None = None) -> str:
+def _metrics_table(results: dict[str, dict[str, float]]) -> list[str]:
+    """One row per dataset split, one column per metric any split has."""
     present = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
-    lines = [f"# Evaluation of `{checkpoint}`", "", "| dataset | " + " | ".join(METRIC_TITLES[m] for m in present) + " |",
-             "|---" * (len(present) + 1) + "|"]
+    lines = ["| dataset | " + " | ".join(METRIC_TITLES[m] for m in present) + " |", "|---" * (len(present) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(_format(m, r.get(m)) for m in present) + " |")
+    return lines
+
+
+def metrics_markdown(checkpoint: str, results: dict[str, dict[str, float]],
+                     by_group: dict[str, dict[str, dict]] | None = None) -> str:
+    lines = [f"# Evaluation of `{checkpoint}`", "", *_metrics_table(results)]
     text = "\n".join(lines) + "\n"
     if by_group and any(by_group.values()):
         text += "\n" + group_markdown(by_group)
@@ -326,12 +331,9 @@ def _adapted(cfg: EvaluateConfig, predicted: dict[str, tuple[dict, dict]], bins_
 
 
 def adapted_markdown(adapted: dict[str, Any]) -> str:
-    present = [m for m in METRIC_ORDER if any(m in r for r in adapted["datasets"].values())]
     rows = ", ".join(f"{head} {n}" for head, n in adapted["rows"].items())
     lines = ["", f"## With test-time label maps fitted on {adapted['on']} (labelled rows: {rows})", "",
-             "| dataset | " + " | ".join(METRIC_TITLES[m] for m in present) + " |", "|---" * (len(present) + 1) + "|"]
-    for name, r in adapted["datasets"].items():
-        lines.append(f"| {name} | " + " | ".join(_format(m, r.get(m)) for m in present) + " |")
+             *_metrics_table(adapted["datasets"])]
     return "\n".join(lines) + "\n"
 
 
