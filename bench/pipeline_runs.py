@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # the per-dataset progress lines drown the table
 
 from synthfar_ray.config import load_config  # noqa: E402
-from synthfar_ray.pipeline import (PipelineConfig, plan_stages, run_pipeline, run_selections,  # noqa: E402
+from synthfar_ray.pipeline import (PipelineConfig, plan_stages, run_pipeline,  # noqa: E402
                                    runs_in_flight, runs_to_train, train_runs)
 
 SMOKE = ["generate.num_images=120", "generate.shard_size=60", "standin.num_images=240", "preview=null", "tune=null",
@@ -62,11 +62,11 @@ def main() -> int:
     cfg = load_config(PipelineConfig, args.config, overrides)
     data_cfg = cfg.model_copy(update={"stages": ["generate", "ingest", "sample"]})
     t0 = time.perf_counter()
-    run_pipeline(data_cfg, args.config)
+    data = run_pipeline(data_cfg, args.config)
     print(f"data stages (generate, ingest, sample): {time.perf_counter() - t0:.1f} s -> {run_dir}")
 
     plan = plan_stages(cfg, args.config)
-    todo = runs_to_train(plan, run_selections(cfg, plan, timed, {}))
+    todo = runs_to_train(plan, data.selections)
     setting = args.parallel or (cfg.parallel_runs if cfg.parallel_runs != 1 else 2)
     parallel = runs_in_flight(setting if setting == "auto" else int(setting), todo)
     stamp = time.strftime("%H%M%S")

@@ -70,14 +70,14 @@ from synthfar_ray import storage
 from synthfar_ray.config import StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.diffusion import (FaceGenerator, ModelConfig, SamplerConfig, check_model_paths, model_content,
                                    model_label)
-from synthfar_ray.errors import UserError, first_line
+from synthfar_ray.errors import UserError
 from synthfar_ray.faces import HAIR_LENGTHS, POSE_FIELDS, FaceBatch, PoseBatch, RenderConfig, check_vocab, face_seeds, render_faces
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.labels import CORE_FIELDS, age_to_bin, ethnicity_index, gender_index
 from synthfar_ray.paths import OutputPath, display
 from synthfar_ray.poses import HeadPose, PoseConfig, PoseFolder, render_pose, sample_pose
 from synthfar_ray.prompts import PromptConfig, load_vocab, render_prompt, sample_attributes
-from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
+from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray, task_error_cause
 
 logger = logging.getLogger(__name__)
 
@@ -600,8 +600,9 @@ def _generate_shards(cfg: GenerateConfig, todo: list[tuple[int, int, int]]) -> I
         for row in ds.iter_rows():
             yield _report_from_row(row)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, UserError):  # our one line; Ray Data appends its retry advice to the message
-            raise type(e.cause)(first_line(e.cause)) from None
+        cause = task_error_cause(e)
+        if isinstance(cause, UserError):  # a shard's own error (e.g. StorageError), as one line
+            raise cause from None
         raise
 
 

@@ -321,10 +321,12 @@ def _await_run(ref):
     """The run's result; a failed run raises its own error (not Ray's wrapper) for the one-line report."""
     import ray
 
+    from synthfar_ray.raycluster import task_error_cause
+
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
-        raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+        raise task_error_cause(e) from None
 
 
 def train_runs(runs: dict[str, Any], parallel: int, timed) -> dict[str, tuple[Any, Any]]:
@@ -438,6 +440,7 @@ class PipelineResult:
     seconds: float
     stage_seconds: dict[str, float]
     metrics: dict[str, Any]
+    selections: dict[str, str] = field(default_factory=dict)  # use_selection value -> selected rows' URI
 
 
 def run_pipeline(cfg: PipelineConfig, source: str = "<pipeline>") -> PipelineResult:
@@ -515,7 +518,7 @@ def run_pipeline(cfg: PipelineConfig, source: str = "<pipeline>") -> PipelineRes
         report_path = rep.html_path
     seconds = time.time() - t_start
     logger.info("pipeline done in %.1f s: %s", seconds, ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    return PipelineResult(cfg.run_dir, report_path, seconds, times, metrics)
+    return PipelineResult(cfg.run_dir, report_path, seconds, times, metrics, selections)
 
 
 def _cli(args: argparse.Namespace) -> int:

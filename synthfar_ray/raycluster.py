@@ -12,6 +12,7 @@ node can ever meet fails at once instead of pending forever.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Mapping
@@ -21,9 +22,26 @@ from typing import Any
 
 import yaml
 
-from synthfar_ray.errors import UserError
+from synthfar_ray.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
+
+
+def task_error_cause(error: BaseException) -> BaseException:
+    """What a Ray task or actor raised, not Ray's wrapper around it (`RayTaskError.cause`).
+
+    Our own `UserError` keeps only its first line: Ray Data appends its retry advice to the message
+    of an error raised in a map task, and the CLI prints a user error as one line. Anything else
+    comes back as raised (its traceback is for a bug report)."""
+    cause = getattr(error, "cause", None)
+    if not isinstance(cause, BaseException):
+        return error
+    if isinstance(cause, UserError):
+        line = first_line(cause)
+        if str(cause) != line:
+            cause = copy.copy(cause)  # no assumption about the subclass's constructor
+            cause.args = (line,)
+    return cause
 
 
 def ensure_ray() -> None:

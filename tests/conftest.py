@@ -14,13 +14,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tes
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+# Modules that share a session fixture run in one xdist group (the fixture is built once).
+SHARED_SESSION_FIXTURES = ("quality_sets", "quality_assessed")
+# `make test` runs two xdist workers (--dist loadgroup) and hands out groups in collection order:
+# the longest go first, so the short ones fill the other worker around them.
+LONGEST_FIRST = ("test_groundtruth", "shared:quality", "test_fake_cluster", "test_node_loss", "test_tune",
+                 "test_pipeline", "test_groups", "test_storage_faults", "test_adapt", "test_job_submit")
+
+
+def _xdist_group(item) -> str:
+    if set(SHARED_SESSION_FIXTURES) & set(getattr(item, "fixturenames", ())):
+        return "shared:quality"
+    return item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
+
+
 # Tests that run Ray (through the shared cluster or a subprocess that starts its own) are marked
 # `ray` here, so `make test-fast` (-m "not slow and not ray") keeps the pure-Python and single-process
 # tests for the edit-test loop. A module that starts Ray another way sets `pytestmark = pytest.mark.ray`.
+# Each test also gets an `xdist_group`: its module's name (module fixtures are built once), or a
+# shared group for the modules that use the same session fixture. tryfirst: xdist's own hook reads
+# the marks.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    groups = {}
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+        groups[item] = _xdist_group(item)
+    modules_in_shared = {item.module.__name__ for item, g in groups.items() if g == "shared:quality"}
+    for item in items:  # a module with one shared-fixture test goes whole into the shared group
+        if item.module is not None and item.module.__name__ in modules_in_shared:
+            groups[item] = "shared:quality"
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))  # stable: order within a group kept
 
 
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -39,8 +66,11 @@ def ray_cluster():
         # The S3 test credentials go to every worker, whichever fixture starts first: workers started
         # before s3_server set them had none, and pyarrow's S3 client then sent unsigned aws-chunked
         # uploads that moto stored with their chunk framing (parts without Parquet's footer).
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **S3_TEST_ENV}})
+        # Ray Train's spot-preemption watcher is one more actor process per training run, and a local
+        # cluster is never preempted.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **S3_TEST_ENV}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -74,3 +74,28 @@ def test_stages_refuse_an_impossible_request_before_launching(ray_cluster, tmp_p
     with pytest.raises(UserError, match=r"train too-big: each Train worker asks for CPU: 64, but the largest node"):
         run_train(train)
     assert time.monotonic() - started < 120
+
+
+def test_task_error_cause_unwraps_rays_wrapper():
+    """Both places that turn a failed Ray task into our error (generate's shards, the pipeline's runs)
+    use this: a UserError comes back as its own type with its first line only (Ray Data appends
+    advice to the message), any other cause as raised, and an error without a cause as itself."""
+    from synthfar_ray.errors import UserError
+    from synthfar_ray.raycluster import task_error_cause
+    from synthfar_ray.storage import StorageError
+
+    class Wrapper(Exception):  # stands in for ray.exceptions.RayTaskError: only `.cause` is read
+        def __init__(self, cause):
+            super().__init__("wrapped")
+            self.cause = cause
+
+    original = StorageError("cannot write s3://b/part-000001.parquet: storage unreachable\nRay Data: retry advice")
+    out = task_error_cause(Wrapper(original))
+    assert type(out) is StorageError and str(out) == "cannot write s3://b/part-000001.parquet: storage unreachable"
+    assert str(original).count("\n") == 1  # the task's own exception is left as it was
+    one_line = UserError("one line")
+    assert task_error_cause(Wrapper(one_line)) is one_line
+    bug = KeyError("x")
+    assert task_error_cause(Wrapper(bug)) is bug
+    plain = RuntimeError("no cause")
+    assert task_error_cause(plain) is plain

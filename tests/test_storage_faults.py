@@ -125,7 +125,10 @@ def test_generation_fails_in_one_line_when_the_outage_lasts(ray_cluster, s3_serv
     bucket, opts, proxy = s3_proxy
     out = storage.join(bucket, "synthetic")
     cfg = _generate_cfg(out, opts.model_copy(update={"retry_window_s": 2.0}))
-    watcher = _when_object_appears(s3_server, bucket, f"synthetic/{MANIFEST}", proxy.stop)
+    # Cut 1 s after the manifest appears: moto stores the object before its response reaches the
+    # driver, and a cut in between failed the manifest write instead of a shard's (seen once in a full
+    # run). The first shard write comes seconds later, after the actor has started.
+    watcher = _when_object_appears(s3_server, bucket, f"synthetic/{MANIFEST}", lambda: (time.sleep(1.0), proxy.stop()))
     with pytest.raises(StorageError) as e:  # what the CLI prints as its one line
         run_generate(cfg)
     watcher.join()
