@@ -137,6 +137,23 @@ def test_a_set_without_the_columns_reads_as_unknown():
     np.testing.assert_array_equal(labels["gender"], [0, 1, 0])
 
 
+def test_worker_decode_path_carries_the_heads_labels(tmp_path):
+    """decode_on: worker hands the raw rows (hair as strings) to the train worker, which converts them."""
+    from synthfar_ray.images import encode_jpeg
+    from synthfar_ray.train_data import to_device_batch
+
+    cfg = _train_cfg(tmp_path, model={"backbone": "tiny", "synthetic_heads": ["pose", "hair"]}, decode_on="worker",
+                     image_size=8)
+    batch = _raw_batch(True) | {"image": np.array([encode_jpeg(np.zeros((8, 8, 3), np.uint8))] * 3, dtype=object),
+                                "is_synthetic": np.ones(3, np.int8)}
+    images, labels, _ = to_device_batch(batch, cfg, "cpu", None)
+    assert images.shape == (3, 3, 8, 8)
+    assert labels["hair_length"].tolist() == [HAIR_LENGTHS.index("long"), -1, 0]
+    assert labels["pose_yaw"][0].item() == 10.0 and math.isnan(labels["pose_yaw"][1].item())
+    plain = to_device_batch(batch, _train_cfg(tmp_path, decode_on="worker", image_size=8), "cpu", None)[1]
+    assert set(plain) == set(LABEL_COLUMNS)
+
+
 def test_unknown_hair_strings_name_the_row_and_the_value():
     batch = _raw_batch(True)
     batch["hair_color"] = np.array(["auburn", "teal", None], dtype=object)
