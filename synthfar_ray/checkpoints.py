@@ -53,8 +53,8 @@ def checkpoint_meta(cfg: TrainConfig, channels_last: bool | None = None) -> dict
     `channels_last` is the layout the run resolved (precision.py), recorded as a fact of the run."""
     return {"format": 1, "backbone": cfg.model.backbone, "age_mode": cfg.model.age_mode, "image_size": cfg.image_size,
             "center_crop": cfg.center_crop, "synthetic_center_crop": cfg.synthetic_center_crop,
-            "channels_last": cfg.channels_last if channels_last is None else channels_last, "run": cfg.name, "plan": cfg.plan,
-            "synthetic_heads": list(cfg.model.synthetic_heads)}
+            "channels_last": cfg.channels_last if channels_last is None else channels_last, "run": cfg.name,
+            "plan": cfg.plan, "synthetic_heads": list(cfg.model.synthetic_heads)}
 
 
 def save_model(directory: str, model, meta: dict[str, Any]) -> None:

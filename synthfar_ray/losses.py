@@ -2,10 +2,13 @@
 
 Per head: L1 on age (years), cross-entropy on age bins, BCE-with-logits on gender, cross-entropy on
 ethnicity; with synthetic heads (synthetic_heads.py), smooth L1 on the pose angles (degrees /
-POSE_SCALE, each known angle a term) and cross-entropy on hair length and hair colour. Datasets miss labels (FairFace has no ages; a mixed batch may carry rows that lack a
-field), so each head averages only over the rows that have its label: a missing label (age NaN,
-class < 0) contributes neither loss nor gradient, and a head with no labelled row in the batch
-gives an exact 0 that is still part of the graph (DDP needs every parameter to get a gradient).
+POSE_SCALE, each known angle a term) and cross-entropy on hair length and hair colour.
+
+Datasets miss labels (FairFace has no ages; real sets have no pose or hair; a mixed batch may carry
+rows that lack a field), so each head averages only over the rows that have its label: a missing
+label (age or angle NaN, class < 0) contributes neither loss nor gradient, and a head with no
+labelled row in the batch gives an exact 0 that is still part of the graph (DDP needs every
+parameter to get a gradient).
 
 Masking is done with multiplications, not boolean indexing, so the loss never syncs the GPU.
 """
