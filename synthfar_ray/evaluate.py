@@ -31,14 +31,16 @@ from synthfar_ray.metrics import MIN_GROUP_ROWS, compute_metrics, confusion_matr
 from synthfar_ray.paths import InputPath, OutputPath
 from synthfar_ray.storage import StorageOptions
 from synthfar_ray.label_maps import MIN_ROWS as MIN_ADAPT_ROWS
-from synthfar_ray.transforms import LABEL_COLUMNS
+from synthfar_ray.transforms import LABEL_COLUMNS, label_columns
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_PREFIX = "pred_"
-METRIC_ORDER = ("age_mae", "age_bin_acc", "ethnicity_acc", "gender_acc", "n")
+METRIC_ORDER = ("age_mae", "age_bin_acc", "ethnicity_acc", "gender_acc", "pose_mae", "hair_length_acc",
+                "hair_color_acc", "n")
 METRIC_TITLES = {"age_mae": "age MAE", "age_bin_acc": "age-bin acc", "ethnicity_acc": "ethnicity acc",
-                 "gender_acc": "gender acc", "n": "images"}
+                 "gender_acc": "gender acc", "pose_mae": "pose MAE (deg)", "hair_length_acc": "hair length acc",
+                 "hair_color_acc": "hair colour acc", "n": "images"}
 
 
 class EvaluateConfig(StageConfig):
@@ -95,9 +97,11 @@ class EvaluateConfig(StageConfig):
 
 class Predictor:
     """Ray Data actor: loads each net once, turns decoded uint8 batches into every net's outputs
-    (columns `pred_<j>:<head>` for checkpoint j) + labels."""
+    (columns `pred_<j>:<head>` for checkpoint j) + the label `columns`."""
 
-    def __init__(self, checkpoints: list[str], storage_options: StorageOptions, use_gpu: bool):
+    def __init__(self, checkpoints: list[str], storage_options: StorageOptions, use_gpu: bool,
+                 columns: tuple[str, ...] = LABEL_COLUMNS):
+        self.columns = columns
         import torch
 
         from synthfar_ray.checkpoints import load_model
@@ -116,7 +120,7 @@ class Predictor:
         from synthfar_ray.model import predict
 
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
-        result = {k: batch[k] for k in (*LABEL_COLUMNS, "id", "split_index")}
+        result = {k: batch[k] for k in (*self.columns, "id", "split_index")}
         for j, model in enumerate(self.models):
             outputs = predict(model, images, self.precision, nhwc=True)
             result.update({f"{OUTPUT_PREFIX}{j}:{k}": v.cpu().numpy() for k, v in outputs.items()})
@@ -131,19 +135,21 @@ def _pool(cfg: EvaluateConfig) -> tuple[int, float]:
     return actors, gpus
 
 
-def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image_size: int, adapt_only: bool = False):
+def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image_size: int, adapt_only: bool = False,
+                   columns: tuple[str, ...] = LABEL_COLUMNS):
     from ray.data.expressions import col
 
+    from synthfar_ray.train_data import columns_in
     from synthfar_ray.transforms import decode_batch
 
     fs, path = storage.resolve(cfg.data[name], cfg.storage)
-    ds = storage.ray_read_parquet(path, fs).filter(expr=col("split") == split)
-    ds = ds.select_columns(["id", "image", *LABEL_COLUMNS])
+    ds = storage.ray_read_parquet(path, fs)
+    ds = ds.filter(expr=col("split") == split).select_columns(["id", "image", *columns_in(ds, columns)])
     limit = cfg.adapt_limit if adapt_only else cfg.limit
     if limit:
         ds = ds.limit(limit)
     ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
-                        fn_kwargs={"size": image_size, "center_crop": cfg.center_crop.get(name)})
+                        fn_kwargs={"size": image_size, "center_crop": cfg.center_crop.get(name), "columns": columns})
     return ds.map_batches(_tag, batch_format="numpy", fn_kwargs={"index": index}, num_cpus=0.1)
 
 
@@ -152,22 +158,24 @@ def _tag(batch: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
     return batch
 
 
-def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int) -> list[dict[str, tuple[dict, dict]]]:
+def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int,
+                   columns: tuple[str, ...] = LABEL_COLUMNS) -> list[dict[str, tuple[dict, dict]]]:
     """Per checkpoint, {NAME:SPLIT: (outputs, labels)}, from one Ray Data job: every split is read and
     decoded once (with its own crop), then all go through one actor pool that holds every net, so
-    evaluating the pipeline's runs costs one pass over the test data, not one per run."""
+    evaluating the pipeline's runs costs one pass over the test data, not one per run. `columns`:
+    the labels read (`label_columns` of the nets' synthetic heads; unknown where a split lacks them)."""
     import ray
 
     splits = cfg.splits()
-    parts_ds = [_decoded_split(cfg, i, *item.split(":"), image_size, item == cfg.adapt_on and item not in cfg.on)
-                for i, item in enumerate(splits)]
+    parts_ds = [_decoded_split(cfg, i, *item.split(":"), image_size, item == cfg.adapt_on and item not in cfg.on,
+                               columns) for i, item in enumerate(splits)]
     ds = parts_ds[0].union(*parts_ds[1:]) if len(parts_ds) > 1 else parts_ds[0]
     actors, gpus = _pool(cfg)
     ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                         num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
                         fn_constructor_kwargs={"checkpoints": checkpoints, "storage_options": cfg.storage,  # an object: JSON would mask the secrets
-                                               "use_gpu": gpus > 0})
+                                               "use_gpu": gpus > 0, "columns": columns})
     parts: dict[str, list[np.ndarray]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in batch.items():
@@ -180,7 +188,7 @@ def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int)
             name = item.split(":")[0]
             raise ConfigError(f"--on {item}: no rows with that split in {cfg.data[name]}")
         rows = rows[np.argsort(cols["id"][rows], kind="stable")]  # a fixed row order, whatever the pool did
-        labels = {k: cols[k][rows] for k in LABEL_COLUMNS}
+        labels = {k: cols[k][rows] for k in columns}
         for j in range(len(checkpoints)):
             prefix = f"{OUTPUT_PREFIX}{j}:"
             results[j][item] = ({k[len(prefix):]: v[rows] for k, v in cols.items() if k.startswith(prefix)}, labels)
@@ -190,7 +198,7 @@ def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int)
 def _format(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "—"
-    return str(int(value)) if metric == "n" else f"{value:.3f}" if metric == "age_mae" else f"{100 * value:.2f} %"
+    return str(int(value)) if metric == "n" else f"{value:.3f}" if metric.endswith("_mae") else f"{100 * value:.2f} %"
 
 
 def _format_gap(metric: str, gap: float) -> str:
@@ -278,7 +286,8 @@ def run_evaluations(cfgs: list[EvaluateConfig]) -> list[dict[str, Any]]:
         t0 = time.time()
         logger.info("evaluating %d checkpoint(s) at %d px on %s in one pass", len(indices), size,
                     ", ".join(cfgs[indices[0]].splits()))
-        predictions = predict_splits(cfgs[indices[0]], [resolved[i][0] for i in indices], size)
+        heads = {h for i in indices for h in resolved[i][1].get("synthetic_heads", ())}
+        predictions = predict_splits(cfgs[indices[0]], [resolved[i][0] for i in indices], size, label_columns(heads))
         for index, predicted in zip(indices, predictions):
             reports[index] = _score_and_write(cfgs[index], *resolved[index], size, predicted, time.time() - t0)
     return reports

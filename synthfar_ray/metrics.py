@@ -2,6 +2,8 @@
 [0, 150]) and FairFace age-bin accuracy, from bin logits or from a regression age put into bins.
 
 Missing labels are masked, never counted: a NaN true age (FairFace has only bins) or a label < 0.
+Synthetic heads (synthetic_heads.py) add pose MAE in degrees (per angle and their mean) and hair
+length / colour accuracy, each only where some row has the label (a real split has none).
 
 By group: `metrics_by_group` scores every metric within each ethnicity, gender and age bin and
 names the worst group and the gap (max - min) per metric; `confusion_matrices` counts true x
@@ -46,6 +48,38 @@ def accuracy(pred: np.ndarray, true: np.ndarray) -> float:
     if not keep.any():
         return float("nan")
     return float(np.mean(pred[keep] == true[keep]))
+
+
+def pose_mae(pred_pose: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """{"pose_<angle>_mae": degrees, ..., "pose_mae": their mean} over the rows whose angle is known
+    (true NaN ignored); {} when the labels hold no known angle. pred_pose: (N, 3) yaw, pitch, roll."""
+    from synthfar_ray.synthetic_heads import POSE_COLUMNS
+
+    pred = np.asarray(pred_pose, dtype=np.float64).reshape(-1, len(POSE_COLUMNS))
+    out: dict[str, float] = {}
+    for j, column in enumerate(POSE_COLUMNS):
+        true = labels.get(column)
+        if true is None:
+            continue
+        true = np.asarray(true, dtype=np.float64).reshape(-1)
+        _check_same_length(pred, true, column)
+        keep = ~np.isnan(true)
+        if keep.any():
+            out[f"{column}_mae"] = float(np.mean(np.abs(pred[keep, j] - true[keep])))
+    if out:
+        out["pose_mae"] = float(np.mean(list(out.values())))
+    return out
+
+
+def synthetic_head_metrics(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """Pose MAE (pose_mae) and hair_length_acc / hair_color_acc, for the heads the outputs have,
+    each only where some row has its label."""
+    result = pose_mae(outputs["pose"], labels) if "pose" in outputs else {}
+    for attr in ("hair_length", "hair_color"):
+        true = labels.get(attr)
+        if f"{attr}_logits" in outputs and true is not None and (np.asarray(true) >= 0).any():
+            result[f"{attr}_acc"] = accuracy(np.argmax(np.asarray(outputs[f"{attr}_logits"]), axis=-1), true)
+    return result
 
 
 def regression_to_bins(pred_age: np.ndarray) -> np.ndarray:
@@ -102,7 +136,8 @@ def compute_metrics(
     (> 0, i.e. sigmoid > 0.5, means female = 1), "ethnicity_logits" (N, 5).
     labels: "age" (N,) float (NaN unknown), "age_bin" (N,) int (-1 unknown), "gender", "ethnicity".
     Returns "age_mae" (only when the model predicts ages and some true age is known),
-    "age_bin_acc", "gender_acc", "ethnicity_acc" (each when its inputs exist) and "n".
+    "age_bin_acc", "gender_acc", "ethnicity_acc" (each when its inputs exist), the synthetic heads'
+    metrics (`synthetic_head_metrics`) and "n".
     """
     _check_bins_from(age_bins_from)
     n = _num_rows(labels)
@@ -119,6 +154,7 @@ def compute_metrics(
     for attr in ("age_bin", "gender", "ethnicity"):
         if attr in pred and true[attr] is not None:
             result[f"{attr}_acc"] = accuracy(pred[attr], true[attr])
+    result.update(synthetic_head_metrics(outputs, labels))
 
     result["n"] = n
     return result

@@ -1,9 +1,10 @@
-"""The multi-task face-attribute net: one image encoder, four linear heads.
+"""The multi-task face-attribute net: one image encoder, four linear heads (+ synthetic-only ones).
 
 Heads (paper: ResNet-50 encoder, Linear(2048, .) heads): age regression (1, years), age bins (9,
 FairFace bins), gender (1 logit, > 0 means female) and ethnicity (5 logits). `age_mode` chooses
-which age heads exist; `forward` returns only the heads the net has, under the names
-`metrics.compute_metrics` reads.
+which age heads exist; `synthetic_heads` adds heads only synthetic rows label (synthetic_heads.py):
+`pose` (yaw, pitch, roll in degrees) and `hair` (hair length and hair colour logits). `forward`
+returns only the heads the net has, under the names `metrics.compute_metrics` reads.
 
 Backbones: torchvision `resnet18` / `resnet34` / `resnet50` / `resnet101`, `tiny` (a four-layer CNN
 for tests and laptops), and `timm/<name>` when timm is installed. Weights come only from local
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +25,7 @@ from torch import nn
 from synthfar_ray.errors import UserError
 from synthfar_ray.labels import ETHNICITIES, NUM_AGE_BINS
 from synthfar_ray.precision import Precision
+from synthfar_ray.synthetic_heads import HEAD_COLUMNS, POSE_COLUMNS, POSE_SCALE, hair_vocab
 
 if TYPE_CHECKING:
     from synthfar_ray.train import AgeMode
@@ -145,10 +148,15 @@ def build_backbone(name: str, pretrained: str | None = None) -> tuple[nn.Module,
 
 
 class MultiTaskNet(nn.Module):
-    def __init__(self, backbone: str = "resnet50", pretrained: str | None = None, age_mode: AgeMode = "both"):
+    def __init__(self, backbone: str = "resnet50", pretrained: str | None = None, age_mode: AgeMode = "both",
+                 synthetic_heads: Sequence[str] = ()):
         super().__init__()
         if age_mode not in ("regression", "bins", "both"):
             raise ValueError(f"age_mode must be regression, bins or both, not {age_mode!r}")
+        unknown = sorted(set(synthetic_heads) - set(HEAD_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown synthetic heads {unknown}: use {', '.join(HEAD_COLUMNS)}")
+        self.synthetic_heads = tuple(h for h in HEAD_COLUMNS if h in synthetic_heads)
         self.backbone_name = backbone
         self.age_mode = age_mode
         self.backbone, feat = build_backbone(backbone, pretrained)
@@ -160,6 +168,11 @@ class MultiTaskNet(nn.Module):
         self.age_bin = nn.Linear(feat, NUM_AGE_BINS) if age_mode in ("bins", "both") else None
         self.gender = nn.Linear(feat, 1)
         self.ethnicity = nn.Linear(feat, len(ETHNICITIES))
+        # Synthetic-only heads (absent unless asked for: old checkpoints' state_dicts match).
+        self.pose = nn.Linear(feat, len(POSE_COLUMNS)) if "pose" in self.synthetic_heads else None
+        hair = "hair" in self.synthetic_heads
+        self.hair_length = nn.Linear(feat, len(hair_vocab("hair_length"))) if hair else None
+        self.hair_color = nn.Linear(feat, len(hair_vocab("hair_color"))) if hair else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.heads(self.backbone(x))
@@ -171,6 +184,11 @@ class MultiTaskNet(nn.Module):
             out["age"] = self.age(f).squeeze(-1)
         if self.age_bin is not None:
             out["age_bin_logits"] = self.age_bin(f)
+        if self.pose is not None:
+            out["pose"] = self.pose(f) * POSE_SCALE  # (N, 3) degrees: yaw, pitch, roll
+        if self.hair_length is not None:
+            out["hair_length_logits"] = self.hair_length(f)
+            out["hair_color_logits"] = self.hair_color(f)
         return out
 
 

@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from synthfar_ray import checkpoints, storage
 from synthfar_ray.adapt import AdaptConfig
@@ -51,6 +51,7 @@ from synthfar_ray.paths import InputPath, OutputPath, absolute_location
 from synthfar_ray.precision import AmpMode, Layout, Precision
 from synthfar_ray.quality import QualityFilter, Relabel
 from synthfar_ray.storage import StorageOptions
+from synthfar_ray.synthetic_heads import SyntheticHead
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,18 @@ class NetConfig(StrictModel):
     pretrained: WeightsPath = Field(None, description="backbone weights: a .pth/.safetensors file (path or URI), "
                                                      "or 'torchvision' for the local torch hub cache")
     age_mode: AgeMode = "both"
+    # Left out of a dump when empty: run_config.json of runs started before the option still matches.
+    synthetic_heads: tuple[SyntheticHead, ...] = Field(
+        (), exclude_if=lambda v: not v,
+        description="heads only synthetic rows label (masked on real rows): pose (yaw, pitch, roll in degrees, "
+                    "from pose_*) and/or hair (hair_length and hair_color classes); see synthetic_heads.py")
+
+    @field_validator("synthetic_heads")
+    @classmethod
+    def _distinct_heads(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"synthetic_heads lists a head twice: {list(value)}")
+        return value
 
 
 class TrainConfig(StageConfig):
@@ -187,6 +200,9 @@ class TrainConfig(StageConfig):
             raise ValueError(f"adapt ({self.adapt.method}{', aux_bn' if self.adapt.aux_bn else ''}) adapts synthetic "
                              "training to the real set: it needs `real` (its train rows, labels unused, are the "
                              "target) and a plan that trains on synthetic rows")
+        if self.model.synthetic_heads and self.plan == "real":
+            raise ValueError(f"model.synthetic_heads {list(self.model.synthetic_heads)} are trained by synthetic rows "
+                             "only (real sets have no pose or hair labels): use a plan with `synthetic`")
         if self.val_source == "real" and self.real is None:
             raise ValueError("val_source 'real' needs `real`")
         if self.val_source == "synthetic" and self.synthetic is None:
@@ -336,7 +352,7 @@ def setup_worker(cfg: TrainConfig) -> WorkerState:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     checkpoint = ray.train.get_checkpoint()
     pretrained = None if checkpoint else _local_weights(cfg.model.pretrained, cfg.storage)  # resuming: no need
-    net = MultiTaskNet(cfg.model.backbone, pretrained, cfg.model.age_mode)
+    net = MultiTaskNet(cfg.model.backbone, pretrained, cfg.model.age_mode, cfg.model.synthetic_heads)
     adaptive = None
     if cfg.adapt.enabled:
         from synthfar_ray.adapt_modules import AdaptiveNet

@@ -23,7 +23,7 @@ import numpy as np
 from synthfar_ray import storage
 from synthfar_ray.errors import UserError
 from synthfar_ray.storage import StorageOptions
-from synthfar_ray.transforms import LABEL_COLUMNS
+from synthfar_ray.transforms import LABEL_COLUMNS, label_columns
 
 if TYPE_CHECKING:
     from synthfar_ray.train import TrainConfig
@@ -54,9 +54,25 @@ def check_dataset(uri: str | None, setting: str, opts: StorageOptions, crop: int
                         f"(synthfar prepare --center-crop {crop}, in source pixels) and set {crop_setting}: null")
 
 
+def cfg_label_columns(cfg: TrainConfig) -> tuple[str, ...]:
+    """The label columns of the run's net (the four, plus its synthetic heads')."""
+    return label_columns(cfg.model.synthetic_heads)
+
+
+def columns_in(ds, columns: tuple[str, ...]) -> tuple[str, ...]:
+    """`columns` without the synthetic heads' ones a (freshly read) dataset lacks: a real set has no
+    pose or hair columns, and its rows read as unknown (transforms.labels_to_numpy)."""
+    if columns == LABEL_COLUMNS:
+        return columns
+    have = set(ds.columns())
+    return tuple(c for c in columns if c in LABEL_COLUMNS or c in have)
+
+
 def read_rows(uri: str, opts: StorageOptions, splits: tuple[str, ...], *, subset: int | None = None,
               chosen_ids: np.ndarray | None = None, limit: int | None = None, shuffle_seed: int | None = None,
-              num_cpus: float = 1.0):
+              num_cpus: float = 1.0, columns: tuple[str, ...] = LABEL_COLUMNS):
+    """A split's rows with `id`, `image` and the label `columns`; a synthetic head's column the
+    dataset lacks (a real set has no pose or hair) is left out here and read as unknown later."""
     import ray
     from ray.data.expressions import col
 
@@ -72,7 +88,7 @@ def read_rows(uri: str, opts: StorageOptions, splits: tuple[str, ...], *, subset
         pred = pred & (col("subset") <= subset)
     if chosen_ids is not None:
         pred = pred & col("id").is_in([int(i) for i in chosen_ids])
-    ds = ds.filter(expr=pred).select_columns(["id", "image", *LABEL_COLUMNS])
+    ds = ds.filter(expr=pred).select_columns(["id", "image", *columns_in(ds, columns)])
     return ds.limit(limit) if limit else ds
 
 
@@ -86,7 +102,7 @@ def decode_rows(ds, cfg: TrainConfig, crop: int | None, augment: bool, is_synthe
         return ds.map_batches(tag, batch_format="numpy", num_cpus=min(0.25, cfg.data_cpus))
     return ds.map_batches(decode_batch, batch_format="numpy", batch_size=64, num_cpus=cfg.data_cpus,
                           fn_kwargs={"size": cfg.image_size, "center_crop": crop, "augment": augment,
-                                     "is_synthetic": is_synthetic})
+                                     "is_synthetic": is_synthetic, "columns": cfg_label_columns(cfg)})
 
 
 def val_source_of(cfg: TrainConfig) -> str:
@@ -121,11 +137,12 @@ def build_datasets(cfg: TrainConfig, needed: set[str], relabelled=None) -> dict[
     from synthfar_ray.quality import apply_changes, relabel_changes
 
     data_aug = cfg.augment and cfg.augment_on == "data"
+    columns = cfg_label_columns(cfg)
     out: dict[str, Any] = {}
     if "synthetic" in needed:
         chosen = synthetic_ids(cfg)
         ds = read_rows(cfg.synthetic, cfg.storage, ("train",), chosen_ids=chosen, shuffle_seed=cfg.seed,
-                       num_cpus=cfg.data_cpus)
+                       num_cpus=cfg.data_cpus, columns=columns)
         if cfg.relabel is not None:  # `relabelled`: the driver's relabel_changes table, if it has it already
             if relabelled is None:
                 relabelled = relabel_changes(cfg.relabel, cfg.storage)
@@ -134,16 +151,16 @@ def build_datasets(cfg: TrainConfig, needed: set[str], relabelled=None) -> dict[
         out["synthetic"] = decode_rows(ds, cfg, cfg.synthetic_center_crop, data_aug, 1)
     if "real" in needed:
         ds = read_rows(cfg.real, cfg.storage, ("train",), subset=cfg.real_subset, shuffle_seed=cfg.seed,
-                       num_cpus=cfg.data_cpus)
+                       num_cpus=cfg.data_cpus, columns=columns)
         out["real"] = decode_rows(ds, cfg, cfg.center_crop, data_aug, 0)
     if "target" in needed:  # adaptation's unlabelled real rows: the same rows in another order
         ds = read_rows(cfg.real, cfg.storage, ("train",), subset=cfg.real_subset, shuffle_seed=cfg.seed + 1,
-                       num_cpus=cfg.data_cpus)
+                       num_cpus=cfg.data_cpus, columns=columns)
         out["target"] = decode_rows(ds, cfg, cfg.center_crop, data_aug, 0)
     source = val_source_of(cfg)
     if source != "none":
         uri, crop = (cfg.real, cfg.center_crop) if source == "real" else (cfg.synthetic, cfg.synthetic_center_crop)
-        val = read_rows(uri, cfg.storage, ("val",), limit=cfg.val_limit, num_cpus=cfg.data_cpus)
+        val = read_rows(uri, cfg.storage, ("val",), limit=cfg.val_limit, num_cpus=cfg.data_cpus, columns=columns)
         out["val"] = decode_rows(val, cfg, crop, False, int(source == "synthetic"))
     return out
 
@@ -158,11 +175,11 @@ def to_device_batch(batch: dict, cfg: TrainConfig, device, crop: int | None):
 
     if cfg.decode_on == "worker":
         images = decode_to_tensor(list(batch["image"]), cfg.image_size, crop, device=device)
-        labels = {k: host_to_device(v, device) for k, v in labels_to_numpy(batch).items()}
+        labels = {k: host_to_device(v, device) for k, v in labels_to_numpy(batch, cfg_label_columns(cfg)).items()}
         syn = host_to_device(np.asarray(batch["is_synthetic"], dtype=np.int8), device)
         return images, labels, syn
     images = batch["image"].permute(0, 3, 1, 2)  # NHWC uint8 from the data tasks
-    return images, {k: batch[k] for k in LABEL_COLUMNS}, batch["is_synthetic"]
+    return images, {k: batch[k] for k in cfg_label_columns(cfg)}, batch["is_synthetic"]
 
 
 def _is_cuda(device) -> bool:
@@ -176,18 +193,19 @@ def concat_batches(parts: list[tuple]):
     if len(parts) == 1:
         return parts[0]
     images = torch.cat([p[0] for p in parts])
-    labels = {k: torch.cat([p[1][k] for p in parts]) for k in LABEL_COLUMNS}
+    labels = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
     syn = torch.cat([p[2] for p in parts])
     return images, labels, syn
 
 
 def unlabelled(item: tuple) -> tuple:
-    """The rows with every label unknown (age NaN, classes -1): adaptation's target rows, which the
-    masked losses skip."""
+    """The rows with every label unknown (ages and angles NaN, classes -1): adaptation's target rows,
+    which the masked losses skip."""
     import torch
 
     images, labels, syn = item
-    return images, {k: torch.full_like(v, float("nan") if k == "age" else -1) for k, v in labels.items()}, syn
+    return images, {k: torch.full_like(v, float("nan") if v.is_floating_point() else -1)
+                    for k, v in labels.items()}, syn
 
 
 def _nbytes(item: tuple) -> int:
@@ -411,14 +429,14 @@ def validate(model, val: ValSet, precision, age_mode: str) -> dict[str, float]:
     from synthfar_ray.model import predict
 
     outs: dict[str, list[np.ndarray]] = {}
-    labs: dict[str, list[np.ndarray]] = {k: [] for k in LABEL_COLUMNS}
+    labs: dict[str, list[np.ndarray]] = {}
     val.wait()
     for images, labels, _ in val.batches():
         for k, v in predict(model, images, precision, nhwc=False).items():
             outs.setdefault(k, []).append(v.cpu().numpy())
-        for k in LABEL_COLUMNS:
-            labs[k].append(labels[k].cpu().numpy())
-    if not labs["gender"]:
+        for k, v in labels.items():
+            labs.setdefault(k, []).append(v.cpu().numpy())
+    if not labs.get("gender"):
         return {}
     metrics = compute_metrics({k: np.concatenate(v) for k, v in outs.items()},
                               {k: np.concatenate(v) for k, v in labs.items()},

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+from synthfar_ray.synthetic_heads import HAIR_COLUMNS, POSE_COLUMNS, hair_indices, head_columns
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +45,12 @@ BLUR_P, BLUR_KERNELS = 0.3, (3, 5, 7)
 RGB_SHIFT_P, RGB_SHIFT = 0.2, 20.0
 
 LABEL_COLUMNS = ("age", "age_bin", "gender", "ethnicity")
+FLOAT_LABELS = ("age", *POSE_COLUMNS)  # NaN = unknown; the other labels are classes, -1 = unknown
+
+
+def label_columns(synthetic_heads: Iterable[str] = ()) -> tuple[str, ...]:
+    """The label columns a net with these synthetic heads (synthetic_heads.py) trains and is scored on."""
+    return LABEL_COLUMNS + head_columns(synthetic_heads)
 
 
 def _blur_sigma(kernel: int) -> float:
@@ -100,18 +109,22 @@ def resize_short_side(data: bytes, size: int, center_crop: int | None = None) ->
         raise ValueError(f"undecodable image ({len(data)} bytes): {e}") from e
 
 
-def labels_to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Label columns with nulls -> age float32 (NaN unknown), classes int64 (-1 unknown)."""
+def labels_to_numpy(batch: dict[str, Any], columns: Iterable[str] = LABEL_COLUMNS) -> dict[str, np.ndarray]:
+    """Label columns with nulls -> ages and pose angles float32 (NaN unknown), classes int64 (-1
+    unknown; hair strings -> class indices). A column the batch lacks (a real set has no pose or
+    hair) is all unknown."""
     out: dict[str, np.ndarray] = {}
     n = len(batch["image"])
-    for name in LABEL_COLUMNS:
+    for name in columns:
         col = batch.get(name)
         if col is None:
-            col = np.full(n, np.nan if name == "age" else -1)
+            col = np.full(n, np.nan if name in FLOAT_LABELS else -1)
         col = np.asarray(col)
-        if name == "age":
+        if name in FLOAT_LABELS:
             out[name] = np.array([np.nan if v is None else v for v in col], dtype=np.float32) if col.dtype == object \
                 else col.astype(np.float32)
+        elif name in HAIR_COLUMNS and col.dtype.kind in "OUS":
+            out[name] = hair_indices(col.tolist(), name, batch.get("id"))
         else:
             if col.dtype == object or col.dtype.kind == "f":  # nulls arrive as None / NaN
                 col = np.array([-1 if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in col])
@@ -120,8 +133,10 @@ def labels_to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def decode_batch(batch: dict[str, np.ndarray], size: int, center_crop: int | None = None,
-                 augment: bool = False, is_synthetic: int | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: JPEG column -> (N, size, size, 3) uint8 + clean label columns.
+                 augment: bool = False, is_synthetic: int | None = None, seed: int | None = None,
+                 columns: Iterable[str] = LABEL_COLUMNS) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: JPEG column -> (N, size, size, 3) uint8 + clean label columns
+    (`columns`: `label_columns` of the net's synthetic heads).
 
     `augment` applies `paper_augment()` here on the CPU (else augment later on the device batch).
     `is_synthetic` adds a constant column so mixed batches can be counted.
@@ -136,7 +151,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, center_crop: int | Non
             torch.manual_seed(seed)
         t = torch.from_numpy(images).permute(0, 3, 1, 2)
         images = torch.stack([aug(im) for im in t]).permute(0, 2, 3, 1).contiguous().numpy()
-    out: dict[str, np.ndarray] = {"image": images, **labels_to_numpy(batch)}
+    out: dict[str, np.ndarray] = {"image": images, **labels_to_numpy(batch, columns)}
     if "id" in batch:
         out["id"] = np.asarray(batch["id"], dtype=np.int64)
     if is_synthetic is not None:
