@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(BIN)/synthfar pipeline configs/pipeline/demo.yaml
 
 # Two xdist workers: much of the suite waits on Ray, subprocesses and storage rather than computing.
-# Tests go out by xdist_group (a module, or modules sharing a session fixture; tests/conftest.py),
-# longest first; each worker has its own local Ray cluster and S3 endpoint.
+# Each module goes whole to one worker (--dist loadfile), the longest first (tests/conftest.py); each
+# worker has its own local Ray cluster and S3 endpoint.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup --timeout=1500 --durations=25 tests
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --timeout=1500 --durations=25 tests
 
 # The edit-test loop: pure-Python and single-process tests (no Ray, no end-to-end jobs). CI runs `test`.
 test-fast: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -14,40 +15,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tes
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
-# Modules that share a session fixture run in one xdist group (the fixture is built once).
-SHARED_SESSION_FIXTURES = ("quality_sets", "quality_assessed")
-# `make test` runs two xdist workers (--dist loadgroup) and hands out groups in collection order:
-# the longest go first, so the short ones fill the other worker around them.
-LONGEST_FIRST = ("test_groundtruth", "shared:quality", "test_fake_cluster", "test_node_loss", "test_tune",
-                 "test_pipeline", "test_groups", "test_storage_faults", "test_adapt", "test_job_submit")
-
-
-def _xdist_group(item) -> str:
-    if set(SHARED_SESSION_FIXTURES) & set(getattr(item, "fixturenames", ())):
-        return "shared:quality"
-    return item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
+# `make test` runs two xdist workers with --dist loadfile: each module goes whole to one worker (its
+# module fixtures are built once), in collection order. The longest modules go first, so the short
+# ones fill the other worker around them.
+LONGEST_FIRST = ("test_groundtruth", "test_quality", "test_fake_cluster", "test_node_loss", "test_tune",
+                 "test_synthetic_heads", "test_pipeline", "test_groups", "test_rl_sampler", "test_storage_faults",
+                 "test_adapt", "test_job_submit")
 
 
 # Tests that run Ray (through the shared cluster or a subprocess that starts its own) are marked
 # `ray` here, so `make test-fast` (-m "not slow and not ray") keeps the pure-Python and single-process
 # tests for the edit-test loop. A module that starts Ray another way sets `pytestmark = pytest.mark.ray`.
-# Each test also gets an `xdist_group`: its module's name (module fixtures are built once), or a
-# shared group for the modules that use the same session fixture. tryfirst: xdist's own hook reads
-# the marks.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    groups = {}
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
-        groups[item] = _xdist_group(item)
-    modules_in_shared = {item.module.__name__ for item, g in groups.items() if g == "shared:quality"}
-    for item in items:  # a module with one shared-fixture test goes whole into the shared group
-        if item.module is not None and item.module.__name__ in modules_in_shared:
-            groups[item] = "shared:quality"
-        item.add_marker(pytest.mark.xdist_group(groups[item]))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(groups[item], len(rank)))  # stable: order within a group kept
+    items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))  # stable
+
+
+def run_shared_dir(tmp_path_factory) -> Path:
+    """A folder this test run's xdist workers share (the parent of their base temps), or the base
+    temp of a run without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -147,10 +138,17 @@ def procedural_set(output: str, n: int, style: str, label_noise: float, seed: in
 def quality_sets(ray_cluster, tmp_path_factory):
     """The ground-truth domain for quality and sampling tests: 600 synthetic-style faces with 30 %
     label noise (render_* truth columns) and 1,200 photo-style faces with exact labels ("real"),
-    64 px, written by the procedural generator; 10 % of each is the val split."""
-    root = tmp_path_factory.mktemp("quality")
-    synthetic = procedural_set(str(root / "synthetic"), 600, "synthetic", 0.3, seed=0)
-    real = procedural_set(str(root / "real"), 1200, "photo", 0.0, seed=1)
+    64 px, written by the procedural generator; 10 % of each is the val split.
+
+    Built once per test run: under xdist the first worker to get here makes them under a file lock,
+    and the other finds them complete (generation resumes, so a finished set is kept as it is)."""
+    from filelock import FileLock
+
+    root = run_shared_dir(tmp_path_factory) / "quality"
+    with FileLock(f"{root}.lock"):
+        root.mkdir(exist_ok=True)
+        synthetic = procedural_set(str(root / "synthetic"), 600, "synthetic", 0.3, seed=0)
+        real = procedural_set(str(root / "real"), 1200, "photo", 0.0, seed=1)
     return synthetic, real
 
 
@@ -160,11 +158,15 @@ QUALITY_SETTINGS = dict(embed_rows=300, seed=0,
 
 
 @pytest.fixture(scope="session")
-def quality_assessed(quality_sets):
+def quality_assessed(quality_sets, tmp_path_factory):
     """`synthfar quality` of the noisy synthetic set against the photo-style set (classifier and
-    realism discriminators trained here)."""
+    realism discriminators trained here; once per test run, as quality_sets: a second worker gets
+    the finished folder back from run_quality)."""
     synthetic, real = quality_sets
+    from filelock import FileLock
+
     from synthfar_ray.quality import QualityConfig, run_quality
 
     cfg = QualityConfig(dataset=synthetic, real=real, **QUALITY_SETTINGS)
-    return cfg, run_quality(cfg)
+    with FileLock(f"{run_shared_dir(tmp_path_factory) / 'quality'}-assessed.lock"):
+        return cfg, run_quality(cfg)
