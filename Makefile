@@ -21,10 +21,11 @@ demo: $(STAMP)
 	$(BIN)/synthfar pipeline configs/pipeline/demo.yaml
 
 # Two xdist workers: much of the suite waits on Ray, subprocesses and storage rather than computing.
-# Each module goes whole to one worker (--dist loadfile), the longest first (tests/conftest.py); each
-# worker has its own local Ray cluster and S3 endpoint.
+# Each module goes whole to one worker (--dist loadfile) in the order tests/conftest.py gives (longest
+# first; --no-loadscope-reorder, or xdist puts the modules with the most tests first); each worker has
+# its own local Ray cluster and S3 endpoint.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --timeout=1500 --durations=25 tests
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder --timeout=1500 --durations=25 tests
 
 # The edit-test loop: pure-Python and single-process tests (no Ray, no end-to-end jobs). CI runs `test`.
 test-fast: $(STAMP)

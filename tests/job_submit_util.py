@@ -257,6 +257,9 @@ def parse_job_status(output: str) -> str:
     return m.group(1).split(".")[-1]
 
 
+NO_AGENT_YET = "No available agent to submit job"
+
+
 def submit_job(address: str, entrypoint: list[str], timeout: float, *, env: dict[str, str] | None = None,
                working_dir: Path | None = REPO_ROOT, runtime_env: Path | None = RUNTIME_ENV_FILE,
                submission_id: str | None = None) -> JobResult:
@@ -276,6 +279,13 @@ def submit_job(address: str, entrypoint: list[str], timeout: float, *, env: dict
         submit.append(f"--runtime-env={runtime_env}")
     try:
         done = ray_cli([*submit, "--", *entrypoint], env, timeout)
+        # A head answers its dashboard API before its job agent has registered; Ray then refuses the
+        # submission (HTTP 500 "No available agent to submit job, please try again later", seen under
+        # load with two test workers). Nothing was accepted, so the same submission is sent again.
+        deadline = time.monotonic() + 60
+        while NO_AGENT_YET in done.stdout and time.monotonic() < deadline:
+            time.sleep(2)
+            done = ray_cli([*submit, "--", *entrypoint], env, timeout)
     except subprocess.TimeoutExpired as e:
         stacks = dump_stacks(entrypoint)  # before the stop, so a hang shows where it waits
         ray_cli(["job", "stop", *common, "--no-wait", submission_id], env, 60)
