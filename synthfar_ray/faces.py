@@ -124,6 +124,19 @@ class PhotoStyle(StrictModel):
     clutter: int = Field(8, ge=0, le=40, description="random shapes in the background")
     texture: float = Field(0.10, ge=0, le=0.5, description="skin and hair texture amplitude")
     jpeg_quality: int = Field(40, ge=5, le=100, description="JPEG quality used by encode()")
+    # A SYSTEMATIC shift: the same colour response for every photo image (a camera's), unlike the
+    # per-image nuisance above. Off by default; the adaptation experiments turn it on (see README).
+    tint: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="per-channel (RGB) gains every photo "
+                                             "image gets, e.g. [0.8, 0.62, 0.5]: darker and warmer (1 = none)")
+    contrast: float = Field(1.0, ge=0.1, le=3, description="contrast about mid-grey every photo image gets (1 = none)")
+
+    @field_validator("tint")
+    @classmethod
+    def _gains(cls, v):
+        if not all(0.1 <= g <= 3.0 for g in v):
+            raise ValueError(f"tint gains must lie in [0.1, 3], got {list(v)}")
+        return v
+
 
 
 class RenderConfig(StrictModel):
@@ -792,7 +805,12 @@ def _photo_params(v: dict, sl: slice, cfg: RenderConfig) -> dict:
             ker = [math.exp(-0.5 * (j / sigma) ** 2) for j in range(-radius, radius + 1)]
             total = math.fsum(ker)
             kernels[i] = [k / total for k in ker]
+    # The systematic shift, scaled by strength like every other knob (strength 0: none).
+    tint = np.array([1.0 + s * (g - 1.0) for g in ps.tint])
+    contrast = 1.0 + s * (ps.contrast - 1.0)
+    identity = bool((tint == 1.0).all()) and contrast == 1.0  # then skipped: the same bytes as without the knobs
     return {
+        "tint": None if identity else tint, "contrast": contrast,
         "texture": _col(ps.texture * s * (0.6 + 0.8 * U[:, 2])),
         "lighting": _col(ps.lighting * s * (0.5 + U[:, 3])),
         "light_x": _col(light_dir[:, 0]), "light_y": _col(light_dir[:, 1]),
@@ -837,6 +855,9 @@ def _photo_finish(img, ph, x, y, size):
     light = 1.0 + 0.35 * ph["lighting"] * np.clip(ph["light_x"] * x + ph["light_y"] * y, -2.0, 2.0)
     img *= light[:, None]
     img *= ph["gain"] * ph["brightness"][:, None]
+    if ph["tint"] is not None:  # elementwise only (see Determinism); skipped at the default
+        img = (img - 0.5) * np.float32(ph["contrast"]) + 0.5
+        img *= ph["tint"].astype(np.float32)[None, :, None, None]
     img = _blur(img, ph["kernels"])
     img += ph["noise"][:, None] * ph["sensor"]
     return img

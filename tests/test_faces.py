@@ -101,6 +101,25 @@ def test_photo_at_strength_zero_is_the_synthetic_face():
     assert np.abs(photo.astype(int) - synthetic).mean() > 10
 
 
+def test_photo_tint_and_contrast_shift_every_photo_image_the_same_way():
+    """The systematic shift (photo.tint, photo.contrast): off by default (the same bytes as before
+    the knobs existed: the default path skips them); on, every image is darker in blue than in red
+    and flatter, by the same factors; strength 0 still gives the synthetic face."""
+    attrs, poses, seeds = sample_batch(8, run_seed=3)
+    base, _ = render_faces(attrs, poses, RenderConfig(style="photo", photo=PhotoStyle(tint=(1, 1, 1), contrast=1)), seeds)
+    default, _ = render_faces(attrs, poses, RenderConfig(style="photo"), seeds)
+    assert np.array_equal(base, default)
+    shifted, _ = render_faces(attrs, poses, RenderConfig(style="photo", photo=PhotoStyle(tint=(0.8, 0.62, 0.5), contrast=0.6)), seeds)
+    ratio = shifted.reshape(8, -1, 3).mean(axis=1) / default.reshape(8, -1, 3).mean(axis=1)
+    assert (ratio[:, 2] < ratio[:, 0] - 0.1).all(), ratio  # blue drops more than red, in every image
+    assert (shifted.reshape(8, -1).std(axis=1) < 0.75 * default.reshape(8, -1).std(axis=1)).all()
+    synthetic, _ = render_faces(attrs, poses, RenderConfig(style="synthetic"), seeds)
+    zero, _ = render_faces(attrs, poses, RenderConfig(style="photo", photo=PhotoStyle(strength=0, tint=(0.8, 0.6, 0.5))), seeds)
+    assert np.array_equal(zero, synthetic)
+    with pytest.raises(ValidationError, match="tint"):
+        PhotoStyle(tint=(0.8, 0.0, 0.5))
+
+
 def test_encode_uses_the_style_quality():
     attrs, poses, seeds = sample_batch(6, run_seed=4)
     cfg_photo = RenderConfig(style="photo")
