@@ -33,7 +33,9 @@ from synthfar_ray.config import ConfigError, StageConfig, StrictModel, load_conf
 from synthfar_ray.errors import StageFailed, UserError, first_line
 from synthfar_ray.faces import PhotoStyle
 from synthfar_ray.paths import InputPath, OutputPath
-from synthfar_ray.report_groundtruth import SELECTION_PRECISION, TUNE_AGREEMENT  # run_dir files the report reads
+from synthfar_ray.report_groundtruth import (  # run_dir files the report reads
+    ADAPTATION, ADAPTATION_METRICS, SELECTION_PRECISION, TUNE_AGREEMENT,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,9 @@ class PipelineConfig(StageConfig):
             raise ValueError("parallel_runs must be >= 1 or auto")
         return v
     tune: dict[str, Any] | None = Field(None, description="TuneConfig minus paths; null skips the sweep")
-    evaluate_on: list[str] = Field(default_factory=lambda: ["utkface:test"])
+    evaluate_on: list[str] = Field(default_factory=lambda: ["utkface:test"], description=(
+        "NAME:SPLIT scored for every run: a real set (utkface, fairface) or `synthetic` (the generated set, "
+        "e.g. synthetic:val for synthetic-style held-out data)"))
 
 
 @dataclass
@@ -179,8 +183,38 @@ def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
         from synthfar_ray.tune import TuneConfig
 
         tune = _section(TuneConfig, tune_section(cfg, synthetic, real_uri), "tune", source)
+    unknown_eval = sorted({item.split(":")[0] for item in cfg.evaluate_on} - set(real_sets) - {"synthetic"})
+    if unknown_eval:
+        raise ConfigError(f"{source}: evaluate_on names {unknown_eval}: score `synthetic` or a real set this "
+                          f"pipeline has ({sorted(real_sets)})")
     return StagePlan(gen, standin, real_uri, real_src, sample, runs, tune, selection_runs, preview, real_sets, folders,
                      quality)
+
+
+def training_label(tcfg) -> str:
+    """How a run trained, in a few words, for the adaptation table."""
+    label = {"synthetic": "synthetic", "real": "real", "mix": f"mix {tcfg.mix_ratio:g} synthetic",
+             "pretrain_finetune": "synthetic -> real"}[tcfg.plan]
+    if tcfg.real_subset is not None and tcfg.real_subset < 100 and tcfg.plan != "synthetic":
+        label += f" ({tcfg.real_subset} % real)"
+    extras = []
+    if tcfg.adapt.method != "none":
+        extras.append(f"{tcfg.adapt.method} (weight {tcfg.adapt.weight:g})")
+    if tcfg.adapt.aux_bn:
+        extras.append("aux_bn")
+    return label + (" + " + " + ".join(extras) if extras else "")
+
+
+def adaptation_table(trained: dict[str, tuple[Any, Any]], evaluated: dict[str, dict[str, Any]],
+                     splits: list[str]) -> dict[str, Any] | None:
+    """adaptation.json's content when a run adapts (else None): every evaluated run's accuracies."""
+    if not any(tcfg.adapt.enabled for tcfg, _ in trained.values()):
+        return None
+    rows = [{"run": name, "training": training_label(tcfg),
+             "datasets": {sp: {k: (evaluated[name]["datasets"].get(sp) or {}).get(k) for k in ADAPTATION_METRICS}
+                          for sp in splits}}
+            for name, (tcfg, _) in trained.items() if name in evaluated]
+    return {"splits": splits, "rows": rows}
 
 
 def tune_section(cfg: PipelineConfig, synthetic: str, real_uri: str) -> dict[str, Any]:
@@ -505,10 +539,15 @@ def run_pipeline(cfg: PipelineConfig, source: str = "<pipeline>") -> PipelineRes
         from synthfar_ray.evaluate import EvaluateConfig, run_evaluations
 
         evaluations = {name: storage.join(cfg.run_dir, "eval", name) for name in checkpoints}
-        ecfgs = [EvaluateConfig(checkpoint=ckpt, on=cfg.evaluate_on, data=plan.real_sets, out=evaluations[name],
+        data = {**plan.real_sets, "synthetic": plan.generate.output}
+        ecfgs = [EvaluateConfig(checkpoint=ckpt, on=cfg.evaluate_on, data=data, out=evaluations[name],
                                 storage=opts) for name, ckpt in checkpoints.items()]
         # Every run in one pass over the test splits: they are read and decoded once, not once per run.
-        metrics.update(zip(checkpoints, timed("evaluate", run_evaluations, ecfgs)))
+        evaluated = dict(zip(checkpoints, timed("evaluate", run_evaluations, ecfgs)))
+        metrics.update(evaluated)
+        table = adaptation_table(trained, evaluated, cfg.evaluate_on)
+        if table is not None:
+            storage.write_bytes(storage.join(cfg.run_dir, ADAPTATION), json.dumps(table, indent=2).encode(), opts)
     report_path = None
     if "report" in cfg.stages:
         from synthfar_ray.report import build_report

@@ -4,7 +4,9 @@
   (`run_dir/selection_precision.json`, written by the pipeline when the synthetic set carries the
   procedural generator's render_* truth);
 - the agreement between the Tune sweep's ranking and the separately trained runs
-  (`run_dir/tune_agreement.json`: pairs and their Spearman correlation).
+  (`run_dir/tune_agreement.json`: pairs and their Spearman correlation);
+- domain adaptation (`run_dir/adaptation.json`, written when a run adapts): every run's accuracies
+  on each evaluated split, synthetic style and photo style side by side (Synthesis AI's table).
 
 Each section is absent when its file is; a missing number is shown as "n/a", never ranked.
 """
@@ -20,6 +22,8 @@ from synthfar_ray.storage import StorageOptions
 
 SELECTION_PRECISION = "selection_precision.json"
 TUNE_AGREEMENT = "tune_agreement.json"
+ADAPTATION = "adaptation.json"
+ADAPTATION_METRICS = ("ethnicity_acc", "gender_acc", "age_bin_acc")
 PRECISION_FIELDS = ("all", "age_bin", "gender", "ethnicity")
 
 
@@ -74,5 +78,19 @@ def groundtruth_blocks(run_dir: str, opts: StorageOptions | None = None) -> list
                   rows=[[Cell(_num(p["mix_ratio"], 2)), Cell(str(p["sampler"])), Cell(str(p["trial"])),
                          Cell(_num(p["trial_score"])), Cell(str(p["run"])), Cell(_num(p["run_score"]))]
                         for p in agreement.get("pairs", [])]),
+        ]
+    adaptation = _read(run_dir, ADAPTATION, opts)
+    if adaptation is not None:
+        splits = list(adaptation.get("splits") or [])
+        blocks += [
+            Block("heading", "Domain adaptation"),
+            Block("text", "Accuracy (ethnicity / gender / age bin) of each run on each evaluated split; "
+                          "synthetic-style and photo-style test data side by side. Adaptation methods train on "
+                          "synthetic labels and see the real train rows without their labels."),
+            Block("table", headers=["run", "training", *splits],
+                  rows=[[Cell(str(r.get("run"))), Cell(str(r.get("training"))),
+                         *(Cell(" / ".join(_num((r.get("datasets") or {}).get(sp, {}).get(k))
+                                           for k in ADAPTATION_METRICS)) for sp in splits)]
+                        for r in adaptation.get("rows", [])]),
         ]
     return blocks

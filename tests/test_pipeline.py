@@ -82,6 +82,37 @@ def test_demo_config_validates():
                                    "rl_selected": "rl", "quality_selected": "quality"}
 
 
+def test_adaptation_config_validates_and_its_table_reaches_the_report(tmp_path):
+    """configs/pipeline/adaptation.yaml plans every run it lists with the adaptation asked for; the
+    table the pipeline writes (adaptation.json) names how each run trained and reaches the report,
+    a missing number shown as n/a; evaluate_on refuses a dataset the pipeline does not have."""
+    from synthfar_ray.pipeline import adaptation_table, training_label
+    from synthfar_ray.report import render_markdown
+    from synthfar_ray.report_groundtruth import ADAPTATION, groundtruth_blocks
+
+    cfg = load_config(PipelineConfig, "configs/pipeline/adaptation.yaml")
+    plan = plan_stages(cfg, "configs/pipeline/adaptation.yaml")
+    labels = {name: training_label(t) for name, t in plan.runs.items()}
+    assert labels == {"synthetic_only": "synthetic", "dann": "synthetic + dann (weight 1)",
+                      "daln": "synthetic + daln (weight 3)", "aux_bn": "synthetic + aux_bn",
+                      "mix_labelled": "mix 0.5 synthetic", "real_only": "real"}
+    assert plan.standin.render.photo.tint == (0.8, 0.62, 0.5) and plan.generate.render.label_noise == 0.0
+    trained = {name: (t, None) for name, t in plan.runs.items()}
+    evaluated = {name: {"datasets": {"synthetic:val": {"ethnicity_acc": 0.9, "gender_acc": 0.8, "age_bin_acc": 0.5},
+                                     "utkface:test": {"ethnicity_acc": 0.3, "gender_acc": None}}}
+                 for name in plan.runs}
+    table = adaptation_table(trained, evaluated, ["synthetic:val", "utkface:test"])
+    assert [r["run"] for r in table["rows"]] == list(plan.runs)
+    plain = {name: (t, None) for name, t in plan.runs.items() if not t.adapt.enabled}
+    assert adaptation_table(plain, evaluated, ["utkface:test"]) is None  # no run adapts: no table
+    (tmp_path / ADAPTATION).write_text(json.dumps(table))
+    text = render_markdown("r", groundtruth_blocks(str(tmp_path)))
+    assert "Domain adaptation" in text and "synthetic + aux_bn" in text
+    assert "0.900 / 0.800 / 0.500" in text and "0.300 / n/a / n/a" in text
+    with pytest.raises(ConfigError, match=r"evaluate_on names \['celeba'\]"):
+        plan_stages(cfg.model_copy(update={"evaluate_on": ["celeba:test"]}))
+
+
 def test_a_failed_parallel_run_stops_the_stage_with_its_own_error(ray_cluster, tmp_path):
     """With parallel_runs, a run that fails (here: its real set was deleted after planning) stops the
     train stage with that run's own one-line error (not Ray's task wrapper), naming the run."""
