@@ -108,6 +108,12 @@ def test_experiment_matrix_is_complete():
     d = load_config(TrainConfig, os.path.join(ROOT, "configs", "experiments", "d_synth_to_fairface25.yaml"))
     assert (d.plan, d.real_subset, d.pretrain_steps, d.finetune_steps, d.finetune_lr) == (
         "pretrain_finetune", 25, 50_000, 50_000, 1e-4)
+    adapted = {n: load_config(TrainConfig, os.path.join(ROOT, "configs", "experiments", f"{n}.yaml"))
+               for n in ("h_synthetic_dann_fairface", "i_synthetic_daln_fairface", "j_synthetic_aux_bn_fairface")}
+    assert {n: (c.plan, c.adapt.method, c.adapt.aux_bn, c.real.endswith("/fairface")) for n, c in adapted.items()} == {
+        "h_synthetic_dann_fairface": ("synthetic", "dann", False, True),
+        "i_synthetic_daln_fairface": ("synthetic", "daln", False, True),
+        "j_synthetic_aux_bn_fairface": ("synthetic", "none", True, True)}
 
 
 def test_config_errors_name_the_field(tmp_path):
