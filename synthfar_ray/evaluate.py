@@ -37,10 +37,10 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_PREFIX = "pred_"
 METRIC_ORDER = ("age_mae", "age_bin_acc", "ethnicity_acc", "gender_acc", "pose_mae", "hair_length_acc",
-                "hair_color_acc", "n")
+                "hair_color_acc", "keypoint_nme", "n")
 METRIC_TITLES = {"age_mae": "age MAE", "age_bin_acc": "age-bin acc", "ethnicity_acc": "ethnicity acc",
                  "gender_acc": "gender acc", "pose_mae": "pose MAE (deg)", "hair_length_acc": "hair length acc",
-                 "hair_color_acc": "hair colour acc", "n": "images"}
+                 "hair_color_acc": "hair colour acc", "keypoint_nme": "keypoint NME (x100)", "n": "images"}
 
 
 class EvaluateConfig(StageConfig):
@@ -198,7 +198,7 @@ def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int,
 def _format(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "—"
-    return str(int(value)) if metric == "n" else f"{value:.3f}" if metric.endswith("_mae") else f"{100 * value:.2f} %"
+    return str(int(value)) if metric == "n" else f"{value:.3f}" if metric.endswith(("_mae", "_nme")) else f"{100 * value:.2f} %"
 
 
 def _format_gap(metric: str, gap: float) -> str:

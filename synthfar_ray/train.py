@@ -84,7 +84,8 @@ class NetConfig(StrictModel):
     synthetic_heads: tuple[SyntheticHead, ...] = Field(
         (), exclude_if=lambda v: not v,
         description="heads only synthetic rows label (masked on real rows): pose (yaw, pitch, roll in degrees, "
-                    "from pose_*) and/or hair (hair_length and hair_color classes); see synthetic_heads.py")
+                    "from pose_*), hair (hair_length and hair_color classes) and/or keypoints (the `keypoints` "
+                    "column's points, keypoints.KEYPOINT_NAMES); see synthetic_heads.py")
 
     @field_validator("synthetic_heads")
     @classmethod
@@ -202,7 +203,17 @@ class TrainConfig(StageConfig):
                              "target) and a plan that trains on synthetic rows")
         if self.model.synthetic_heads and self.plan == "real":
             raise ValueError(f"model.synthetic_heads {list(self.model.synthetic_heads)} are trained by synthetic rows "
-                             "only (real sets have no pose or hair labels): use a plan with `synthetic`")
+                             "only (real sets have no pose, hair or keypoint labels): use a plan with `synthetic`")
+        if "keypoints" in self.model.synthetic_heads:
+            # The stored points are in the frame of the image's centre square; augmentation's
+            # shift-scale-rotate and a crop would move the pixels but not the labels.
+            if self.augment:
+                raise ValueError("model.synthetic_heads has keypoints: set augment: false (the shift-scale-rotate "
+                                 "augmentation moves the face but not its keypoint labels)")
+            if self.synthetic_center_crop is not None:
+                raise ValueError(f"model.synthetic_heads has keypoints: synthetic_center_crop "
+                                 f"{self.synthetic_center_crop} would move the faces but not their keypoints "
+                                 "(stored in the frame of the image's centre square); set it to null")
         if self.val_source == "real" and self.real is None:
             raise ValueError("val_source 'real' needs `real`")
         if self.val_source == "synthetic" and self.synthetic is None:

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from synthfar_ray.synthetic_heads import HAIR_COLUMNS, POSE_COLUMNS, hair_indices, head_columns
+from synthfar_ray.keypoints import keypoints_array
+from synthfar_ray.synthetic_heads import HAIR_COLUMNS, KEYPOINT_COLUMNS, POSE_COLUMNS, hair_indices, head_columns
 
 if TYPE_CHECKING:
     import torch
@@ -111,12 +112,15 @@ def resize_short_side(data: bytes, size: int, center_crop: int | None = None) ->
 
 def labels_to_numpy(batch: dict[str, Any], columns: Iterable[str] = LABEL_COLUMNS) -> dict[str, np.ndarray]:
     """Label columns with nulls -> ages and pose angles float32 (NaN unknown), classes int64 (-1
-    unknown; hair strings -> class indices). A column the batch lacks (a real set has no pose or
-    hair) is all unknown."""
+    unknown; hair strings -> class indices), keypoints (N, 2K) float32 (NaN unknown). A column the
+    batch lacks (a real set has no pose, hair or keypoints) is all unknown."""
     out: dict[str, np.ndarray] = {}
     n = len(batch["image"])
     for name in columns:
         col = batch.get(name)
+        if name in KEYPOINT_COLUMNS:
+            out[name] = keypoints_array(col, n, batch.get("id"))
+            continue
         if col is None:
             col = np.full(n, np.nan if name in FLOAT_LABELS else -1)
         col = np.asarray(col)

@@ -51,7 +51,7 @@ def test_heads_exist_only_when_asked_for():
     assert out["hair_color_logits"].shape == (2, len(HAIR_COLORS))
     assert not any(k.startswith(("pose", "hair")) for k in plain.state_dict())
     with pytest.raises(ValueError, match="unknown synthetic heads"):
-        MultiTaskNet("tiny", None, "both", ("keypoints",))
+        MultiTaskNet("tiny", None, "both", ("landmarks",))
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -216,7 +216,7 @@ def test_config_switch_validates_and_leaves_old_configs_unchanged(tmp_path):
     view = training_view(on)
     assert view["model"]["synthetic_heads"] == ["pose", "hair"] and view["loss_weights"]["pose"] == 2.0
     with pytest.raises(ValueError, match="synthetic_heads"):
-        _train_cfg(tmp_path, model={"synthetic_heads": ["keypoints"]})
+        _train_cfg(tmp_path, model={"synthetic_heads": ["landmarks"]})
     with pytest.raises(ValueError, match="lists a head twice"):
         _train_cfg(tmp_path, model={"synthetic_heads": ["pose", "pose"]})
     with pytest.raises(ValueError, match="trained by synthetic rows only"):
