@@ -144,7 +144,12 @@ def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image
 
     fs, path = storage.resolve(cfg.data[name], cfg.storage)
     ds = storage.ray_read_parquet(path, fs)
-    ds = ds.filter(expr=col("split") == split).select_columns(["id", "image", *columns_in(ds, columns)])
+    read = columns_in(ds, columns)
+    if "keypoints" in read and cfg.center_crop.get(name) is not None:
+        raise ConfigError(f"center_crop {name}={cfg.center_crop[name]}: {cfg.data[name]} has keypoints, stored in the "
+                          "frame of each image's centre square, which a crop changes; crop with `synthfar prepare "
+                          "--center-crop` (it moves the keypoints) and evaluate the copy without center_crop")
+    ds = ds.filter(expr=col("split") == split).select_columns(["id", "image", *read])
     limit = cfg.adapt_limit if adapt_only else cfg.limit
     if limit:
         ds = ds.limit(limit)

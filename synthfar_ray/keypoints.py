@@ -48,12 +48,24 @@ class KeypointLabelError(UserError, ValueError):
     """A `keypoints` value of the wrong length (names the row id and the length)."""
 
 
-def square_frame(points: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(..., 2) continuous pixel positions (pixel centres at i + 0.5) -> fractions of the centre
-    square's side (see the module doc)."""
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return (np.asarray(points, dtype=np.float64) - np.array([left, top])) / side
+def square_frame(points: np.ndarray, width: int, height: int, crop: int | None = None) -> np.ndarray:
+    """(..., 2) continuous pixel positions (pixel centres at i + 0.5) -> fractions of the side of
+    the centre square (see the module doc), or of a smaller centred crop of side `crop` (the crop
+    of transforms.crop_box)."""
+    from synthfar_ray.transforms import crop_box
+
+    left, top, right, _ = crop_box(width, height, crop)
+    return (np.asarray(points, dtype=np.float64) - np.array([left, top])) / (right - left)
+
+
+def cropped(points: np.ndarray, width: int, height: int, crop: int) -> np.ndarray:
+    """(..., 2) keypoints of a width x height image (the module doc's frame) -> the same points in
+    the frame of its centre crop of side `crop` (`synthfar prepare --center-crop`)."""
+    from synthfar_ray.transforms import crop_box
+
+    left, top, right, _ = crop_box(width, height, None)
+    pixels = np.asarray(points, dtype=np.float64) * (right - left) + np.array([left, top])
+    return square_frame(pixels, width, height, crop)
 
 
 def skeleton_keypoints(pose, width: int, height: int) -> np.ndarray:

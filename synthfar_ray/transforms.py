@@ -59,7 +59,9 @@ def _blur_sigma(kernel: int) -> float:
     return 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
 
 
-def _crop_box(w: int, h: int, crop: int | None) -> tuple[int, int, int, int]:
+def crop_box(w: int, h: int, crop: int | None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centre square crop of a w x h image: side `crop` (at most
+    the short side), or the short side when None."""
     side = min(w, h) if crop is None else min(crop, w, h)
     left, top = (w - side) // 2, (h - side) // 2
     return left, top, left + side, top + side
@@ -85,7 +87,7 @@ def decode_resize(data: bytes, size: int, center_crop: int | None = None) -> np.
     """Image bytes -> (size, size, 3) uint8: centre square crop (side `center_crop`, else the short
     side), resized with antialiasing. `center_crop` is in pixels of the stored image."""
     try:
-        img = _draft_crop(data, lambda w, h: _crop_box(w, h, center_crop), size)
+        img = _draft_crop(data, lambda w, h: crop_box(w, h, center_crop), size)
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(img)
@@ -100,7 +102,7 @@ def resize_short_side(data: bytes, size: int, center_crop: int | None = None) ->
         with Image.open(io.BytesIO(data)) as probe:
             if center_crop is None and min(probe.size) <= size:
                 return None
-        img = _draft_crop(data, (lambda w, h: _crop_box(w, h, center_crop)) if center_crop else
+        img = _draft_crop(data, (lambda w, h: crop_box(w, h, center_crop)) if center_crop else
                           (lambda w, h: (0, 0, w, h)), size)
         w, h = img.size
         scale = size / min(w, h)
@@ -180,7 +182,7 @@ def decode_to_tensor(images: list[bytes] | np.ndarray, size: int, center_crop: i
         groups.setdefault(tuple(im.shape[-2:]), []).append(i)
     resized = []
     for (h, w), idx in groups.items():
-        left, top, right, bottom = _crop_box(w, h, center_crop)
+        left, top, right, bottom = crop_box(w, h, center_crop)
         resized.append(resize_batch(torch.stack([decoded[i][:, top:bottom, left:right] for i in idx]), size))
     if len(groups) == 1:
         return resized[0]

@@ -13,8 +13,8 @@ import torch
 
 from synthfar_ray import faces
 from synthfar_ray.faces import FaceBatch, PoseBatch, RenderConfig, face_seeds, render_faces, render_keypoints
-from synthfar_ray.keypoints import (KEYPOINT_INDEX, KEYPOINT_NAMES, NUM_KEYPOINTS, KeypointLabelError, keypoints_array,
-                                    skeleton_keypoints, square_frame, to_column)
+from synthfar_ray.keypoints import (KEYPOINT_INDEX, KEYPOINT_NAMES, NUM_KEYPOINTS, KeypointLabelError, cropped,
+                                    keypoints_array, square_frame, to_column)
 from synthfar_ray.losses import LossWeights, head_losses, multitask_loss
 from synthfar_ray.metrics import compute_metrics, keypoint_nme
 from synthfar_ray.model import MultiTaskNet
@@ -228,6 +228,9 @@ def test_diffusion_rows_carry_the_skeletons_visible_face_points(tmp_path):
 def test_square_frame_and_column_layout():
     np.testing.assert_allclose(square_frame([[0.0, 0.0], [64.0, 32.0]], 64, 64), [[0, 0], [1, 0.5]])
     np.testing.assert_allclose(square_frame([[16.0, 0.0]], 64, 32), [[0, 0]])  # 16 px cut on each side
+    # A 64 x 48 image's square is x 8..56; its centred 32 px crop x 16..48, y 8..40.
+    np.testing.assert_allclose(cropped([[0.5, 0.5], [0.0, 0.0], [1.0, 1.0]], 64, 48, 32),
+                               [[0.5, 0.5], [-0.25, -0.25], [1.25, 1.25]])
     points = np.arange(K2, dtype=np.float32).reshape(NUM_KEYPOINTS, 2)
     assert to_column(points)[:4] == [0.0, 1.0, 2.0, 3.0]  # x0, y0, x1, y1
     with pytest.raises(ValueError, match="keypoints must be"):
@@ -259,6 +262,25 @@ def test_read_path_with_and_without_the_column():
     assert np.isnan(labels_to_numpy(batch, columns)["keypoints"]).all()
     with pytest.raises(KeypointLabelError, match=r"keypoints of id 6 has 4 numbers, not 30"):
         keypoints_array(np.array([full, [0.1, 0.2, 0.3, 0.4], None], dtype=object), 3, [5, 6, 7])
+
+
+def test_worker_decode_path_carries_the_keypoints(tmp_path):
+    """decode_on: worker hands the Parquet lists to the train worker, which makes the (N, 2K) tensor."""
+    from synthfar_ray.images import encode_jpeg
+    from synthfar_ray.train import TrainConfig
+    from synthfar_ray.train_data import to_device_batch
+
+    cfg = TrainConfig(name="r", storage_path=str(tmp_path), plan="synthetic", synthetic=str(tmp_path), augment=False,
+                      decode_on="worker", image_size=8, model={"backbone": "tiny", "synthetic_heads": ["keypoints"]})
+    row = np.linspace(0, 1, K2, dtype=np.float32)
+    batch = {"id": np.array([1, 2]), "age": np.array([1.0, 2.0]), "age_bin": np.array([0, 0]),
+             "gender": np.array([0, 1]), "ethnicity": np.array([0, 1]), "is_synthetic": np.ones(2, np.int8),
+             "image": np.array([encode_jpeg(np.zeros((8, 8, 3), np.uint8))] * 2, dtype=object),
+             "keypoints": np.array([row, None], dtype=object)}
+    _, labels, _ = to_device_batch(batch, cfg, "cpu", None)
+    assert labels["keypoints"].dtype == torch.float32 and labels["keypoints"].shape == (2, K2)
+    np.testing.assert_allclose(labels["keypoints"][0].numpy(), row)
+    assert torch.isnan(labels["keypoints"][1]).all()
 
 
 # ------------------------------------------------------------------------------------------ model and loss
