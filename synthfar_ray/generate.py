@@ -545,7 +545,24 @@ def prepare_output(cfg: GenerateConfig) -> OutputState:
             complete[s] = info
         else:
             todo.append((s, a, b))
+    if todo and complete:
+        _check_same_columns(cfg, part_name(min(complete)))
     return OutputState(todo, complete, list(manifest.get("runs", [])) if manifest else [])
+
+
+def _check_same_columns(cfg: GenerateConfig, name: str) -> None:
+    """Refuse to add parts to a dataset whose parts lack a column new parts have (one made before
+    the `keypoints` column): Parquet readers take the first file's schema, and then drop the new
+    column or fail on the parts that have it."""
+    uri = storage.join(cfg.output, name)
+    fs, path = storage.resolve(uri, cfg.storage)
+    with fs.open_input_file(path) as f:
+        have = set(pq.ParquetFile(f).schema_arrow.names)
+    missing = [c for c in SYNTHETIC_SCHEMA.names if c not in have]
+    if missing:
+        raise FileExistsError(f"{display(cfg.output)} was written without the column(s) {missing} that new parts "
+                              f"have ({name}); adding parts would mix schemas, which readers cannot combine: "
+                              "set overwrite=true to regenerate it, or choose another output")
 
 
 def _utc(t: float) -> str:

@@ -358,3 +358,29 @@ def test_config_refuses_what_would_move_faces_but_not_their_keypoints(tmp_path):
     view = training_view(TrainConfig(**base, augment=False, loss_weights={"keypoints": 2.0},
                                      model={"backbone": "tiny", "synthetic_heads": ["keypoints"]}))
     assert view["loss_weights"]["keypoints"] == 2.0 and view["model"]["synthetic_heads"] == ["keypoints"]
+
+
+def test_generation_refuses_to_extend_a_dataset_made_before_the_column(tmp_path):
+    """Parts without `keypoints` and parts with it do not read as one dataset (Parquet readers take
+    the first file's schema), so growing an older dataset is refused; reading it as it is still works."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from synthfar_ray.generate import (SYNTHETIC_SCHEMA, GenerateConfig, PartInfo, manifest_for, part_name,
+                                       prepare_output, prompt_rows, render_rows, write_manifest)
+    from synthfar_ray.images import encode_jpeg
+
+    cfg = GenerateConfig.model_validate({"output": str(tmp_path), "num_images": 4, "shard_size": 4,
+                                         "generator": "procedural", "render": {"size": 32}})
+    rows = prompt_rows(cfg, range(4))
+    for r, image in zip(rows, render_rows(cfg, rows)):
+        r.update(image=encode_jpeg(image), model="procedural/synthetic")
+    table = pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA)
+    pq.write_table(table.drop(["keypoints"]), tmp_path / part_name(0))  # as written before the column
+    write_manifest(cfg, manifest_for(cfg, {0: PartInfo(4)}, [{"status": "complete"}]))
+    bigger = cfg.model_copy(update={"num_images": 8})
+    with pytest.raises(FileExistsError, match=r"without the column\(s\) \['keypoints'\].*overwrite=true"):
+        prepare_output(bigger)
+    assert prepare_output(cfg).todo == []  # complete: nothing to add, nothing refused
+    pq.write_table(table, tmp_path / part_name(0))  # a part with the column: the dataset may grow
+    assert [s for s, _, _ in prepare_output(bigger).todo] == [1]
