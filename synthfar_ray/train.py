@@ -205,11 +205,12 @@ class TrainConfig(StageConfig):
             raise ValueError(f"model.synthetic_heads {list(self.model.synthetic_heads)} are trained by synthetic rows "
                              "only (real sets have no pose, hair or keypoint labels): use a plan with `synthetic`")
         if "keypoints" in self.model.synthetic_heads:
-            # The stored points are in the frame of the image's centre square; augmentation's
-            # shift-scale-rotate and a crop would move the pixels but not the labels.
-            if self.augment:
-                raise ValueError("model.synthetic_heads has keypoints: set augment: false (the shift-scale-rotate "
-                                 "augmentation moves the face but not its keypoint labels)")
+            # The stored points are in the frame of the image's centre square: a crop, or the
+            # data-side augmentation's shift-scale-rotate, would move the pixels but not the labels.
+            if self.augment and self.augment_on == "data" and self.decode_on == "data":
+                raise ValueError("model.synthetic_heads has keypoints: augment_on: data (torchvision, on the CPU) "
+                                 "moves the face but not its keypoint labels; use augment_on: device, which moves "
+                                 "both, or augment: false")
             if self.synthetic_center_crop is not None:
                 raise ValueError(f"model.synthetic_heads has keypoints: synthetic_center_crop "
                                  f"{self.synthetic_center_crop} would move the faces but not their keypoints "
@@ -449,11 +450,15 @@ def train_step(w: WorkerState, batch: tuple, augment, opt, sched, scaler, weight
     import torch
 
     from synthfar_ray.losses import multitask_loss
-    from synthfar_ray.transforms import to_model_input
+    from synthfar_ray.transforms import to_model_input, to_model_input_with_points
 
     images, labels, _ = batch
     p = w.precision
-    x = to_model_input(images, augment, channels_last=p.channels_last, nhwc=False)
+    if augment is not None and "keypoints" in labels:  # the shift-scale-rotate moves the keypoints too
+        x, moved = to_model_input_with_points(images, labels["keypoints"], augment, channels_last=p.channels_last, nhwc=False)
+        labels = {**labels, "keypoints": moved}
+    else:
+        x = to_model_input(images, augment, channels_last=p.channels_last, nhwc=False)
     with torch.autocast(device_type=w.device.type, dtype=p.autocast_dtype or torch.float32, enabled=p.amp != "none"):
         if w.adaptive is not None:
             outputs, adapt_loss = w.model(x, n_source, coefficient)

@@ -15,6 +15,8 @@ Two implementations of the same distribution:
   handful of batched kernels (affine_grid/grid_sample, one blur per kernel size, masks), so it is
   cheap on the device batch where a per-image loop would cost ~1,000 kernel launches per step.
   It pads with reflection as albumentations does; torchvision's RandomAffine can only fill black.
+  It also moves keypoint labels with each sample's shift-scale-rotate (`to_model_input_with_points`);
+  `paper_augment()` does not, so the keypoint head needs the device path.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 from PIL import Image
@@ -240,7 +242,7 @@ class BatchAugment:
     def __init__(self, ssr_p: float = SSR_P, gray_p: float = GRAY_P, blur_p: float = BLUR_P, rgb_shift_p: float = RGB_SHIFT_P):
         self.ssr_p, self.gray_p, self.blur_p, self.rgb_shift_p = ssr_p, gray_p, blur_p, rgb_shift_p
 
-    def _affine(self, x: torch.Tensor) -> torch.Tensor:
+    def _affine(self, x: torch.Tensor, points: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         import torch
         import torch.nn.functional as F
 
@@ -255,16 +257,32 @@ class BatchAugment:
         inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # (n, 2, 2)
         theta = torch.cat([inv, -(inv @ shift[:, :, None])], dim=2)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        if points is None:
+            return out, None
+        # Points go forward (input -> output): p_out = inv^-1 p_in + shift, in [-1, 1] coordinates,
+        # which align_corners=False puts at the image edges, as the points' fractions of the side.
+        c, s = torch.cos(angle) * scale, torch.sin(angle) * scale
+        fwd = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # inv's inverse
+        p = points.to(torch.float32).reshape(n, -1, 2) * 2 - 1
+        p = p @ fwd.transpose(1, 2) + shift[:, None, :]
+        return out, ((p + 1) / 2).reshape(points.shape)  # NaN (unknown) points stay NaN
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    @overload
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def __call__(self, x: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def __call__(self, x, points=None):
+        """The augmented batch; with `points` ((N, 2K) keypoints, fractions of the side, NaN unknown)
+        also the points moved by each sample's shift-scale-rotate (the other augmentations keep them)."""
         import torch
         from torchvision.transforms.v2 import functional as TF
 
         n, dev = x.shape[0], x.device
         if n == 0:
-            return x
-        x = self._affine(x)
+            return x if points is None else (x, points)
+        x, moved = self._affine(x, points)
         gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None].expand_as(x)
         x = torch.where((torch.rand(n, 1, 1, 1, device=dev) < self.gray_p), gray, x)
         # One blurred copy per kernel size, then a per-sample pick: no host sync, 3 cheap convs.
@@ -275,7 +293,8 @@ class BatchAugment:
             x = torch.where(sel, TF.gaussian_blur(x, [k, k], [_blur_sigma(k)] * 2), x)
         shift = (torch.rand(n, 3, 1, 1, device=dev) * 2 - 1) * RGB_SHIFT
         shift = shift * (torch.rand(n, 1, 1, 1, device=dev) < self.rgb_shift_p)
-        return (x + shift).clamp(0, 255)
+        x = (x + shift).clamp(0, 255)
+        return x if points is None else (x, moved)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -290,11 +309,25 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 def to_model_input(images: torch.Tensor, augment: BatchAugment | None = None, channels_last: bool = False,
                    nhwc: bool = True) -> torch.Tensor:
     """uint8 batch (N, H, W, 3) if nhwc else (N, 3, H, W), on its device -> normalised float NCHW."""
-    x = images.permute(0, 3, 1, 2) if nhwc else images
+    return _model_input(images, augment, channels_last, nhwc, None)[0]
+
+
+def to_model_input_with_points(images: torch.Tensor, points: torch.Tensor, augment: BatchAugment | None = None,
+                               channels_last: bool = False, nhwc: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """to_model_input, and the (N, 2K) keypoints (fractions of the side) moved with the augmentation."""
+    x, moved = _model_input(images, augment, channels_last, nhwc, points)
+    return x, points if moved is None else moved
+
+
+def _model_input(images, augment, channels_last, nhwc, points):
     import torch
 
-    x = x.float()
+    x = (images.permute(0, 3, 1, 2) if nhwc else images).float()
+    moved = None
     if augment is not None:
-        x = augment(x)
+        if points is None:
+            x = augment(x)
+        else:
+            x, moved = augment(x, points)
     x = normalize(x)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()), moved

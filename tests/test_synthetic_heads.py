@@ -325,6 +325,19 @@ def test_keypoint_head_learns_the_renderers_points_on_the_ground_truth_domain(po
     assert "loss_keypoints" in metrics
 
 
+def test_a_run_with_device_augmentation_trains_the_keypoint_head(pose_run):
+    """augment: true moves the keypoints on the device (tests/test_keypoints.py checks where to): a few
+    steps through train_step's augmented path give a finite keypoint loss and a validation NME."""
+    from synthfar_ray.train import TrainConfig, run_train
+
+    result = run_train(TrainConfig(
+        name="augmented", storage_path=str(pose_run["root"] / "runs"), plan="synthetic", synthetic=pose_run["syn"],
+        model={"backbone": "tiny", "synthetic_heads": ["keypoints"]}, image_size=32, batch_size=16, steps=4,
+        val_every=4, log_every=2, augment=True, augment_on="device", amp="none", num_workers=1, use_gpu=False,
+        cpus_per_worker=1, data_cpus=0.5, shuffle_buffer=64, val_limit=64, seed=0))
+    assert math.isfinite(result.metrics["loss_keypoints"]) and result.metrics["val_keypoint_nme"] > 0
+
+
 def test_evaluate_scores_the_heads_where_the_split_has_the_labels(pose_run):
     """evaluate rebuilds the heads from the checkpoint: the synthetic split gets the validation's
     numbers, the split without pose/hair columns gets no such metric (and no error)."""
