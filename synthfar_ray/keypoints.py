@@ -97,9 +97,8 @@ def keypoints_array(values: Sequence | None, n: int, ids: Sequence | None = None
     out = np.full((n, 2 * NUM_KEYPOINTS), np.nan, dtype=np.float32)
     if values is None:
         return out
-    arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
-    if arr.dtype != object and arr.ndim == 2 and arr.shape[1] == 2 * NUM_KEYPOINTS:
-        return arr.astype(np.float32)
+    if isinstance(values, np.ndarray) and values.dtype != object and values.shape == out.shape:
+        return values.astype(np.float32)  # already decoded (a tensor column)
     for row, value in enumerate(values):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue

@@ -76,8 +76,8 @@ def keypoint_nme(pred: np.ndarray, true: np.ndarray) -> float:
     """Normalised mean error x 100 (Synthesis AI's case study): per row, the mean distance between
     predicted and true points over the points the row defines, divided by the row's inter-ocular
     distance (between the eye centres, keypoints.INTEROCULAR: both row kinds define them); then the
-    mean over rows. Rows without both eye centres or another known point are skipped; NaN when none
-    is left. pred, true: (N, 2K) x0, y0, x1, y1, ... (keypoints.KEYPOINT_NAMES order)."""
+    mean over rows. Rows without both eye centres are skipped (every real row); NaN when none is
+    left. pred, true: (N, 2K) x0, y0, x1, y1, ... (keypoints.KEYPOINT_NAMES order)."""
     from synthfar_ray.keypoints import INTEROCULAR, KEYPOINT_INDEX
 
     true = np.asarray(true, dtype=np.float64)

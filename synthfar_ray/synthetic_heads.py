@@ -2,10 +2,10 @@
 
 The generators store each row's pose (`pose_yaw`, `pose_pitch`, `pose_roll`, degrees; null when a
 pose folder image decided it), hair (`hair_length`, `hair_color`, vocabulary strings) and facial
-keypoints (`keypoints`, see keypoints.py); real sets have none of these columns. With a head on, its columns join the label columns: a row (or a whole
-dataset) without them gets unknown labels (NaN angles, class -1), which the masked losses and the
-metrics skip, so real rows in a mix, a finetune phase or adaptation's target stream train nothing
-through these heads.
+keypoints (`keypoints`, see keypoints.py); real sets have none of these columns. With a head on,
+its columns join the label columns: a row (or a whole dataset) without them gets unknown labels
+(NaN angles and coordinates, class -1), which the masked losses and the metrics skip, so real rows
+in a mix, a finetune phase or adaptation's target stream train nothing through these heads.
 
 - `pose`: 3 outputs (yaw, pitch, roll) in degrees; the loss is smooth L1 on degrees / POSE_SCALE.
 - `hair`: hair length logits (faces.HAIR_LENGTHS) and hair colour logits (faces.HAIR_COLORS),
