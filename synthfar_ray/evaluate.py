@@ -37,10 +37,10 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_PREFIX = "pred_"
 METRIC_ORDER = ("age_mae", "age_bin_acc", "ethnicity_acc", "gender_acc", "pose_mae", "hair_length_acc",
-                "hair_color_acc", "n")
+                "hair_color_acc", "keypoint_nme", "n")
 METRIC_TITLES = {"age_mae": "age MAE", "age_bin_acc": "age-bin acc", "ethnicity_acc": "ethnicity acc",
                  "gender_acc": "gender acc", "pose_mae": "pose MAE (deg)", "hair_length_acc": "hair length acc",
-                 "hair_color_acc": "hair colour acc", "n": "images"}
+                 "hair_color_acc": "hair colour acc", "keypoint_nme": "keypoint NME (x100)", "n": "images"}
 
 
 class EvaluateConfig(StageConfig):
@@ -144,7 +144,12 @@ def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image
 
     fs, path = storage.resolve(cfg.data[name], cfg.storage)
     ds = storage.ray_read_parquet(path, fs)
-    ds = ds.filter(expr=col("split") == split).select_columns(["id", "image", *columns_in(ds, columns)])
+    read = columns_in(ds, columns)
+    if "keypoints" in read and cfg.center_crop.get(name) is not None:
+        raise ConfigError(f"center_crop {name}={cfg.center_crop[name]}: {cfg.data[name]} has keypoints, stored in the "
+                          "frame of each image's centre square, which a crop changes; crop with `synthfar prepare "
+                          "--center-crop` (it moves the keypoints) and evaluate the copy without center_crop")
+    ds = ds.filter(expr=col("split") == split).select_columns(["id", "image", *read])
     limit = cfg.adapt_limit if adapt_only else cfg.limit
     if limit:
         ds = ds.limit(limit)
@@ -198,7 +203,7 @@ def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int,
 def _format(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "—"
-    return str(int(value)) if metric == "n" else f"{value:.3f}" if metric.endswith("_mae") else f"{100 * value:.2f} %"
+    return str(int(value)) if metric == "n" else f"{value:.3f}" if metric.endswith(("_mae", "_nme")) else f"{100 * value:.2f} %"
 
 
 def _format_gap(metric: str, gap: float) -> str:

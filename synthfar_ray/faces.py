@@ -909,3 +909,66 @@ def sample_batch(n: int, run_seed: int = 0, first_id: int = 0) -> tuple[FaceBatc
     attrs = FaceBatch.from_attributes([sample_attributes(run_seed, i, prompt_cfg) for i in ids])
     poses = PoseBatch.from_poses([sample_pose(run_seed, i, pose_cfg) for i in ids])
     return attrs, poses, face_seeds(run_seed, list(ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# Keypoints
+
+
+def _feature_position(f: _Face, fx: np.ndarray, fy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Head-local (x, y) where _draw puts the face feature at face coordinates (fx, fy), and whether
+    it is on the visible half of the cylinder: _draw maps x -> fx = sin(asin(x) - yaw) and
+    y -> fy = y + 0.55 sin(pitch) cos(asin(fx)), so x = sin(asin(fx) + yaw)."""
+    yaw = np.arctan2(f.s_yaw, f.c_yaw)
+    theta = np.arcsin(np.clip(fx, -1.0, 1.0)) + yaw
+    return np.sin(theta), fy - 0.55 * f.s_pitch * np.sqrt(1.0 - fx * fx), np.cos(theta) > 0.0
+
+
+def _keypoint_pixels(f: _Face) -> np.ndarray:
+    """(n, NUM_KEYPOINTS, 2) continuous pixel positions (pixel centres at i + 0.5), NaN where hidden."""
+    from synthfar_ray.keypoints import KEYPOINT_NAMES
+
+    p = f.p
+    zero = np.zeros(f.n)
+    brow_x, brow_y = p["eye_x"] + 0.02, p["brow_y"] - 0.05  # the arc's top: bx = 0 in _draw
+    features = {  # face coordinates (fx, fy) of the features on the cylinder
+        "right_eye": (-p["eye_x"], p["eye_y"]), "left_eye": (p["eye_x"], p["eye_y"]),
+        "right_eye_outer": (-p["eye_x"] - p["eye_w"], p["eye_y"]),
+        "right_eye_inner": (-p["eye_x"] + p["eye_w"], p["eye_y"]),
+        "left_eye_inner": (p["eye_x"] - p["eye_w"], p["eye_y"]),
+        "left_eye_outer": (p["eye_x"] + p["eye_w"], p["eye_y"]),
+        "right_brow": (-brow_x, brow_y), "left_brow": (brow_x, brow_y),
+        "nose": (0.22 * f.s_yaw, p["nose_y"]),  # the tip is drawn shifted by 0.22 sin(yaw)
+        "mouth_right": (-p["mouth_w"], p["mouth_y"] - p["smile"]),  # the smile curve lifts the corners
+        "mouth_left": (p["mouth_w"], p["mouth_y"] - p["smile"]),
+        "mouth_centre": (zero, p["mouth_y"]),
+    }
+    ear_y = p["eye_y"] + 0.14
+    head = {  # head-local (x, y) of parts drawn off the cylinder, and whether _draw draws them
+        "chin": (zero, 0.18 + p["jaw_b"], np.ones(f.n, dtype=bool)),
+        "right_ear": (-0.97 * f.c_yaw, ear_y, f.s_yaw > -0.08),
+        "left_ear": (0.97 * f.c_yaw, ear_y, -f.s_yaw > -0.08),
+    }
+    out = np.empty((f.n, len(KEYPOINT_NAMES), 2))
+    for k, name in enumerate(KEYPOINT_NAMES):
+        if name in features:
+            x, y, shown = _feature_position(f, *features[name])
+        else:
+            x, y, shown = head[name]
+        # Undo _draw's roll, scale and offset.
+        px = f.cx + f.unit * (f.c_roll * x + f.s_roll * y)
+        py = f.cy + f.unit * (-f.s_roll * x + f.c_roll * y)
+        out[:, k, 0] = np.where(shown, px, np.nan)
+        out[:, k, 1] = np.where(shown, py, np.nan)
+    return out
+
+
+def render_keypoints(attrs: FaceBatch, poses: PoseBatch, cfg: RenderConfig, seeds: np.ndarray) -> np.ndarray:
+    """Where render_faces draws each face's keypoints (keypoints.KEYPOINT_NAMES): (N, K, 2) float32,
+    fractions of the image side (pixel centres at i + 0.5), NaN for a point turned behind the head
+    (an eye, brow or mouth point past the silhouette) or an ear the renderer does not draw. Exact:
+    the inverse of _draw's mapping from pixels to face coordinates. Cheap (no pixels drawn)."""
+    v = _validate(attrs, poses, seeds)
+    rendered = _rendered_from(v, cfg)
+    face = _face_params(v, rendered, slice(0, v["n"]), cfg.size)
+    return (_keypoint_pixels(face) / cfg.size).astype(np.float32)

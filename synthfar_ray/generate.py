@@ -71,8 +71,10 @@ from synthfar_ray.config import StageConfig, StrictModel, dump_config, load_conf
 from synthfar_ray.diffusion import (FaceGenerator, ModelConfig, SamplerConfig, check_model_paths, model_content,
                                    model_label)
 from synthfar_ray.errors import UserError
-from synthfar_ray.faces import HAIR_LENGTHS, POSE_FIELDS, FaceBatch, PoseBatch, RenderConfig, check_vocab, face_seeds, render_faces
+from synthfar_ray.faces import (HAIR_LENGTHS, POSE_FIELDS, FaceBatch, PoseBatch, RenderConfig, check_vocab, face_seeds,
+                                render_faces, render_keypoints)
 from synthfar_ray.images import encode_jpeg
+from synthfar_ray.keypoints import skeleton_keypoints, to_column
 from synthfar_ray.labels import CORE_FIELDS, age_to_bin, ethnicity_index, gender_index
 from synthfar_ray.paths import OutputPath, display
 from synthfar_ray.poses import HeadPose, PoseConfig, PoseFolder, render_pose, sample_pose
@@ -268,6 +270,10 @@ EXTRA_FIELDS: list[pa.Field] = [
     pa.field("render_age", pa.float32()),
     pa.field("render_gender", pa.int8()),
     pa.field("render_ethnicity", pa.int8()),
+    # Facial keypoints (keypoints.py): x0, y0, x1, y1, ... of keypoints.KEYPOINT_NAMES, NaN where the
+    # row does not define the point; procedural: the renderer's exact points, diffusion: the pose
+    # skeleton's; null when a pose folder image decided the pose.
+    pa.field("keypoints", pa.list_(pa.float32())),
 ]
 RENDER_COLUMNS: tuple[str, ...] = ("render_age", "render_gender", "render_ethnicity")
 SYNTHETIC_SCHEMA = pa.schema(CORE_FIELDS + EXTRA_FIELDS)
@@ -297,21 +303,24 @@ def prompt_rows(cfg: GenerateConfig, ids: range) -> list[dict[str, Any]]:
 
 def control_image(cfg: GenerateConfig, row: dict[str, Any], pose_folder: PoseFolder | None = None) -> np.ndarray:
     """The OpenPose image of a prompt row: the folder's pick for its id (the row's pose parameters
-    are then replaced by the file name), or the row's head pose rendered."""
+    are then replaced by the file name, and its keypoints are unknown), or the row's head pose
+    rendered (its skeleton's face points become the row's keypoints)."""
     s = cfg.sampler
     if pose_folder is not None:
         name, image = pose_folder.pick(cfg.seed, row["id"])
         row["pose_file"] = name
         for k in ("yaw", "pitch", "roll", "scale", "offset_x", "offset_y"):
             row[f"pose_{k}"] = None  # the folder image decides the pose, not the parameters
+        row["keypoints"] = None
         return image
     pose = HeadPose(**{k: row[f"pose_{k}"] for k in ("yaw", "pitch", "roll", "scale", "offset_x", "offset_y")})
+    row["keypoints"] = to_column(skeleton_keypoints(pose, s.width, s.height))
     return render_pose(pose, s.width, s.height)
 
 
 def render_rows(cfg: GenerateConfig, rows: list[dict[str, Any]]) -> list[np.ndarray]:
-    """The procedural images of prompt rows (uint8 HWC); adds each row's render_* truth and puts
-    the render seed in its `seed` column."""
+    """The procedural images of prompt rows (uint8 HWC); adds each row's render_* truth and
+    keypoints (faces.render_keypoints) and puts the render seed in its `seed` column."""
     attrs = FaceBatch(
         age=np.array([r["age"] for r in rows], dtype=np.float64),
         gender=np.array([r["gender"] for r in rows], dtype=np.int64),
@@ -321,8 +330,10 @@ def render_rows(cfg: GenerateConfig, rows: list[dict[str, Any]]) -> list[np.ndar
     poses = PoseBatch(**{k: np.array([r[f"pose_{k}"] for r in rows], dtype=np.float64) for k in POSE_FIELDS})
     seeds = face_seeds(cfg.seed, [r["id"] for r in rows])
     images, truth = render_faces(attrs, poses, cfg.render, seeds)
+    keypoints = render_keypoints(attrs, poses, cfg.render, seeds)
     for j, r in enumerate(rows):
         r["seed"] = int(seeds[j])
+        r["keypoints"] = to_column(keypoints[j])
         r.update({k: truth[k][j].item() for k in RENDER_COLUMNS})
     return list(images)
 
@@ -534,7 +545,24 @@ def prepare_output(cfg: GenerateConfig) -> OutputState:
             complete[s] = info
         else:
             todo.append((s, a, b))
+    if todo and complete:
+        _check_same_columns(cfg, part_name(min(complete)))
     return OutputState(todo, complete, list(manifest.get("runs", [])) if manifest else [])
+
+
+def _check_same_columns(cfg: GenerateConfig, name: str) -> None:
+    """Refuse to add parts to a dataset whose parts lack a column new parts have (one made before
+    the `keypoints` column): Parquet readers take the first file's schema, and then drop the new
+    column or fail on the parts that have it."""
+    uri = storage.join(cfg.output, name)
+    fs, path = storage.resolve(uri, cfg.storage)
+    with fs.open_input_file(path) as f:
+        have = set(pq.ParquetFile(f).schema_arrow.names)
+    missing = [c for c in SYNTHETIC_SCHEMA.names if c not in have]
+    if missing:
+        raise FileExistsError(f"{display(cfg.output)} was written without the column(s) {missing} that new parts "
+                              f"have ({name}); adding parts would mix schemas, which readers cannot combine: "
+                              "set overwrite=true to regenerate it, or choose another output")
 
 
 def _utc(t: float) -> str:

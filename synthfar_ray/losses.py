@@ -2,7 +2,9 @@
 
 Per head: L1 on age (years), cross-entropy on age bins, BCE-with-logits on gender, cross-entropy on
 ethnicity; with synthetic heads (synthetic_heads.py), smooth L1 on the pose angles (degrees /
-POSE_SCALE, each known angle a term) and cross-entropy on hair length and hair colour.
+POSE_SCALE, each known angle a term), cross-entropy on hair length and hair colour, and smooth L1
+on the keypoint coordinates (fractions of the image side / KEYPOINT_SCALE, each known coordinate a
+term, so a row contributes only the points it defines).
 
 Datasets miss labels (FairFace has no ages; real sets have no pose or hair; a mixed batch may carry
 rows that lack a field), so each head averages only over the rows that have its label: a missing
@@ -40,6 +42,9 @@ class LossWeights(StrictModel):
                                description="cross-entropy on hair length (synthetic rows only)")
     hair_color: float = Field(1.0, ge=0, exclude_if=lambda v: v == 1.0,
                               description="cross-entropy on hair colour (synthetic rows only)")
+    keypoints: float = Field(1.0, ge=0, exclude_if=lambda v: v == 1.0,
+                             description="smooth L1 on keypoint coordinates in units of a quarter of the image "
+                                         "side (synthetic rows only)")
 
 
 def _masked_mean(per_row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -70,12 +75,13 @@ def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tenso
 
     targets: "age" float (NaN unknown), "age_bin" / "gender" / "ethnicity" integer (< 0 unknown);
     with synthetic heads also "pose_yaw" / "pose_pitch" / "pose_roll" float degrees (NaN unknown)
-    and "hair_length" / "hair_color" class indices (< 0 unknown).
+    and "hair_length" / "hair_color" class indices (< 0 unknown), "keypoints" (N, 2K) fractions of
+    the image side (NaN unknown).
     """
     import torch
     import torch.nn.functional as F
 
-    from synthfar_ray.synthetic_heads import POSE_BETA, POSE_COLUMNS, POSE_SCALE
+    from synthfar_ray.synthetic_heads import KEYPOINT_BETA, KEYPOINT_SCALE, POSE_BETA, POSE_COLUMNS, POSE_SCALE
 
     losses: dict[str, torch.Tensor] = {}
     if "age" in outputs:
@@ -99,6 +105,10 @@ def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tenso
     for attr in ("hair_length", "hair_color"):
         if f"{attr}_logits" in outputs:
             losses[attr] = _masked_cross_entropy(outputs[f"{attr}_logits"], targets[attr])
+    if "keypoints" in outputs:  # (N, 2K); each known coordinate is one term of the mean
+        pred = outputs["keypoints"].float() / KEYPOINT_SCALE
+        true, known = _known_or_pred(pred, targets["keypoints"].to(pred.device, torch.float32) / KEYPOINT_SCALE)
+        losses["keypoints"] = _masked_mean(F.smooth_l1_loss(pred, true, reduction="none", beta=KEYPOINT_BETA), known)
     return losses
 
 

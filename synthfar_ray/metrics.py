@@ -2,8 +2,9 @@
 [0, 150]) and FairFace age-bin accuracy, from bin logits or from a regression age put into bins.
 
 Missing labels are masked, never counted: a NaN true age (FairFace has only bins) or a label < 0.
-Synthetic heads (synthetic_heads.py) add pose MAE in degrees (per angle and their mean) and hair
-length / colour accuracy, each only where some row has the label (a real split has none).
+Synthetic heads (synthetic_heads.py) add pose MAE in degrees (per angle and their mean), hair
+length / colour accuracy and keypoint NME (`keypoint_nme`), each only where some row has the label
+(a real split has none).
 
 By group: `metrics_by_group` scores every metric within each ethnicity, gender and age bin and
 names the worst group and the gap (max - min) per metric; `confusion_matrices` counts true x
@@ -71,14 +72,42 @@ def pose_mae(pred_pose: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
+def keypoint_nme(pred: np.ndarray, true: np.ndarray) -> float:
+    """Normalised mean error x 100 (Synthesis AI's case study): per row, the mean distance between
+    predicted and true points over the points the row defines, divided by the row's inter-ocular
+    distance (between the eye centres, keypoints.INTEROCULAR: both row kinds define them); then the
+    mean over rows. Rows without both eye centres are skipped (every real row); NaN when none is
+    left. pred, true: (N, 2K) x0, y0, x1, y1, ... (keypoints.KEYPOINT_NAMES order)."""
+    from synthfar_ray.keypoints import INTEROCULAR, KEYPOINT_INDEX
+
+    true = np.asarray(true, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    if pred.shape != true.shape or true.ndim != 2 or true.shape[1] % 2:
+        raise ValueError(f"keypoints: predictions {pred.shape} and labels {true.shape} must both be (N, 2K)")
+    t, p = true.reshape(len(true), -1, 2), pred.reshape(len(pred), -1, 2)
+    a, b = (KEYPOINT_INDEX[name] for name in INTEROCULAR)
+    iod = np.linalg.norm(t[:, a] - t[:, b], axis=-1)
+    err = np.linalg.norm(p - t, axis=-1)  # (N, K), NaN where the point is unknown
+    known = ~np.isnan(err)
+    keep = ~np.isnan(iod) & (iod > 0) & known.any(axis=1)
+    if not keep.any():
+        return float("nan")
+    per_row = np.nansum(err[keep], axis=1) / known[keep].sum(axis=1) / iod[keep]
+    return float(100.0 * per_row.mean())
+
+
 def synthetic_head_metrics(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
-    """Pose MAE (pose_mae) and hair_length_acc / hair_color_acc, for the heads the outputs have,
-    each only where some row has its label."""
+    """Pose MAE (pose_mae), hair_length_acc / hair_color_acc and keypoint_nme, for the heads the
+    outputs have, each only where some row has its label."""
     result = pose_mae(outputs["pose"], labels) if "pose" in outputs else {}
     for attr in ("hair_length", "hair_color"):
         true = labels.get(attr)
         if f"{attr}_logits" in outputs and true is not None and (np.asarray(true) >= 0).any():
             result[f"{attr}_acc"] = accuracy(np.argmax(np.asarray(outputs[f"{attr}_logits"]), axis=-1), true)
+    if "keypoints" in outputs and labels.get("keypoints") is not None:
+        nme = keypoint_nme(outputs["keypoints"], labels["keypoints"])
+        if not math.isnan(nme):
+            result["keypoint_nme"] = nme
     return result
 
 
@@ -288,7 +317,7 @@ def _check_bins_from(age_bins_from: str) -> None:
 
 
 def _num_rows(labels: dict[str, np.ndarray]) -> int:
-    sizes = {k: len(np.asarray(v).reshape(-1)) for k, v in labels.items()}
+    sizes = {k: len(np.asarray(v)) for k, v in labels.items()}  # rows: keypoints are (N, 2K)
     if len(set(sizes.values())) > 1:
         raise ValueError(f"label arrays differ in length: {sizes}")
     return next(iter(sizes.values()), 0)

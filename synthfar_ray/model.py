@@ -3,7 +3,8 @@
 Heads (paper: ResNet-50 encoder, Linear(2048, .) heads): age regression (1, years), age bins (9,
 FairFace bins), gender (1 logit, > 0 means female) and ethnicity (5 logits). `age_mode` chooses
 which age heads exist; `synthetic_heads` adds heads only synthetic rows label (synthetic_heads.py):
-`pose` (yaw, pitch, roll in degrees) and `hair` (hair length and hair colour logits). `forward`
+`pose` (yaw, pitch, roll in degrees), `hair` (hair length and hair colour logits) and `keypoints`
+(x, y of keypoints.KEYPOINT_NAMES as fractions of the image side). `forward`
 returns only the heads the net has, under the names `metrics.compute_metrics` reads.
 
 Backbones: torchvision `resnet18` / `resnet34` / `resnet50` / `resnet101`, `tiny` (a four-layer CNN
@@ -25,7 +26,8 @@ from torch import nn
 from synthfar_ray.errors import UserError
 from synthfar_ray.labels import ETHNICITIES, NUM_AGE_BINS
 from synthfar_ray.precision import Precision
-from synthfar_ray.synthetic_heads import HEAD_COLUMNS, POSE_COLUMNS, POSE_SCALE, hair_vocab
+from synthfar_ray.keypoints import NUM_KEYPOINTS
+from synthfar_ray.synthetic_heads import HEAD_COLUMNS, KEYPOINT_SCALE, POSE_COLUMNS, POSE_SCALE, hair_vocab
 
 if TYPE_CHECKING:
     from synthfar_ray.train import AgeMode
@@ -173,6 +175,7 @@ class MultiTaskNet(nn.Module):
         hair = "hair" in self.synthetic_heads
         self.hair_length = nn.Linear(feat, len(hair_vocab("hair_length"))) if hair else None
         self.hair_color = nn.Linear(feat, len(hair_vocab("hair_color"))) if hair else None
+        self.keypoints = nn.Linear(feat, 2 * NUM_KEYPOINTS) if "keypoints" in self.synthetic_heads else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.heads(self.backbone(x))
@@ -189,6 +192,8 @@ class MultiTaskNet(nn.Module):
         if self.hair_length is not None:
             out["hair_length_logits"] = self.hair_length(f)
             out["hair_color_logits"] = self.hair_color(f)
+        if self.keypoints is not None:  # (N, 2K) x0, y0, x1, y1, ... fractions of the image side
+            out["keypoints"] = 0.5 + self.keypoints(f) * KEYPOINT_SCALE
         return out
 
 

@@ -84,7 +84,8 @@ class NetConfig(StrictModel):
     synthetic_heads: tuple[SyntheticHead, ...] = Field(
         (), exclude_if=lambda v: not v,
         description="heads only synthetic rows label (masked on real rows): pose (yaw, pitch, roll in degrees, "
-                    "from pose_*) and/or hair (hair_length and hair_color classes); see synthetic_heads.py")
+                    "from pose_*), hair (hair_length and hair_color classes) and/or keypoints (the `keypoints` "
+                    "column's points, keypoints.KEYPOINT_NAMES); see synthetic_heads.py")
 
     @field_validator("synthetic_heads")
     @classmethod
@@ -202,7 +203,18 @@ class TrainConfig(StageConfig):
                              "target) and a plan that trains on synthetic rows")
         if self.model.synthetic_heads and self.plan == "real":
             raise ValueError(f"model.synthetic_heads {list(self.model.synthetic_heads)} are trained by synthetic rows "
-                             "only (real sets have no pose or hair labels): use a plan with `synthetic`")
+                             "only (real sets have no pose, hair or keypoint labels): use a plan with `synthetic`")
+        if "keypoints" in self.model.synthetic_heads:
+            # The stored points are in the frame of the image's centre square: a crop, or the
+            # data-side augmentation's shift-scale-rotate, would move the pixels but not the labels.
+            if self.augment and self.augment_on == "data" and self.decode_on == "data":
+                raise ValueError("model.synthetic_heads has keypoints: augment_on: data (torchvision, on the CPU) "
+                                 "moves the face but not its keypoint labels; use augment_on: device, which moves "
+                                 "both, or augment: false")
+            if self.synthetic_center_crop is not None:
+                raise ValueError(f"model.synthetic_heads has keypoints: synthetic_center_crop "
+                                 f"{self.synthetic_center_crop} would move the faces but not their keypoints "
+                                 "(stored in the frame of the image's centre square); set it to null")
         if self.val_source == "real" and self.real is None:
             raise ValueError("val_source 'real' needs `real`")
         if self.val_source == "synthetic" and self.synthetic is None:
@@ -438,11 +450,15 @@ def train_step(w: WorkerState, batch: tuple, augment, opt, sched, scaler, weight
     import torch
 
     from synthfar_ray.losses import multitask_loss
-    from synthfar_ray.transforms import to_model_input
+    from synthfar_ray.transforms import to_model_input, to_model_input_with_points
 
     images, labels, _ = batch
     p = w.precision
-    x = to_model_input(images, augment, channels_last=p.channels_last, nhwc=False)
+    if augment is not None and "keypoints" in labels:  # the shift-scale-rotate moves the keypoints too
+        x, moved = to_model_input_with_points(images, labels["keypoints"], augment, channels_last=p.channels_last, nhwc=False)
+        labels = {**labels, "keypoints": moved}
+    else:
+        x = to_model_input(images, augment, channels_last=p.channels_last, nhwc=False)
     with torch.autocast(device_type=w.device.type, dtype=p.autocast_dtype or torch.float32, enabled=p.amp != "none"):
         if w.adaptive is not None:
             outputs, adapt_loss = w.model(x, n_source, coefficient)

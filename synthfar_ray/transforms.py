@@ -15,6 +15,8 @@ Two implementations of the same distribution:
   handful of batched kernels (affine_grid/grid_sample, one blur per kernel size, masks), so it is
   cheap on the device batch where a per-image loop would cost ~1,000 kernel launches per step.
   It pads with reflection as albumentations does; torchvision's RandomAffine can only fill black.
+  It also moves keypoint labels with each sample's shift-scale-rotate (`to_model_input_with_points`);
+  `paper_augment()` does not, so the keypoint head needs the device path.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 from PIL import Image
 
-from synthfar_ray.synthetic_heads import HAIR_COLUMNS, POSE_COLUMNS, hair_indices, head_columns
+from synthfar_ray.keypoints import keypoints_array
+from synthfar_ray.synthetic_heads import HAIR_COLUMNS, KEYPOINT_COLUMNS, POSE_COLUMNS, hair_indices, head_columns
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +61,9 @@ def _blur_sigma(kernel: int) -> float:
     return 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
 
 
-def _crop_box(w: int, h: int, crop: int | None) -> tuple[int, int, int, int]:
+def crop_box(w: int, h: int, crop: int | None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centre square crop of a w x h image: side `crop` (at most
+    the short side), or the short side when None."""
     side = min(w, h) if crop is None else min(crop, w, h)
     left, top = (w - side) // 2, (h - side) // 2
     return left, top, left + side, top + side
@@ -84,7 +89,7 @@ def decode_resize(data: bytes, size: int, center_crop: int | None = None) -> np.
     """Image bytes -> (size, size, 3) uint8: centre square crop (side `center_crop`, else the short
     side), resized with antialiasing. `center_crop` is in pixels of the stored image."""
     try:
-        img = _draft_crop(data, lambda w, h: _crop_box(w, h, center_crop), size)
+        img = _draft_crop(data, lambda w, h: crop_box(w, h, center_crop), size)
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(img)
@@ -99,7 +104,7 @@ def resize_short_side(data: bytes, size: int, center_crop: int | None = None) ->
         with Image.open(io.BytesIO(data)) as probe:
             if center_crop is None and min(probe.size) <= size:
                 return None
-        img = _draft_crop(data, (lambda w, h: _crop_box(w, h, center_crop)) if center_crop else
+        img = _draft_crop(data, (lambda w, h: crop_box(w, h, center_crop)) if center_crop else
                           (lambda w, h: (0, 0, w, h)), size)
         w, h = img.size
         scale = size / min(w, h)
@@ -111,12 +116,15 @@ def resize_short_side(data: bytes, size: int, center_crop: int | None = None) ->
 
 def labels_to_numpy(batch: dict[str, Any], columns: Iterable[str] = LABEL_COLUMNS) -> dict[str, np.ndarray]:
     """Label columns with nulls -> ages and pose angles float32 (NaN unknown), classes int64 (-1
-    unknown; hair strings -> class indices). A column the batch lacks (a real set has no pose or
-    hair) is all unknown."""
+    unknown; hair strings -> class indices), keypoints (N, 2K) float32 (NaN unknown). A column the
+    batch lacks (a real set has no pose, hair or keypoints) is all unknown."""
     out: dict[str, np.ndarray] = {}
     n = len(batch["image"])
     for name in columns:
         col = batch.get(name)
+        if name in KEYPOINT_COLUMNS:
+            out[name] = keypoints_array(col, n, batch.get("id"))
+            continue
         if col is None:
             col = np.full(n, np.nan if name in FLOAT_LABELS else -1)
         col = np.asarray(col)
@@ -176,7 +184,7 @@ def decode_to_tensor(images: list[bytes] | np.ndarray, size: int, center_crop: i
         groups.setdefault(tuple(im.shape[-2:]), []).append(i)
     resized = []
     for (h, w), idx in groups.items():
-        left, top, right, bottom = _crop_box(w, h, center_crop)
+        left, top, right, bottom = crop_box(w, h, center_crop)
         resized.append(resize_batch(torch.stack([decoded[i][:, top:bottom, left:right] for i in idx]), size))
     if len(groups) == 1:
         return resized[0]
@@ -234,7 +242,7 @@ class BatchAugment:
     def __init__(self, ssr_p: float = SSR_P, gray_p: float = GRAY_P, blur_p: float = BLUR_P, rgb_shift_p: float = RGB_SHIFT_P):
         self.ssr_p, self.gray_p, self.blur_p, self.rgb_shift_p = ssr_p, gray_p, blur_p, rgb_shift_p
 
-    def _affine(self, x: torch.Tensor) -> torch.Tensor:
+    def _affine(self, x: torch.Tensor, points: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         import torch
         import torch.nn.functional as F
 
@@ -249,16 +257,32 @@ class BatchAugment:
         inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # (n, 2, 2)
         theta = torch.cat([inv, -(inv @ shift[:, :, None])], dim=2)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        if points is None:
+            return out, None
+        # Points go forward (input -> output): p_out = inv^-1 p_in + shift, in [-1, 1] coordinates,
+        # which align_corners=False puts at the image edges, as the points' fractions of the side.
+        c, s = torch.cos(angle) * scale, torch.sin(angle) * scale
+        fwd = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # inv's inverse
+        p = points.to(torch.float32).reshape(n, -1, 2) * 2 - 1
+        p = p @ fwd.transpose(1, 2) + shift[:, None, :]
+        return out, ((p + 1) / 2).reshape(points.shape)  # NaN (unknown) points stay NaN
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    @overload
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def __call__(self, x: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def __call__(self, x, points=None):
+        """The augmented batch; with `points` ((N, 2K) keypoints, fractions of the side, NaN unknown)
+        also the points moved by each sample's shift-scale-rotate (the other augmentations keep them)."""
         import torch
         from torchvision.transforms.v2 import functional as TF
 
         n, dev = x.shape[0], x.device
         if n == 0:
-            return x
-        x = self._affine(x)
+            return x if points is None else (x, points)
+        x, moved = self._affine(x, points)
         gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None].expand_as(x)
         x = torch.where((torch.rand(n, 1, 1, 1, device=dev) < self.gray_p), gray, x)
         # One blurred copy per kernel size, then a per-sample pick: no host sync, 3 cheap convs.
@@ -269,7 +293,8 @@ class BatchAugment:
             x = torch.where(sel, TF.gaussian_blur(x, [k, k], [_blur_sigma(k)] * 2), x)
         shift = (torch.rand(n, 3, 1, 1, device=dev) * 2 - 1) * RGB_SHIFT
         shift = shift * (torch.rand(n, 1, 1, 1, device=dev) < self.rgb_shift_p)
-        return (x + shift).clamp(0, 255)
+        x = (x + shift).clamp(0, 255)
+        return x if points is None else (x, moved)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -284,11 +309,25 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 def to_model_input(images: torch.Tensor, augment: BatchAugment | None = None, channels_last: bool = False,
                    nhwc: bool = True) -> torch.Tensor:
     """uint8 batch (N, H, W, 3) if nhwc else (N, 3, H, W), on its device -> normalised float NCHW."""
-    x = images.permute(0, 3, 1, 2) if nhwc else images
+    return _model_input(images, augment, channels_last, nhwc, None)[0]
+
+
+def to_model_input_with_points(images: torch.Tensor, points: torch.Tensor, augment: BatchAugment | None = None,
+                               channels_last: bool = False, nhwc: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """to_model_input, and the (N, 2K) keypoints (fractions of the side) moved with the augmentation."""
+    x, moved = _model_input(images, augment, channels_last, nhwc, points)
+    return x, points if moved is None else moved
+
+
+def _model_input(images, augment, channels_last, nhwc, points):
     import torch
 
-    x = x.float()
+    x = (images.permute(0, 3, 1, 2) if nhwc else images).float()
+    moved = None
     if augment is not None:
-        x = augment(x)
+        if points is None:
+            x = augment(x)
+        else:
+            x, moved = augment(x, points)
     x = normalize(x)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()), moved

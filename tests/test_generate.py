@@ -18,7 +18,9 @@ from synthfar_ray.config import load_config
 from synthfar_ray.generate import (FAULT_ENV, MANIFEST, GenerateConfig, ShardGenerator, fingerprint, image_seed,
                                    part_name, prepare_output, prompt_rows, run_generate, shard_ranges)
 from synthfar_ray.images import decode_image
+from synthfar_ray.keypoints import skeleton_keypoints, to_column
 from synthfar_ray.labels import ETHNICITIES, GENDERS, age_to_bin
+from synthfar_ray.poses import HeadPose
 from synthfar_ray.prompts import render_prompt, sample_attributes
 
 
@@ -194,6 +196,10 @@ def test_job_writes_every_id_once_with_labels(first_run):
         assert r["source"] == "synthetic" and r["model"] == "preset:tiny-random"
         img = decode_image(r["image"])
         assert img.shape == (32, 32, 3) and (r["width"], r["height"]) == (32, 32)
+        # Diffusion rows carry their skeleton's visible face points (keypoints.py), NaN elsewhere.
+        pose = HeadPose(**{k: r[f"pose_{k}"] for k in ("yaw", "pitch", "roll", "scale", "offset_x", "offset_y")})
+        np.testing.assert_allclose(np.asarray(r["keypoints"], np.float32), to_column(skeleton_keypoints(pose, 32, 32)),
+                                   rtol=0, atol=1e-6)
     manifest = __import__("json").loads(storage.read_bytes(storage.join(cfg.output, MANIFEST)))
     assert manifest["status"] == "complete" and manifest["num_images"] == 10
     assert manifest["images_generated"] == 10 and manifest["config"]["seed"] == 7

@@ -67,6 +67,30 @@ def test_center_crop_in_source_pixels(prepared, tmp_path):
     assert img.shape == (24, 24, 3) and "centre 48 px" in m["images"]
 
 
+def test_center_crop_moves_the_keypoints_into_the_crops_frame(prepared, tmp_path):
+    """keypoints.py stores points in the frame of the image's centre square; after --center-crop that
+    frame is the crop: a 64 x 48 image's square is x 8..56, a 32 px crop x 16..48, y 8..40."""
+    import pyarrow as pa
+
+    from synthfar_ray.images import encode_jpeg
+    from synthfar_ray.keypoints import NUM_KEYPOINTS
+
+    table = _table(prepared["src"])[0].slice(0, 2)
+    image = encode_jpeg(np.zeros((48, 64, 3), np.uint8))
+    points = np.full((NUM_KEYPOINTS, 2), np.nan, np.float32)
+    points[0], points[1] = (0.5, 0.5), (0.0, 0.0)  # the square's centre and its top-left corner
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array([image, image], pa.binary()))
+    table = table.append_column("keypoints", pa.array([points.ravel().tolist(), None], pa.list_(pa.float32())))
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    src.mkdir()
+    pq.write_table(table, src / "part-000000.parquet")
+    run_prepare(PrepareConfig(source=str(src), output=out, size=16, center_crop=32))
+    moved = _table(out)[0].column("keypoints").to_pylist()
+    got = np.asarray(moved[0], np.float64).reshape(NUM_KEYPOINTS, 2)
+    np.testing.assert_allclose(got[:2], [[0.5, 0.5], [(8 - 16) / 32, (0 - 8) / 32]], atol=1e-6)
+    assert np.isnan(got[2:]).all() and moved[1] is None
+
+
 def test_training_on_the_copy(prepared, tmp_path):
     base = dict(name="prep", storage_path=str(tmp_path / "runs"), plan="real", real=prepared["out"],
                 model={"backbone": "tiny"}, image_size=32, batch_size=16, lr=5e-3, warmup_steps=2, amp="auto",
