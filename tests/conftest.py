@@ -19,9 +19,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # module fixtures are built once), in collection order. The longest modules go first, so the short
 # ones fill the other worker around them. xdist hands each worker two modules to start with: the
 # demo's worker (test_groundtruth, 12-13 min beside the other worker) gets a short one second.
-LONGEST_FIRST = ("test_groundtruth", "test_cli", "test_quality", "test_fake_cluster", "test_node_loss", "test_tune",
-                 "test_synthetic_heads", "test_pipeline", "test_groups", "test_rl_sampler", "test_storage_faults",
-                 "test_adapt", "test_job_submit")
+LONGEST_FIRST = ("test_groundtruth", "test_cli", "test_quality", "test_adapt", "test_fake_cluster", "test_node_loss",
+                 "test_tune", "test_synthetic_heads", "test_pipeline", "test_groups", "test_rl_sampler",
+                 "test_storage_faults", "test_job_submit")
 
 
 # Tests that run Ray (through the shared cluster or a subprocess that starts its own) are marked
