@@ -129,6 +129,11 @@ def test_spearman_and_standin_label_strings():
     assert fairface_labels({"age": 75.0, "gender": 1, "ethnicity": 0}, salt=1) == ("more than 70", "Female",
                                                                                    "Middle Eastern")
     assert fairface_labels({"age": 4.0, "gender": 0, "ethnicity": 1}, salt=7) == ("3-9", "Male", "Black")
+    # Rendered with races7: the race the face shows, whatever the salt; one that does not fold is refused.
+    asian = {"age": 30.0, "gender": 0, "ethnicity": 2, "render_race7": 4, "id": 9}
+    assert fairface_labels(asian, salt=0)[2] == fairface_labels(asian, salt=1)[2] == "Southeast Asian"
+    with pytest.raises(ValueError, match="row id 9: render_race7 'Southeast Asian' does not fold into its ethnicity 'white'"):
+        fairface_labels({**asian, "ethnicity": 0})
 
 
 def test_parallel_runs_auto_counts_what_each_run_holds(tmp_path):
