@@ -55,7 +55,7 @@ from pydantic import Field, field_validator
 from synthfar_ray.config import StrictModel
 from synthfar_ray.errors import UserError
 from synthfar_ray.images import encode_jpeg
-from synthfar_ray.labels import AGE_BIN_EDGES, ETHNICITIES, FAIRFACE_RACE_TO_ETHNICITY, FAIRFACE_RACES7, GENDERS
+from synthfar_ray.labels import AGE_BIN_EDGES, ETHNICITIES, GENDERS, RACES7_OF_ETHNICITY
 
 # Head half-width as a fraction of the image side at scale 1, and the head centre (fractions).
 FACE_UNIT = 0.27
@@ -111,9 +111,6 @@ NOSE_WIDTH7 = np.array([0.110, 0.165, 0.135, 0.128, 0.146, 0.140, 0.130])
 LIP_THICKNESS7 = np.array([0.038, 0.058, 0.048, 0.042, 0.048, 0.048, 0.045])
 BROW_EXTRA7 = np.array([0.0, 0.0, 0.004, -0.005, -0.002, 0.010, 0.012])
 P_LIGHT_IRIS7 = np.array([0.55, 0.0, 0.08, 0.0, 0.0, 0.02, 0.10])
-# The races each class draws from under `races7` (uniformly), as FairFace folds them.
-RACES7_OF_CLASS: tuple[tuple[int, ...], ...] = tuple(
-    tuple(FAIRFACE_RACES7.index(r) for r in FAIRFACE_RACES7 if FAIRFACE_RACE_TO_ETHNICITY[r] == e) for e in ETHNICITIES)
 
 # Hair styles with a visible effect; any other style name draws plain hair.
 STYLE_VOLUME = {"curly": 0.16, "afro": 0.32, "wavy": 0.07, "messy": 0.09, "spiky": 0.10, "twists": 0.14,
@@ -381,7 +378,7 @@ def _races7(seeds: list[int], eth: np.ndarray) -> np.ndarray:
     """One FairFace race per face, uniform among those its rendered class folds (own stream)."""
     out = np.empty(len(seeds), dtype=np.int8)
     for i, seed in enumerate(seeds):
-        races = RACES7_OF_CLASS[int(eth[i])]
+        races = RACES7_OF_ETHNICITY[int(eth[i])]
         u = np.random.default_rng([seed, _TAG_RACE]).random()
         out[i] = races[min(int(u * len(races)), len(races) - 1)]
     return out
@@ -902,7 +899,8 @@ def render_faces(attrs: FaceBatch, poses: PoseBatch, cfg: RenderConfig, seeds: n
 
     `rendered` holds the TRUE attributes of each picture: render_age (float32 years),
     render_gender (int8), render_ethnicity (int8); they differ from the labels only under
-    label noise. With cfg.races7 also render_race7 (int8, index into labels.FAIRFACE_RACES7). Each image is a pure function of (seed, its inputs, cfg); see the module doc.
+    label noise. With cfg.races7 also render_race7 (int8, index into labels.FAIRFACE_RACES7).
+    Each image is a pure function of (seed, its inputs, cfg); see the module doc.
     """
     v = _validate(attrs, poses, seeds)
     rendered = _rendered_from(v, cfg)

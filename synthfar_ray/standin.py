@@ -31,11 +31,6 @@ from synthfar_ray import storage
 Layout = Literal["utkface", "fairface"]
 LAYOUTS: tuple[str, ...] = ("utkface", "fairface")
 FAIRFACE_VAL_SHARE = 0.125  # FairFace ships about 1/8 of its images as the official val set
-# The 5 classes back to FairFace's 7 races: where two races fold into one class, the id picks one.
-_RACES7: dict[str, tuple[str, ...]] = {
-    "white": ("White", "Middle Eastern"), "black": ("Black",), "asian": ("East Asian", "Southeast Asian"),
-    "indian": ("Indian",), "other": ("Latino_Hispanic",),
-}
 NOTICE = ("STAND-IN, NOT REAL FACES: procedural faces (synthfar_ray/faces.py, style photo, no label noise)\n"
           "written in {layout}'s file layout by `synthfar pipeline`, so the demo can run the real ingest,\n"
           "training and evaluation offline. Their labels are exact: they are what the renderer drew.\n")
@@ -52,15 +47,12 @@ def fairface_labels(row: dict[str, Any], salt: int = 0) -> tuple[str, str, str]:
     the row's class, `salt` (any per-image integer) picks one."""
     age_bin = int(L.age_to_bin(row["age"]))
     age = "more than 70" if age_bin == L.NUM_AGE_BINS - 1 else L.AGE_BIN_NAMES[age_bin]
-    cls = L.ETHNICITIES[row["ethnicity"]]
-    if row.get("render_race7") is not None:
-        race = L.FAIRFACE_RACES7[row["render_race7"]]
-        if L.FAIRFACE_RACE_TO_ETHNICITY[race] != cls:
-            raise ValueError(f"row id {row.get('id')}: render_race7 {race!r} does not fold into its ethnicity "
-                             f"{cls!r} (a stand-in is rendered without label noise)")
-    else:
-        races = _RACES7[cls]
-        race = races[salt % len(races)]
+    races = L.RACES7_OF_ETHNICITY[row["ethnicity"]]
+    race = races[salt % len(races)] if row.get("render_race7") is None else row["render_race7"]
+    if race not in races:
+        raise ValueError(f"row id {row.get('id')}: render_race7 {L.FAIRFACE_RACES7[race]!r} does not fold into its "
+                         f"ethnicity {L.ETHNICITIES[row['ethnicity']]!r} (a stand-in is rendered without label noise)")
+    race = L.FAIRFACE_RACES7[race]
     return age, ("Male", "Female")[row["gender"]], race
 
 
