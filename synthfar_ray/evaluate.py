@@ -340,12 +340,14 @@ def _score_and_write(cfg: EvaluateConfig, checkpoint: str, meta: dict[str, Any],
 
 def _adapted(cfg: EvaluateConfig, predicted: dict[str, tuple[dict, dict]], bins_from: str) -> dict[str, Any]:
     """Test-time label maps fitted on the adapt split's predictions; the `on` splits scored through them."""
-    from synthfar_ray.label_maps import apply_label_maps, fit_label_maps
+    from synthfar_ray.label_maps import TransferMap, apply_label_maps, fit_label_maps
 
     maps = fit_label_maps(*predicted[cfg.adapt_on], transfer=cfg.transfer_inputs, transfer_l2=cfg.transfer_l2)
     if not maps:
         raise ConfigError(f"--adapt-on {cfg.adapt_on}: no head has {MIN_ADAPT_ROWS} or more labelled rows there")
     datasets = {}
+    if isinstance(maps.get("age_bin"), TransferMap):  # bins from the age -> bin transfer map, not bucketized ages
+        bins_from = "logits"
     for item in cfg.on:
         outputs, labels = predicted[item]
         adapted = apply_label_maps(outputs, maps)

@@ -8,6 +8,8 @@ splits with and without the maps:
   softmax(z W + b) (sigmoid for gender), fitted by cross-entropy with an L2 pull of W towards the
   identity, so a few hundred rows cannot move it far from the model's own reading;
 - exact age: least squares, age = a * predicted + b;
+- a net with exact ages and no bin head (age_mode regression), on a split with age bins: a
+  transfer map from the predicted age to the 9 bins (`age_bin_logits`) in place of bucketizing it;
 - label transfer, where the real set has labels the model's space lacks: FairFace's 7 races
   (`ethnicity7`) from the 5 ethnicity logits and/or the pooled encoder features (`transfer_inputs`),
   a softmax regression on the standardised inputs (L2 towards 0, its weight picked on a held-out
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from synthfar_ray.labels import FAIRFACE_RACES7
+from synthfar_ray.labels import FAIRFACE_RACES7, NUM_AGE_BINS
 
 # head -> (output key, label field)
 CLASS_HEADS: dict[str, tuple[str, str]] = {"ethnicity": ("ethnicity_logits", "ethnicity"),
@@ -35,8 +37,9 @@ CLASS_HEADS: dict[str, tuple[str, str]] = {"ethnicity": ("ethnicity_logits", "et
                                            "gender": ("gender_logit", "gender")}
 MIN_ROWS = 20  # a head with fewer known labels on the adapt split keeps the model's own outputs
 # Transfer inputs -> the output key they come from; `features` are the encoder's pooled features.
-TRANSFER_INPUTS: dict[str, str] = {"logits": "ethnicity_logits", "features": "features"}
-RACE7_KEY = "race7_logits"
+TRANSFER_INPUTS: dict[str, str] = {"logits": "ethnicity_logits", "features": "features", "age": "age"}
+# Transfer map name -> the output key it writes.
+TRANSFER_OUTPUTS: dict[str, str] = {"race7": "race7_logits", "age_bin": "age_bin_logits"}
 # A transfer map's L2 penalty, unless given: the best of these on a held-out share of the adapt rows.
 L2_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
 HOLDOUT_SHARE = 0.2
@@ -143,8 +146,8 @@ def fit_transfer(outputs: dict[str, np.ndarray], labels: np.ndarray, classes: in
 def fit_label_maps(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], transfer: Sequence[str] = ("logits",),
                    transfer_l2: float | None = None) -> dict[str, AffineMap | TransferMap]:
     """One map per head the outputs have and the adapt split labels (>= MIN_ROWS known rows), and
-    the 7-race transfer map from the `transfer` inputs where the split has `ethnicity7` labels
-    (empty `transfer`: none)."""
+    the transfer maps: 7 races from the `transfer` inputs where the split has `ethnicity7` labels
+    (empty `transfer`: none), age bins from the exact age for a net without a bin head."""
     maps: dict[str, AffineMap | TransferMap] = {}
     for head, (key, field) in CLASS_HEADS.items():
         if key not in outputs or field not in labels:
@@ -165,16 +168,20 @@ def fit_label_maps(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray]
         known = race7 >= 0
         maps["race7"] = fit_transfer({k: np.asarray(v)[known] for k, v in outputs.items()}, race7[known],
                                      len(FAIRFACE_RACES7), transfer, transfer_l2)
+    bins = np.asarray(labels.get("age_bin", []), dtype=np.int64)
+    if "age" in outputs and "age_bin_logits" not in outputs and (bins >= 0).sum() >= MIN_ROWS:
+        known = bins >= 0
+        maps["age_bin"] = fit_transfer({"age": np.asarray(outputs["age"])[known]}, bins[known], NUM_AGE_BINS, ("age",))
     return maps
 
 
 def apply_label_maps(outputs: dict[str, np.ndarray], maps: dict[str, AffineMap | TransferMap]) -> dict[str, np.ndarray]:
     """The outputs with every mapped head replaced by its map's output (others unchanged), plus
-    `race7_logits` from the transfer map (fed the model's own outputs, as it was fitted)."""
+    each transfer map's output (TRANSFER_OUTPUTS; fed the model's own outputs, as it was fitted)."""
     out = dict(outputs)
     for head, amap in maps.items():
         if isinstance(amap, TransferMap):
-            out[RACE7_KEY] = amap(outputs).astype(np.float32)
+            out[TRANSFER_OUTPUTS[head]] = amap(outputs).astype(np.float32)
             continue
         key = "age" if head == "age" else CLASS_HEADS[head][0]
         if key in out:

@@ -111,3 +111,24 @@ def test_race7_transfer_from_features_beats_the_fold_where_logits_cannot():
     assert abs(scores[("logits",)]["race7_acc"] - fold) < 0.03, scores
     assert scores[("logits", "features")]["race7_acc"] > fold + 0.12, scores
     assert fit_label_maps(outputs, {"ethnicity7": race}, transfer=()) == {}
+
+
+def test_exact_ages_transfer_to_age_bins_for_a_net_without_a_bin_head():
+    """A regression-only net whose ages are shrunk towards 35 (0.6 * age + 14, noise sd 3), on a split
+    with only age bins (FairFace): bucketizing its ages gets few bins right; the age -> 9 bins
+    transfer map, fitted on 1000 rows, reads the same ages into the right bins far more often."""
+    from synthfar_ray.labels import age_to_bin
+    from synthfar_ray.metrics import compute_metrics
+
+    def net(n, seed):
+        rng = np.random.default_rng(seed)
+        age = rng.uniform(0, 85, n)
+        return {"age": 0.6 * age + 14 + rng.normal(0, 3, n)}, {"age": np.full(n, np.nan), "age_bin": age_to_bin(age)}
+
+    outputs, labels = net(1000, 0)
+    maps = fit_label_maps(outputs, labels)
+    assert set(maps) == {"age_bin"} and maps["age_bin"].inputs == ("age",)
+    test_out, test_labels = net(1000, 1)
+    before = compute_metrics(test_out, test_labels, age_bins_from="regression")["age_bin_acc"]
+    after = compute_metrics(apply_label_maps(test_out, maps), test_labels, age_bins_from="logits")["age_bin_acc"]
+    assert after > before + 0.15, (before, after)
