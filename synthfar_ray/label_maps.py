@@ -125,8 +125,8 @@ def transfer_inputs(outputs: dict[str, np.ndarray], inputs: Sequence[str]) -> np
 def fit_transfer(outputs: dict[str, np.ndarray], labels: np.ndarray, classes: int, inputs: Sequence[str],
                  l2: float | None = None, steps: int = 500, lr: float = 0.05) -> TransferMap:
     """Fit a TransferMap on rows with known integer labels (all rows given must be known). `l2`
-    None: the value of L2_GRID that scores best on the last HOLDOUT_SHARE of the rows when fitted
-    on the rest (the inputs' dimension ranges from 5 logits to thousands of features)."""
+    None: the value of L2_GRID with the best log-likelihood on the last HOLDOUT_SHARE of the rows
+    when fitted on the rest (the inputs' dimension ranges from 5 logits to thousands of features)."""
     x = transfer_inputs(outputs, inputs)
     y = np.asarray(labels, dtype=np.int64)
     mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
@@ -137,7 +137,8 @@ def fit_transfer(outputs: dict[str, np.ndarray], labels: np.ndarray, classes: in
         scores = []
         for value in L2_GRID:
             w, b = _fit_softmax(xs[:cut], y[:cut], classes, w0, value, steps, lr)
-            scores.append(float(np.mean((xs[cut:] @ w + b).argmax(axis=1) == y[cut:])))
+            p = _softmax(xs[cut:] @ w + b)[np.arange(len(xs) - cut), y[cut:]]
+            scores.append(float(np.mean(np.log(np.maximum(p, 1e-12)))))  # held-out log-likelihood
         l2 = L2_GRID[int(np.argmax(scores))]
     w, b = _fit_softmax(xs, y, classes, w0, l2, steps, lr)
     return TransferMap(tuple(inputs), mean, scale, w, b, len(x), float(l2))
