@@ -80,6 +80,11 @@ def test_demo_config_validates():
     assert set(plan.real_sets) == {"utkface", "fairface"} and plan.generate.generator == "procedural"
     assert plan.selection_runs == {"mix_25": "cl-sam", "cl_sam_selected": "cl-sam", "random_selected": "random",
                                    "rl_selected": "rl", "quality_selected": "quality"}
+    # races7 is off in the demo (its numbers stay), and standin.races7 reaches only the stand-ins' render.
+    assert not plan.standin.render.races7 and not plan.generate.render.races7
+    cfg7 = cfg.model_copy(update={"standin": cfg.standin.model_copy(update={"races7": True})})
+    plan7 = plan_stages(cfg7, "configs/pipeline/demo.yaml")
+    assert plan7.standin.render.races7 and not plan7.generate.render.races7
 
 
 def test_a_failed_parallel_run_stops_the_stage_with_its_own_error(ray_cluster, tmp_path):
