@@ -98,7 +98,7 @@ def fit_affine(logits: np.ndarray, labels: np.ndarray, l2: float = 1e-2, steps: 
 @dataclass
 class TransferMap:
     """softmax(((x - mean) / scale) W + b): a frozen model's outputs (`inputs`, TRANSFER_INPUTS names,
-    concatenated) -> a label space the model does not have (FairFace's 7 races)."""
+    concatenated) -> a label space the model does not have (FairFace's 7 races; age bins from exact ages)."""
 
     inputs: tuple[str, ...]
     mean: np.ndarray
