@@ -11,6 +11,9 @@ FairFace age-bin accuracy (from the bin head, or bucketized regression ages for 
 net); both give gender and ethnicity accuracy. Every metric is also scored per ethnicity, gender
 and age bin, with the worst group and the gap between groups (`by_group`), and a confusion matrix
 per classification attribute (`confusion`). Results go to `metrics.json` and `metrics.md`.
+A split with FairFace's 7-race labels (`ethnicity7`) also gets the fixed fold baseline's 7-race
+accuracy; `--adapt-on` fits test-time label maps there (label_maps.py), including the 7-race
+transfer map (`transfer_inputs`), and reports every metric again through them (`adapted`).
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ from synthfar_ray.transforms import LABEL_COLUMNS, label_columns
 logger = logging.getLogger(__name__)
 
 OUTPUT_PREFIX = "pred_"
-METRIC_ORDER = ("age_mae", "age_bin_acc", "ethnicity_acc", "gender_acc", "pose_mae", "hair_length_acc",
-                "hair_color_acc", "keypoint_nme", "n")
+METRIC_ORDER = ("age_mae", "age_bin_acc", "ethnicity_acc", "gender_acc", "race7_fold_acc", "race7_acc", "pose_mae",
+                "hair_length_acc", "hair_color_acc", "keypoint_nme", "n")
 METRIC_TITLES = {"age_mae": "age MAE", "age_bin_acc": "age-bin acc", "ethnicity_acc": "ethnicity acc",
-                 "gender_acc": "gender acc", "pose_mae": "pose MAE (deg)", "hair_length_acc": "hair length acc",
+                 "gender_acc": "gender acc", "race7_fold_acc": "7-race acc (fold + chance)",
+                 "race7_acc": "7-race acc (transfer)", "pose_mae": "pose MAE (deg)", "hair_length_acc": "hair length acc",
                  "hair_color_acc": "hair colour acc", "keypoint_nme": "keypoint NME (x100)", "n": "images"}
+# Labels read beside the nets' own (a split without them reads as unknown): FairFace's 7 races.
+EXTRA_LABELS: tuple[str, ...] = ("ethnicity7",)
 
 
 class EvaluateConfig(StageConfig):
@@ -64,6 +70,12 @@ class EvaluateConfig(StageConfig):
                                                    "net's outputs (label_maps.py); metrics are reported with and "
                                                    "without them")
     adapt_limit: int = Field(2000, ge=1, description="adapt_on: fit on at most this many rows (the first in file order)")
+    transfer_inputs: list[Literal["logits", "features"]] = Field(
+        default_factory=lambda: ["logits"],
+        description="adapt_on with ethnicity7 labels (FairFace): what the 7-race transfer map reads, the 5 ethnicity "
+                    "logits and/or the encoder's pooled features; [] fits no transfer map")
+    transfer_l2: float | None = Field(None, gt=0, description="the transfer map's L2 penalty; default: the best of "
+                                      "label_maps.L2_GRID on a held-out fifth of the adapt rows")
 
     @field_validator("on")
     @classmethod
@@ -100,8 +112,9 @@ class Predictor:
     (columns `pred_<j>:<head>` for checkpoint j) + the label `columns`."""
 
     def __init__(self, checkpoints: list[str], storage_options: StorageOptions, use_gpu: bool,
-                 columns: tuple[str, ...] = LABEL_COLUMNS):
+                 columns: tuple[str, ...] = LABEL_COLUMNS, features: bool = False):
         self.columns = columns
+        self.features = features
         import torch
 
         from synthfar_ray.checkpoints import load_model
@@ -122,7 +135,7 @@ class Predictor:
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
         result = {k: batch[k] for k in (*self.columns, "id", "split_index")}
         for j, model in enumerate(self.models):
-            outputs = predict(model, images, self.precision, nhwc=True)
+            outputs = predict(model, images, self.precision, nhwc=True, features=self.features)
             result.update({f"{OUTPUT_PREFIX}{j}:{k}": v.cpu().numpy() for k, v in outputs.items()})
         return result
 
@@ -168,7 +181,8 @@ def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int,
     """Per checkpoint, {NAME:SPLIT: (outputs, labels)}, from one Ray Data job: every split is read and
     decoded once (with its own crop), then all go through one actor pool that holds every net, so
     evaluating the pipeline's runs costs one pass over the test data, not one per run. `columns`:
-    the labels read (`label_columns` of the nets' synthetic heads; unknown where a split lacks them)."""
+    the labels read (`label_columns` of the nets' synthetic heads; unknown where a split lacks them).
+    With `adapt_on` and transfer from features, the outputs also hold the pooled "features"."""
     import ray
 
     splits = cfg.splits()
@@ -180,7 +194,8 @@ def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                         num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
                         fn_constructor_kwargs={"checkpoints": checkpoints, "storage_options": cfg.storage,  # an object: JSON would mask the secrets
-                                               "use_gpu": gpus > 0, "columns": columns})
+                                               "use_gpu": gpus > 0, "columns": columns,
+                                               "features": bool(cfg.adapt_on) and "features" in cfg.transfer_inputs})
     parts: dict[str, list[np.ndarray]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in batch.items():
@@ -292,7 +307,8 @@ def run_evaluations(cfgs: list[EvaluateConfig]) -> list[dict[str, Any]]:
         logger.info("evaluating %d checkpoint(s) at %d px on %s in one pass", len(indices), size,
                     ", ".join(cfgs[indices[0]].splits()))
         heads = {h for i in indices for h in resolved[i][1].get("synthetic_heads", ())}
-        predictions = predict_splits(cfgs[indices[0]], [resolved[i][0] for i in indices], size, label_columns(heads))
+        predictions = predict_splits(cfgs[indices[0]], [resolved[i][0] for i in indices], size,
+                                     label_columns(heads) + EXTRA_LABELS)
         for index, predicted in zip(indices, predictions):
             reports[index] = _score_and_write(cfgs[index], *resolved[index], size, predicted, time.time() - t0)
     return reports
@@ -329,24 +345,34 @@ def _score_and_write(cfg: EvaluateConfig, checkpoint: str, meta: dict[str, Any],
 
 def _adapted(cfg: EvaluateConfig, predicted: dict[str, tuple[dict, dict]], bins_from: str) -> dict[str, Any]:
     """Test-time label maps fitted on the adapt split's predictions; the `on` splits scored through them."""
-    from synthfar_ray.label_maps import apply_label_maps, fit_label_maps
+    from synthfar_ray.label_maps import TransferMap, apply_label_maps, fit_label_maps
 
-    maps = fit_label_maps(*predicted[cfg.adapt_on])
+    maps = fit_label_maps(*predicted[cfg.adapt_on], transfer=cfg.transfer_inputs, transfer_l2=cfg.transfer_l2)
     if not maps:
         raise ConfigError(f"--adapt-on {cfg.adapt_on}: no head has {MIN_ADAPT_ROWS} or more labelled rows there")
     datasets = {}
+    if isinstance(maps.get("age_bin"), TransferMap):  # bins from the age -> bin transfer map, not bucketized ages
+        bins_from = "logits"
     for item in cfg.on:
         outputs, labels = predicted[item]
         adapted = apply_label_maps(outputs, maps)
         datasets[item] = {k: float(v) for k, v in compute_metrics(adapted, labels, age_bins_from=bins_from).items()}
         logger.info("%s adapted on %s: %s", item, cfg.adapt_on,
                     ", ".join(f"{k} {v:.4g}" for k, v in datasets[item].items()))
-    return {"on": cfg.adapt_on, "rows": {head: m.rows for head, m in maps.items()}, "datasets": datasets}
+    race7 = maps.get("race7")
+    transfer = {"inputs": list(race7.inputs), "dims": int(race7.weight.shape[0]), "l2": race7.l2} if race7 else None
+    return {"on": cfg.adapt_on, "rows": {head: m.rows for head, m in maps.items()}, "datasets": datasets,
+            "race7_transfer": transfer}
 
 
 def adapted_markdown(adapted: dict[str, Any]) -> str:
     rows = ", ".join(f"{head} {n}" for head, n in adapted["rows"].items())
-    lines = ["", f"## With test-time label maps fitted on {adapted['on']} (labelled rows: {rows})", "",
+    transfer = adapted.get("race7_transfer")
+    note = ([f"7-race transfer map (race7) from {' + '.join(transfer['inputs'])} ({transfer['dims']} inputs, "
+             f"L2 {transfer['l2']:g}); "
+             "7-race acc (fold + chance): the adapted 5-class prediction, a race guessed uniformly among those "
+             "folded into it (expected accuracy).", ""] if transfer else [])
+    lines = ["", f"## With test-time label maps fitted on {adapted['on']} (labelled rows: {rows})", "", *note,
              *_metrics_table(adapted["datasets"])]
     return "\n".join(lines) + "\n"
 
@@ -378,7 +404,9 @@ def _cli(args: argparse.Namespace) -> int:
                                for k, v in _pairs(args.crop, "--crop").items()}
     if args.adapt_on:
         data["adapt_on"] = args.adapt_on
-    for key in ("batch_size", "num_actors", "limit", "image_size", "min_group_rows"):
+    if args.transfer_inputs is not None:
+        data["transfer_inputs"] = [s for s in args.transfer_inputs.split(",") if s]
+    for key in ("batch_size", "num_actors", "limit", "image_size", "min_group_rows", "transfer_l2"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     report = run_evaluate(validate(EvaluateConfig, data, "synthfar evaluate arguments"))
@@ -403,6 +431,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="rows per split at most")
     p.add_argument("--adapt-on", dest="adapt_on", metavar="NAME:SPLIT",
                    help="fit test-time label maps on this split's labels (frozen net) and report metrics with them too")
+    p.add_argument("--transfer-inputs", dest="transfer_inputs", metavar="logits,features",
+                   help="--adapt-on with FairFace's 7 races: inputs of the 7-race transfer map (default logits; "
+                        "'' for none)")
+    p.add_argument("--transfer-l2", dest="transfer_l2", type=float,
+                   help="the 7-race transfer map's L2 penalty (default: picked on a held-out fifth of the adapt rows)")
     p.add_argument("--min-group-rows", dest="min_group_rows", type=int,
                    help=f"groups with fewer rows are flagged, not ranked (default {MIN_GROUP_ROWS})")
     p.set_defaults(func=_cli)

@@ -15,6 +15,9 @@ What shows in a face (all class cues come from OVERLAPPING distributions; see th
   from the attributes (uniform in the sampler), so long-haired men and short-haired women occur;
 - ethnicity: skin tone, eye opening, nose width and lip thickness, each a class-dependent mean with
   per-face noise; hair colour and style come from the attributes (the vocab ties them to the class).
+  With `races7` (off by default) each face first draws one of FairFace's 7 races folded into its
+  rendered class (White or Middle Eastern for white, East or Southeast Asian for asian) and takes
+  that race's means, so the 7-race label is visible; the 5-class label does not change.
 
 Styles make a domain gap: `synthetic` is flat colour on a plain single-colour background; `photo`
 adds skin and hair texture, sphere shading, a lighting gradient, a colour cast, a cluttered
@@ -26,7 +29,7 @@ gender flipped, another ethnicity). `render_faces` returns the rendered values a
 
 Determinism: every image is a pure function of its seed, its inputs and the config. Each image draws
 its random numbers from its own generators (`default_rng([seed, tag])`, one stream per concern:
-labels, face, photo), and the pixel math uses only IEEE-exact operations (+ - * /, sqrt, min/max,
+labels, face, photo; races7 has its own, so turning it off leaves every image as it was), and the pixel math uses only IEEE-exact operations (+ - * /, sqrt, min/max,
 floor) elementwise, with per-image trigonometry done in Python scalars, so a pixel's value does not
 depend on the batch it is rendered in or on the SIMD path numpy takes. Geometry draws do not depend
 on the style, so one id in both styles is the same face.
@@ -52,7 +55,7 @@ from pydantic import Field, field_validator
 from synthfar_ray.config import StrictModel
 from synthfar_ray.errors import UserError
 from synthfar_ray.images import encode_jpeg
-from synthfar_ray.labels import AGE_BIN_EDGES, ETHNICITIES, GENDERS
+from synthfar_ray.labels import AGE_BIN_EDGES, ETHNICITIES, GENDERS, RACES7_OF_ETHNICITY
 
 # Head half-width as a fraction of the image side at scale 1, and the head centre (fractions).
 FACE_UNIT = 0.27
@@ -94,6 +97,21 @@ LIP_THICKNESS_SD = 0.008
 BROW_EXTRA = np.array([0.0, 0.0, -0.004, 0.010, 0.004])
 P_LIGHT_IRIS = np.array([0.45, 0.0, 0.0, 0.02, 0.08])  # blue or green eyes
 
+# `races7` (RenderConfig): the same means per FairFace race (index = labels.FAIRFACE_RACES7: White,
+# Black, Latino_Hispanic, East Asian, Southeast Asian, Indian, Middle Eastern). Black, Indian and
+# Latino_Hispanic keep their class's means; the races that fold into one class differ: Middle
+# Eastern is darker (2 lightness SDs), warmer, wider-nosed and rarely light-eyed than White, and
+# Southeast Asian darker, rounder-eyed and wider-nosed than East Asian, each by about one to two
+# per-face SDs, so the pairs overlap like the classes do.
+SKIN_LIGHTNESS7 = np.array([0.83, 0.27, 0.59, 0.74, 0.60, 0.48, 0.66])
+SKIN_YELLOW7 = np.array([0.00, 0.00, 0.018, 0.028, 0.020, 0.010, 0.012])
+SKIN_PINK7 = np.array([0.035, 0.00, 0.01, 0.00, 0.00, 0.00, 0.01])
+EYE_OPENING7 = np.array([0.57, 0.58, 0.55, 0.43, 0.51, 0.60, 0.60])
+NOSE_WIDTH7 = np.array([0.110, 0.165, 0.135, 0.128, 0.146, 0.140, 0.130])
+LIP_THICKNESS7 = np.array([0.038, 0.058, 0.048, 0.042, 0.048, 0.048, 0.045])
+BROW_EXTRA7 = np.array([0.0, 0.0, 0.004, -0.005, -0.002, 0.010, 0.012])
+P_LIGHT_IRIS7 = np.array([0.55, 0.0, 0.08, 0.0, 0.0, 0.02, 0.10])
+
 # Hair styles with a visible effect; any other style name draws plain hair.
 STYLE_VOLUME = {"curly": 0.16, "afro": 0.32, "wavy": 0.07, "messy": 0.09, "spiky": 0.10, "twists": 0.14,
                 "dreadlocks": 0.10, "box braids": 0.08, "braided": 0.03, "layered": 0.05}
@@ -107,6 +125,7 @@ _TAG_LABELS = 0xFACE01
 _TAG_FACE = 0xFACE02
 _TAG_PHOTO = 0xFACE03
 _TAG_SEED = 0xFACE04
+_TAG_RACE = 0xFACE05  # races7 only: a stream of its own, so with the option off no draw moves
 # Pixels rendered together (64 images at 64 px): enough to amortise numpy's per-call cost, small
 # enough to keep the temporaries in cache (and memory bounded at 256 px).
 _CHUNK_PIXELS = 64 * 64 * 64
@@ -145,6 +164,8 @@ class RenderConfig(StrictModel):
     photo: PhotoStyle = PhotoStyle()
     # Probability per id that the rendered attribute differs from its label; one number for all three.
     label_noise: float | dict[Literal["age", "gender", "ethnicity"], float] = 0.0
+    races7: bool = Field(False, description="draw each face's appearance from one of FairFace's 7 races "
+                         "folded into its rendered class (uniformly; adds render_race7); off: the 5 classes' means")
 
     @field_validator("label_noise")
     @classmethod
@@ -359,8 +380,21 @@ def _rendered_from(v: dict, cfg: RenderConfig) -> dict[str, np.ndarray]:
             gender[i] = 1 - gender[i]
         if u[2] < p_eth:
             eth[i] = other_eth + (other_eth >= eth[i])
-    return {"render_age": age.astype(np.float32), "render_gender": gender.astype(np.int8),
-            "render_ethnicity": eth.astype(np.int8)}
+    rendered = {"render_age": age.astype(np.float32), "render_gender": gender.astype(np.int8),
+                "render_ethnicity": eth.astype(np.int8)}
+    if cfg.races7:
+        rendered["render_race7"] = _races7(v["seeds"], eth)
+    return rendered
+
+
+def _races7(seeds: list[int], eth: np.ndarray) -> np.ndarray:
+    """One FairFace race per face, uniform among those its rendered class folds (own stream)."""
+    out = np.empty(len(seeds), dtype=np.int8)
+    for i, seed in enumerate(seeds):
+        races = RACES7_OF_ETHNICITY[int(eth[i])]
+        u = np.random.default_rng([seed, _TAG_RACE]).random()
+        out[i] = races[min(int(u * len(races)), len(races) - 1)]
+    return out
 
 
 def rendered_attributes(attrs: FaceBatch, poses: PoseBatch, cfg: RenderConfig, seeds: np.ndarray) -> dict[str, np.ndarray]:
@@ -408,6 +442,19 @@ class _Face:
     colors: dict  # named colours, (n, 3)
 
 
+def _appearance(rendered: dict, sl: slice) -> dict[str, np.ndarray]:
+    """Per-face means of the ethnicity cues: the 7 races' (render_race7, when drawn) or the classes'."""
+    if "render_race7" in rendered:
+        r = rendered["render_race7"][sl].astype(np.int64)
+        tables = (SKIN_LIGHTNESS7, SKIN_YELLOW7, SKIN_PINK7, EYE_OPENING7, NOSE_WIDTH7, LIP_THICKNESS7, BROW_EXTRA7,
+                  P_LIGHT_IRIS7)
+    else:
+        r = rendered["render_ethnicity"][sl].astype(np.int64)
+        tables = (SKIN_LIGHTNESS, SKIN_YELLOW, SKIN_PINK, EYE_OPENING, NOSE_WIDTH, LIP_THICKNESS, BROW_EXTRA, P_LIGHT_IRIS)
+    names = ("skin", "yellow", "pink", "eye_open", "nose_w", "lip", "brow", "light_iris")
+    return {k: t[r] for k, t in zip(names, tables)}
+
+
 def _face_params(v: dict, rendered: dict, sl: slice, size: int) -> _Face:
     seeds = v["seeds"][sl]
     n = len(seeds)
@@ -431,6 +478,7 @@ def _face_params(v: dict, rendered: dict, sl: slice, size: int) -> _Face:
     age = rendered["render_age"][sl].astype(np.float64)
     male = rendered["render_gender"][sl] == 0
     eth = rendered["render_ethnicity"][sl].astype(np.int64)
+    look = _appearance(rendered, sl)
     child = np.clip((16.0 - age) / 16.0, 0.0, 1.0)  # 1 newborn .. 0 from 16
     old = np.clip((age - 30.0) / 55.0, 0.0, 1.0)  # 0 up to 30 .. 1 at 85
     lined = np.clip((age - 24.0) / 61.0, 0.0, 1.0)  # skin lines: 0 up to 24 .. 1 at 85
@@ -450,13 +498,13 @@ def _face_params(v: dict, rendered: dict, sl: slice, size: int) -> _Face:
     p["eye_y"] = -0.06 + 0.20 * child + 0.025 * z("eye_y")
     p["eye_x"] = 0.37 + 0.02 * z("eye_sep") - 0.02 * child
     p["eye_w"] = 0.165 + 0.045 * child + 0.012 * z("eye_w") - 0.015 * old
-    p["eye_h"] = p["eye_w"] * (EYE_OPENING[eth] + 0.12 * child - 0.1 * old + EYE_OPENING_SD * z("eye_open"))
-    p["brow_t"] = np.maximum(0.045 + 0.022 * sex + BROW_EXTRA[eth] + 0.009 * z("brow") - 0.015 * child, 0.022)
+    p["eye_h"] = p["eye_w"] * (look["eye_open"] + 0.12 * child - 0.1 * old + EYE_OPENING_SD * z("eye_open"))
+    p["brow_t"] = np.maximum(0.045 + 0.022 * sex + look["brow"] + 0.009 * z("brow") - 0.015 * child, 0.022)
     # Brows: women's sit a little higher (sex < 0 lifts them).
     p["brow_y"] = p["eye_y"] - p["eye_h"] - 0.075 + 0.02 * np.minimum(sex, 0.0) + 0.015 * z("brow_y") + 0.02 * child
     p["nose_y"] = p["eye_y"] + 0.34 - 0.12 * child + 0.025 * z("nose_len") + 0.02 * old
-    p["nose_w"] = np.maximum(NOSE_WIDTH[eth] + NOSE_WIDTH_SD * z("nose_w") - 0.035 * child + 0.01 * old, 0.06)
-    p["lip_t"] = np.maximum(LIP_THICKNESS[eth] + 0.010 * adult_f + LIP_THICKNESS_SD * z("lip") - 0.012 * old - 0.01 * child, 0.02)
+    p["nose_w"] = np.maximum(look["nose_w"] + NOSE_WIDTH_SD * z("nose_w") - 0.035 * child + 0.01 * old, 0.06)
+    p["lip_t"] = np.maximum(look["lip"] + 0.010 * adult_f + LIP_THICKNESS_SD * z("lip") - 0.012 * old - 0.01 * child, 0.02)
     p["mouth_y"] = p["nose_y"] + 0.22 - 0.06 * child + 0.02 * old
     p["mouth_w"] = 0.20 + 0.018 * z("mouth_w") - 0.06 * child
     p["smile"] = 0.03 * z("smile")
@@ -500,12 +548,12 @@ def _face_params(v: dict, rendered: dict, sl: slice, size: int) -> _Face:
     p["blush"] = np.clip(0.12 * child + 0.08 * adult_f * (u("blush") < 0.5), 0, 1)
 
     # Colours.
-    light = np.clip(SKIN_LIGHTNESS[eth] + SKIN_LIGHTNESS_SD * z("skin") + 0.03 * child - 0.02 * old, 0.05, 1.0)
+    light = np.clip(look["skin"] + SKIN_LIGHTNESS_SD * z("skin") + 0.03 * child - 0.02 * old, 0.05, 1.0)
     dark_skin = np.array([0.17, 0.10, 0.06])
     light_skin = np.array([0.99, 0.86, 0.76])
     skin = dark_skin + (light_skin - dark_skin) * light[:, None]
-    yellow = SKIN_YELLOW[eth] + 0.012 * z("skin_hue")
-    skin = skin + np.stack([SKIN_PINK[eth] + 0.02 * child, yellow, -yellow], axis=1)
+    yellow = look["yellow"] + 0.012 * z("skin_hue")
+    skin = skin + np.stack([look["pink"] + 0.02 * child, yellow, -yellow], axis=1)
     # Skin loses colour with age (toward its own grey level, so the lightness cue is kept).
     grey = skin.mean(axis=1, keepdims=True)
     skin = np.clip(skin + 0.25 * lined[:, None] * (grey - skin), 0.0, 1.0)
@@ -515,7 +563,7 @@ def _face_params(v: dict, rendered: dict, sl: slice, size: int) -> _Face:
     lips = np.where(p["lipstick"][:, None], 0.45 * lips + 0.55 * np.array([0.72, 0.10, 0.20]), lips)
     brown_iris = np.array([0.28, 0.17, 0.09])
     light_iris = np.where((u("iris_kind") < 0.65)[:, None], np.array([[0.28, 0.48, 0.70]]), np.array([[0.34, 0.48, 0.28]]))
-    iris = np.where((u("iris") < P_LIGHT_IRIS[eth])[:, None], light_iris, brown_iris * (0.6 + 0.4 * (eth == 0))[:, None])
+    iris = np.where((u("iris") < look["light_iris"])[:, None], light_iris, brown_iris * (0.6 + 0.4 * (eth == 0))[:, None])
     grey_hair = np.array([c in ("grey", "white", "silver", "salt and pepper") for c in hair_names])
     brows = np.where(grey_hair[:, None], 0.55 * hair + 0.1, 0.72 * hair + 0.04 * (1 - hair))
     brows = brows * (1 - 0.25 * child)[:, None] + 0.25 * child[:, None] * skin * 0.8
@@ -872,7 +920,8 @@ def render_faces(attrs: FaceBatch, poses: PoseBatch, cfg: RenderConfig, seeds: n
 
     `rendered` holds the TRUE attributes of each picture: render_age (float32 years),
     render_gender (int8), render_ethnicity (int8); they differ from the labels only under
-    label noise. Each image is a pure function of (seed, its inputs, cfg); see the module doc.
+    label noise. With cfg.races7 also render_race7 (int8, index into labels.FAIRFACE_RACES7).
+    Each image is a pure function of (seed, its inputs, cfg); see the module doc.
     """
     v = _validate(attrs, poses, seeds)
     rendered = _rendered_from(v, cfg)

@@ -4,7 +4,8 @@ Two generators make the images of the same rows (same ids, labels, prompts, pose
 - `diffusion` (default): Stable Diffusion + OpenPose ControlNet (diffusion.py);
 - `procedural`: the ground-truth face renderer (faces.py), which draws each id's face from its
   labels, hair and head pose, in a `synthetic` or `photo` style, with optional label noise. Its rows
-  also carry the rendered attributes (`render_age`, `render_gender`, `render_ethnicity`): the truth
+  also carry the rendered attributes (`render_age`, `render_gender`, `render_ethnicity`, and
+  `render_race7` with `render.races7`): the truth
   of each picture, which training never reads and selection/quality evaluation use. Rendering is
   per image, so its bytes do not depend on compute.batch_size.
 
@@ -231,6 +232,8 @@ def fingerprint(cfg: GenerateConfig) -> str:
     parts = {k: dump[k] for k in CONTENT_FIELDS + GENERATOR_FIELDS[cfg.generator]}
     if "model" in parts:
         parts["model"] = model_content(parts["model"])
+    if "render" in parts and not parts["render"].get("races7"):
+        parts["render"].pop("races7", None)  # off: the fingerprint of outputs made before the option
     if cfg.generator == "diffusion":
         parts["batch_size"] = cfg.compute.batch_size
         parts["prompt_encoding"] = PROMPT_ENCODING
@@ -277,6 +280,9 @@ EXTRA_FIELDS: list[pa.Field] = [
 ]
 RENDER_COLUMNS: tuple[str, ...] = ("render_age", "render_gender", "render_ethnicity")
 SYNTHETIC_SCHEMA = pa.schema(CORE_FIELDS + EXTRA_FIELDS)
+# render.races7 only (its parts add the column; without the option they are as before it existed):
+# the FairFace race the face shows, an index into labels.FAIRFACE_RACES7.
+RACE7_FIELD = pa.field("render_race7", pa.int8())
 
 
 def prompt_rows(cfg: GenerateConfig, ids: range) -> list[dict[str, Any]]:
@@ -334,13 +340,14 @@ def render_rows(cfg: GenerateConfig, rows: list[dict[str, Any]]) -> list[np.ndar
     for j, r in enumerate(rows):
         r["seed"] = int(seeds[j])
         r["keypoints"] = to_column(keypoints[j])
-        r.update({k: truth[k][j].item() for k in RENDER_COLUMNS})
+        r.update({k: truth[k][j].item() for k in (*RENDER_COLUMNS, RACE7_FIELD.name) if k in truth})
     return list(images)
 
 
 def part_bytes(rows: list[dict[str, Any]], dropped_ids: list[int]) -> bytes:
     """A part file: the rows, plus the ids dropped for non-finite pixels in its metadata."""
-    table = pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA)
+    races7 = bool(rows) and RACE7_FIELD.name in rows[0]
+    table = pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA.append(RACE7_FIELD) if races7 else SYNTHETIC_SCHEMA)
     if dropped_ids:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), DROPPED_KEY: json.dumps(dropped_ids)})
     buf = io.BytesIO()

@@ -26,6 +26,11 @@ FAIRFACE_RACE_TO_ETHNICITY: dict[str, str] = {
 FAIRFACE_RACES7: tuple[str, ...] = (
     "White", "Black", "Latino_Hispanic", "East Asian", "Southeast Asian", "Indian", "Middle Eastern",
 )
+# The fold inverted: per class (ETHNICITIES order) the indices into FAIRFACE_RACES7 folded into it.
+RACES7_OF_ETHNICITY: tuple[tuple[int, ...], ...] = tuple(
+    tuple(i for i, r in enumerate(FAIRFACE_RACES7) if FAIRFACE_RACE_TO_ETHNICITY[r] == e) for e in ETHNICITIES)
+# Per race (FAIRFACE_RACES7 order) the index of the class it folds into.
+ETHNICITY_OF_RACE7: tuple[int, ...] = tuple(ETHNICITIES.index(FAIRFACE_RACE_TO_ETHNICITY[r]) for r in FAIRFACE_RACES7)
 
 
 def age_to_bin(age: np.ndarray | float) -> np.ndarray:

@@ -5,6 +5,7 @@ Missing labels are masked, never counted: a NaN true age (FairFace has only bins
 Synthetic heads (synthetic_heads.py) add pose MAE in degrees (per angle and their mean), hair
 length / colour accuracy and keypoint NME (`keypoint_nme`), each only where some row has the label
 (a real split has none).
+FairFace's 7 races (`ethnicity7` labels): `race7_metrics`, the fixed fold baseline and a transfer map's accuracy.
 
 By group: `metrics_by_group` scores every metric within each ethnicity, gender and age bin and
 names the worst group and the gap (max - min) per metric; `confusion_matrices` counts true x
@@ -18,7 +19,8 @@ from typing import Literal
 
 import numpy as np
 
-from synthfar_ray.labels import AGE_BIN_EDGES, AGE_BIN_NAMES, AGE_CLIP, ETHNICITIES, GENDERS
+from synthfar_ray.labels import (AGE_BIN_EDGES, AGE_BIN_NAMES, AGE_CLIP, ETHNICITIES, ETHNICITY_OF_RACE7, GENDERS,
+                                 RACES7_OF_ETHNICITY)
 
 
 def clip_age(pred: np.ndarray) -> np.ndarray:
@@ -111,6 +113,36 @@ def synthetic_head_metrics(outputs: dict[str, np.ndarray], labels: dict[str, np.
     return result
 
 
+def fold_chance_accuracy(ethnicity_logits: np.ndarray, race7: np.ndarray) -> float:
+    """Expected 7-race accuracy of the fixed map: predict the 5-class label, then guess uniformly
+    among the races folded into it (1/2 for white and asian, 1 otherwise); exact, over the rows
+    whose race is known (race7 >= 0). NaN without such rows."""
+    y = np.asarray(race7, dtype=np.int64)
+    known = y >= 0
+    if not known.any():
+        return float("nan")
+    pred = np.asarray(ethnicity_logits)[known].argmax(axis=1)
+    hit = pred == np.asarray(ETHNICITY_OF_RACE7)[y[known]]
+    share = 1.0 / np.array([len(r) for r in RACES7_OF_ETHNICITY])[pred]
+    return float(np.mean(hit * share))
+
+
+def race7_metrics(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """FairFace's 7 races, where the labels have some known `ethnicity7`: "race7_fold_acc" (the
+    fixed 7->5 fold inverted by chance, fold_chance_accuracy, from the 5 ethnicity logits) and
+    "race7_acc" (argmax of "race7_logits", a label-transfer map's output, when present)."""
+    race7 = labels.get("ethnicity7")
+    if race7 is None or not (np.asarray(race7) >= 0).any():
+        return {}
+    race7 = np.asarray(race7, dtype=np.int64)
+    out: dict[str, float] = {}
+    if "ethnicity_logits" in outputs:
+        out["race7_fold_acc"] = fold_chance_accuracy(outputs["ethnicity_logits"], race7)
+    if "race7_logits" in outputs:
+        out["race7_acc"] = accuracy(np.argmax(np.asarray(outputs["race7_logits"]), axis=-1), race7)
+    return out
+
+
 def regression_to_bins(pred_age: np.ndarray) -> np.ndarray:
     """Ages in years -> FairFace bin indices 0..8 (bucketize on [3,10,...,70], right-closed edges,
     i.e. torch.bucketize(right=True) and labels.age_to_bin: 2.99 -> 0, 3 -> 1, 70 -> 8)."""
@@ -184,6 +216,7 @@ def compute_metrics(
         if attr in pred and true[attr] is not None:
             result[f"{attr}_acc"] = accuracy(pred[attr], true[attr])
     result.update(synthetic_head_metrics(outputs, labels))
+    result.update(race7_metrics(outputs, labels))
 
     result["n"] = n
     return result

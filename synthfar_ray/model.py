@@ -199,9 +199,10 @@ class MultiTaskNet(nn.Module):
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, precision: Precision | None = None,
-            nhwc: bool = True) -> dict[str, torch.Tensor]:
+            nhwc: bool = True, features: bool = False) -> dict[str, torch.Tensor]:
     """Eval-mode outputs (float32) for a uint8 batch already on the model's device; `precision`
-    (precision.device_precision: autocast and layout) defaults to fp32, NCHW."""
+    (precision.device_precision: autocast and layout) defaults to fp32, NCHW. `features` adds the
+    encoder's pooled features, (N, feat), under "features" (label transfer reads them)."""
     from synthfar_ray.transforms import to_model_input
 
     amp_dtype = precision.autocast_dtype if precision else None
@@ -210,7 +211,11 @@ def predict(model: nn.Module, images: torch.Tensor, precision: Precision | None 
     try:
         x = to_model_input(images, None, channels_last=bool(precision and precision.channels_last), nhwc=nhwc)
         with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(x)
+            if features:
+                f = model.backbone(x)
+                out = {**model.heads(f), "features": f}
+            else:
+                out = model(x)
         return {k: v.float() for k, v in out.items()}
     finally:
         model.train(was_training)

@@ -52,6 +52,8 @@ class StandInConfig(StrictModel):
     layouts: list[Literal["utkface", "fairface"]] = Field(default_factory=lambda: ["utkface"], min_length=1)
     style: Literal["synthetic", "photo"] = "photo"
     photo: PhotoStyle = PhotoStyle()
+    races7: bool = Field(False, description="render FairFace's 7 races visibly (faces.RenderConfig.races7) and write "
+                         "each face's rendered race in the FairFace layout; independent of generate.render.races7")
 
 
 class RealConfig(StrictModel):
@@ -139,7 +141,7 @@ def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
         if cfg.real.dataset not in cfg.standin.layouts:
             raise ConfigError(f"{source}: real.dataset={cfg.real.dataset} but standin.layouts={cfg.standin.layouts}")
         render = gen.render.model_copy(update={"style": cfg.standin.style, "photo": cfg.standin.photo,
-                                               "label_noise": 0.0})
+                                               "label_noise": 0.0, "races7": cfg.standin.races7})
         standin = gen.model_copy(update={"output": storage.join(run_dir, "standin_parquet"), "generator": "procedural",
                                          "num_images": cfg.standin.num_images, "seed": cfg.standin.seed,
                                          "val_fraction": 0.0, "render": render})

@@ -5,7 +5,9 @@ procedural face renderer (faces.py) in `style: photo` WITHOUT label noise, and w
 files the real datasets ship as, so the real `synthfar ingest` reads them:
 - UTKFace: `age_gender_race_stamp.jpg.chip.jpg` files in one folder;
 - FairFace: `train/`, `val/` folders and `fairface_label_{train,val}.csv` with FairFace's label
-  strings (age bins such as "20-29", Male/Female, the 7 races).
+  strings (age bins such as "20-29", Male/Female, the 7 races). Rendered with `races7`
+  (pipeline `standin.races7: true`), the race written is the one the face shows (render_race7);
+  without it the 5-class face carries no 7-race cue and the id picks one of the class's races.
 
 The rendered set is split between the layouts written by id (id % number of layouts: with both,
 even ids UTKFace and odd ids FairFace), so two stand-ins never share an image: training on one and
@@ -29,11 +31,6 @@ from synthfar_ray import storage
 Layout = Literal["utkface", "fairface"]
 LAYOUTS: tuple[str, ...] = ("utkface", "fairface")
 FAIRFACE_VAL_SHARE = 0.125  # FairFace ships about 1/8 of its images as the official val set
-# The 5 classes back to FairFace's 7 races: where two races fold into one class, the id picks one.
-_RACES7: dict[str, tuple[str, ...]] = {
-    "white": ("White", "Middle Eastern"), "black": ("Black",), "asian": ("East Asian", "Southeast Asian"),
-    "indian": ("Indian",), "other": ("Latino_Hispanic",),
-}
 NOTICE = ("STAND-IN, NOT REAL FACES: procedural faces (synthfar_ray/faces.py, style photo, no label noise)\n"
           "written in {layout}'s file layout by `synthfar pipeline`, so the demo can run the real ingest,\n"
           "training and evaluation offline. Their labels are exact: they are what the renderer drew.\n")
@@ -45,12 +42,18 @@ def layout_of(image_id: int, layouts: list[str]) -> str:
 
 
 def fairface_labels(row: dict[str, Any], salt: int = 0) -> tuple[str, str, str]:
-    """(age bin, gender, race) as FairFace writes them, for a row with age/gender/ethnicity; where two
-    races fold into the row's class, `salt` (any per-image integer) picks one."""
+    """(age bin, gender, race) as FairFace writes them, for a row with age/gender/ethnicity: the
+    rendered race where the row has one (`render_race7`, not null), else, where two races fold into
+    the row's class, `salt` (any per-image integer) picks one."""
     age_bin = int(L.age_to_bin(row["age"]))
     age = "more than 70" if age_bin == L.NUM_AGE_BINS - 1 else L.AGE_BIN_NAMES[age_bin]
-    races = _RACES7[L.ETHNICITIES[row["ethnicity"]]]
-    return age, ("Male", "Female")[row["gender"]], races[salt % len(races)]
+    races = L.RACES7_OF_ETHNICITY[row["ethnicity"]]
+    race = races[salt % len(races)] if row.get("render_race7") is None else row["render_race7"]
+    if race not in races:
+        raise ValueError(f"row id {row.get('id')}: render_race7 {L.FAIRFACE_RACES7[race]!r} does not fold into its "
+                         f"ethnicity {L.ETHNICITIES[row['ethnicity']]!r} (a stand-in is rendered without label noise)")
+    race = L.FAIRFACE_RACES7[race]
+    return age, ("Male", "Female")[row["gender"]], race
 
 
 def fairface_split(image_id: int) -> str:
@@ -63,7 +66,9 @@ def _rows(parquet_uri: str, opts: storage.StorageOptions) -> Iterator[dict[str, 
     for name in storage.list_files(parquet_uri, opts, suffix=".parquet"):
         fs, path = storage.resolve(storage.join(parquet_uri, name), opts)
         with fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["id", "image", "age", "gender", "ethnicity"])
+            names = pq.read_schema(f).names
+            table = pq.read_table(f, columns=["id", "image", "age", "gender", "ethnicity",
+                                              *(["render_race7"] if "render_race7" in names else [])])
         yield from table.to_pylist()
 
 

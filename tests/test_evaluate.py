@@ -173,5 +173,13 @@ def test_evaluate_cli_regression_net(ray_cluster, sets, tmp_path, capsys):
     outputs, labels = _direct_outputs(ff, "val", ckpt, 32, None)
     assert report["confusion"]["fairface:val"] == confusion_matrices(outputs, labels, age_bins_from="regression")
     assert "## By group" in capsys.readouterr().out
+    # Adapted: its ages go through an age -> 9 bins transfer map fitted on the adapt split's bins (no
+    # 7-race labels in this fixture: no race7 map, no 7-race metric).
+    assert main(["evaluate", ckpt, "--on", "fairface:val", "--data", f"fairface={root / 'ff'}", "--out", str(out),
+                 "--crop", "fairface=none", "--adapt-on", "fairface:test"]) == 0
+    adapted = json.loads((out / "metrics.json").read_text())["adapted"]
+    assert adapted["rows"]["age_bin"] >= 20 and "race7" not in adapted["rows"] and adapted["race7_transfer"] is None
+    assert 0.0 <= adapted["datasets"]["fairface:val"]["age_bin_acc"] <= 1.0
+    assert "race7_fold_acc" not in adapted["datasets"]["fairface:val"]
     assert main(["evaluate", ckpt, "--on", "fairface:test", "--out", str(out)]) == 2  # no --data
     assert main(["evaluate", str(tmp_path / "nowhere"), "--on", "u:test", "--data", "u=/x"]) == 2

@@ -387,3 +387,70 @@ def test_pitch_roll_scale_offset():
     centre = np.nonzero(person(_render_pose()))[1].mean()
     shifted = np.nonzero(person(_render_pose(offset_x=0.1)))[1].mean()
     assert 8 < shifted - centre < 18  # 0.1 of 128 px = 12.8 px
+
+
+# ------------------------------------------------------------------------------ FairFace's 7 races (races7)
+
+# sha256 of sample_batch(40, run_seed=3) rendered with label_noise 0.3 by the renderer before races7
+# existed (commit d1cfb31): the option off must leave every image as it was.
+GOLDEN_BEFORE_RACES7 = {
+    "synthetic": "968e9a1ea243645068948d49ddb882a22f32f5ff718794934fa74335477d4aab",
+    "photo": "f3bd80b3f712b4f40c3ca7d96b278ab68cc9e7f69e96170cc8453df3fc89eb9c",
+}
+
+
+@pytest.mark.parametrize("style", ["synthetic", "photo"])
+def test_races7_off_leaves_every_image_bit_identical(style):
+    import hashlib
+
+    attrs, poses, seeds = sample_batch(40, run_seed=3)
+    images, rendered = render_faces(attrs, poses, RenderConfig(style=style, label_noise=0.3), seeds)
+    assert hashlib.sha256(images.tobytes()).hexdigest() == GOLDEN_BEFORE_RACES7[style]
+    assert "render_race7" not in rendered
+
+
+def test_races7_draws_the_folded_races_and_changes_only_their_faces():
+    """races7: each face's race folds into its rendered class (label noise included), the two-race
+    classes split about evenly, and only white and asian faces change (Black, Indian and
+    Latino_Hispanic keep their class's means, and the race draw has its own stream)."""
+    from synthfar_ray.labels import FAIRFACE_RACE_TO_ETHNICITY, FAIRFACE_RACES7
+
+    attrs, poses, seeds = sample_batch(400, run_seed=4)
+    cfg = RenderConfig(label_noise=0.2, races7=True)
+    rendered = rendered_attributes(attrs, poses, cfg, seeds)
+    race = rendered["render_race7"]
+    assert race.dtype == np.int8
+    folded = [ETHNICITIES.index(FAIRFACE_RACE_TO_ETHNICITY[FAIRFACE_RACES7[r]]) for r in race]
+    assert folded == rendered["render_ethnicity"].tolist()
+    white = rendered["render_ethnicity"] == ETHNICITIES.index("white")
+    share_me = float(np.mean(race[white] == FAIRFACE_RACES7.index("Middle Eastern")))
+    assert 0.35 < share_me < 0.65, share_me
+    sub = slice(0, 60)
+    on, _ = render_faces(attrs.take(sub), poses.take(sub), cfg, seeds[sub])
+    off, _ = render_faces(attrs.take(sub), poses.take(sub), RenderConfig(label_noise=0.2), seeds[sub])
+    two_race = np.isin(rendered["render_ethnicity"][sub], [ETHNICITIES.index("white"), ETHNICITIES.index("asian")])
+    same = np.array([np.array_equal(a, b) for a, b in zip(on, off)])
+    assert same[~two_race].all() and not same[two_race].any()
+
+
+def test_races7_folded_pairs_differ_visibly_but_overlap():
+    """Mean skin colour between the eyebrows (as in the 5-class test): White lighter than Middle
+    Eastern and East Asian lighter than Southeast Asian on average, with faces of the darker race
+    lighter than some of the lighter race's."""
+    from synthfar_ray.labels import FAIRFACE_RACES7
+
+    n = 60
+    attrs, poses, seeds = sample_batch(800, run_seed=6)
+    cfg = RenderConfig(size=128, races7=True)
+    rendered = rendered_attributes(attrs, poses, cfg, seeds)
+    light = {}
+    for name in ("White", "Middle Eastern", "East Asian", "Southeast Asian"):
+        idx = np.flatnonzero(rendered["render_race7"] == FAIRFACE_RACES7.index(name))[:n]
+        front = _one_face(len(idx), ethnicity=int(rendered["render_ethnicity"][idx[0]]), age=30, gender=0)
+        images, truth = render_faces(front, PoseBatch.frontal(len(idx)), cfg, seeds[idx])
+        assert (truth["render_race7"] == FAIRFACE_RACES7.index(name)).all()  # the race follows the seed
+        px, py = 64, int(128 * 0.45 - 0.12 * 0.27 * 128)
+        light[name] = images[:, py - 1:py + 2, px - 1:px + 2].astype(float).mean(axis=(1, 2, 3))
+    for lighter, darker in (("White", "Middle Eastern"), ("East Asian", "Southeast Asian")):
+        assert light[lighter].mean() > light[darker].mean() + 15, {k: v.mean() for k, v in light.items()}
+        assert light[darker].max() > light[lighter].min(), (darker, lighter)

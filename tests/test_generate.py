@@ -371,6 +371,7 @@ def test_procedural_rows_are_the_renderer_faces_with_their_truth(ray_cluster, tm
     assert [r["gender"] for r in rows] == [GENDERS.index(a.gender) for a in attrs]
     flipped = sum(r["gender"] != r["render_gender"] for r in rows)
     assert 1 <= flipped <= 16
+    assert "render_race7" not in rows[0]  # render.races7 off: the parts are as before the option
     # Resume: a second run makes nothing; the style is part of the fingerprint.
     assert run_generate(cfg).generated == 0
     other = make_cfg(cfg.output, generator="procedural", render={**render, "style": "synthetic"}, num_images=24,
@@ -378,6 +379,31 @@ def test_procedural_rows_are_the_renderer_faces_with_their_truth(ray_cluster, tm
     assert fingerprint(other) != fingerprint(cfg)
     with pytest.raises(FileExistsError, match="different config"):
         run_generate(other)
+
+
+def test_procedural_races7_rows_carry_the_rendered_race(ray_cluster, tmp_path):
+    """render.races7: each row carries the race its face shows (the renderer's render_race7), the
+    option is part of the fingerprint, and off it leaves the fingerprint of earlier outputs as it was
+    (2f197699c177589a: this config's fingerprint before the option existed)."""
+    from synthfar_ray.faces import FaceBatch, PoseBatch, RenderConfig, face_seeds, rendered_attributes
+    from synthfar_ray.generate import GenerateConfig
+    from synthfar_ray.poses import sample_pose
+
+    before = GenerateConfig(output=str(tmp_path / "x"), generator="procedural",
+                            render={"style": "photo", "label_noise": 0.2}, num_images=10)
+    assert fingerprint(before) == "2f197699c177589a"
+    render = {"size": 32, "label_noise": 0.3, "races7": True}
+    cfg = make_cfg(str(tmp_path / "proc7"), generator="procedural", render=render, num_images=16, shard_size=8)
+    assert fingerprint(cfg) != fingerprint(make_cfg(cfg.output, generator="procedural", num_images=16, shard_size=8,
+                                                    render={**render, "races7": False}))
+    assert run_generate(cfg).generated == 16
+    _, rows = read_parts(cfg.output)
+    rows.sort(key=lambda r: r["id"])
+    attrs = [sample_attributes(cfg.seed, i, cfg.prompts) for i in range(16)]
+    poses = [sample_pose(cfg.seed, i, cfg.poses) for i in range(16)]
+    truth = rendered_attributes(FaceBatch.from_attributes(attrs), PoseBatch.from_poses(poses), RenderConfig(**render),
+                                face_seeds(cfg.seed, range(16)))
+    assert [r["render_race7"] for r in rows] == truth["render_race7"].tolist()
 
 
 def test_procedural_config_errors_name_the_field(tmp_path):

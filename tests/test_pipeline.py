@@ -80,6 +80,11 @@ def test_demo_config_validates():
     assert set(plan.real_sets) == {"utkface", "fairface"} and plan.generate.generator == "procedural"
     assert plan.selection_runs == {"mix_25": "cl-sam", "cl_sam_selected": "cl-sam", "random_selected": "random",
                                    "rl_selected": "rl", "quality_selected": "quality"}
+    # races7 is off in the demo (its numbers stay), and standin.races7 reaches only the stand-ins' render.
+    assert not plan.standin.render.races7 and not plan.generate.render.races7
+    cfg7 = cfg.model_copy(update={"standin": cfg.standin.model_copy(update={"races7": True})})
+    plan7 = plan_stages(cfg7, "configs/pipeline/demo.yaml")
+    assert plan7.standin.render.races7 and not plan7.generate.render.races7
 
 
 def test_adaptation_config_validates_and_its_table_reaches_the_report(tmp_path):
@@ -160,6 +165,11 @@ def test_spearman_and_standin_label_strings():
     assert fairface_labels({"age": 75.0, "gender": 1, "ethnicity": 0}, salt=1) == ("more than 70", "Female",
                                                                                    "Middle Eastern")
     assert fairface_labels({"age": 4.0, "gender": 0, "ethnicity": 1}, salt=7) == ("3-9", "Male", "Black")
+    # Rendered with races7: the race the face shows, whatever the salt; one that does not fold is refused.
+    asian = {"age": 30.0, "gender": 0, "ethnicity": 2, "render_race7": 4, "id": 9}
+    assert fairface_labels(asian, salt=0)[2] == fairface_labels(asian, salt=1)[2] == "Southeast Asian"
+    with pytest.raises(ValueError, match="row id 9: render_race7 'Southeast Asian' does not fold into its ethnicity 'white'"):
+        fairface_labels({**asian, "ethnicity": 0})
 
 
 def test_parallel_runs_auto_counts_what_each_run_holds(tmp_path):
