@@ -392,6 +392,9 @@ def test_procedural_races7_rows_carry_the_rendered_race(ray_cluster, tmp_path):
     before = GenerateConfig(output=str(tmp_path / "x"), generator="procedural",
                             render={"style": "photo", "label_noise": 0.2}, num_images=10)
     assert fingerprint(before) == "2f197699c177589a"
+    shifted = before.model_copy(update={"render": before.render.model_copy(update={
+        "photo": before.render.photo.model_copy(update={"tint": (0.8, 0.6, 0.5)})})})
+    assert fingerprint(shifted) != "2f197699c177589a"  # render.photo.tint counts once it is set
     render = {"size": 32, "label_noise": 0.3, "races7": True}
     cfg = make_cfg(str(tmp_path / "proc7"), generator="procedural", render=render, num_images=16, shard_size=8)
     assert fingerprint(cfg) != fingerprint(make_cfg(cfg.output, generator="procedural", num_images=16, shard_size=8,
