@@ -196,6 +196,10 @@ def predict_splits(cfg: EvaluateConfig, checkpoints: list[str], image_size: int,
                         fn_constructor_kwargs={"checkpoints": checkpoints, "storage_options": cfg.storage,  # an object: JSON would mask the secrets
                                                "use_gpu": gpus > 0, "columns": columns,
                                                "features": bool(cfg.adapt_on) and "features" in cfg.transfer_inputs})
+    if cfg.limit or cfg.adapt_on:
+        # `limit` keeps the first rows in FILE order only if blocks reach it in that order; without this
+        # it kept whichever read finished first, so under load a test-time map was fitted on other rows.
+        ds.context.execution_options.preserve_order = True
     parts: dict[str, list[np.ndarray]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in batch.items():
