@@ -54,7 +54,7 @@ def checkpoint_meta(cfg: TrainConfig, channels_last: bool | None = None) -> dict
     return {"format": 1, "backbone": cfg.model.backbone, "age_mode": cfg.model.age_mode, "image_size": cfg.image_size,
             "center_crop": cfg.center_crop, "synthetic_center_crop": cfg.synthetic_center_crop,
             "channels_last": cfg.channels_last if channels_last is None else channels_last, "run": cfg.name,
-            "plan": cfg.plan, "synthetic_heads": list(cfg.model.synthetic_heads)}
+            "plan": cfg.plan, "synthetic_heads": list(cfg.model.synthetic_heads), "transfer": list(cfg.model.transfer)}
 
 
 def save_model(directory: str, model, meta: dict[str, Any]) -> None:
@@ -130,7 +130,7 @@ def load_model(checkpoint_uri: str, storage_opts: StorageOptions | None = None):
     uri = resolve_checkpoint(checkpoint_uri, storage_opts)
     meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE), storage_opts))
     # Checkpoints from before synthetic heads have no such key: the plain net.
-    net = MultiTaskNet(meta["backbone"], None, meta["age_mode"], meta.get("synthetic_heads", ()))
+    net = MultiTaskNet(meta["backbone"], None, meta["age_mode"], meta.get("synthetic_heads", ()), meta.get("transfer", ()))
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, MODEL_FILE), storage_opts)),
                        map_location="cpu", weights_only=True)
     net.load_state_dict(state)

@@ -42,6 +42,8 @@ class LossWeights(StrictModel):
                                description="cross-entropy on hair length (synthetic rows only)")
     hair_color: float = Field(1.0, ge=0, exclude_if=lambda v: v == 1.0,
                               description="cross-entropy on hair colour (synthetic rows only)")
+    race7: float = Field(1.0, ge=0, exclude_if=lambda v: v == 1.0,
+                         description="cross-entropy of model.transfer's 7-race head (real rows with ethnicity7)")
     keypoints: float = Field(1.0, ge=0, exclude_if=lambda v: v == 1.0,
                              description="smooth L1 on keypoint coordinates in units of a quarter of the image "
                                          "side (synthetic rows only)")
@@ -109,6 +111,8 @@ def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tenso
         pred = outputs["keypoints"].float() / KEYPOINT_SCALE
         true, known = _known_or_pred(pred, targets["keypoints"].to(pred.device, torch.float32) / KEYPOINT_SCALE)
         losses["keypoints"] = _masked_mean(F.smooth_l1_loss(pred, true, reduction="none", beta=KEYPOINT_BETA), known)
+    if "race7_logits" in outputs:  # label transfer: its inputs are detached (model.py)
+        losses["race7"] = _masked_cross_entropy(outputs["race7_logits"], targets["ethnicity7"])
     return losses
 
 

@@ -24,10 +24,12 @@ import torch
 from torch import nn
 
 from synthfar_ray.errors import UserError
-from synthfar_ray.labels import ETHNICITIES, NUM_AGE_BINS
+from synthfar_ray.labels import ETHNICITIES, FAIRFACE_RACES7, NUM_AGE_BINS
 from synthfar_ray.precision import Precision
 from synthfar_ray.keypoints import NUM_KEYPOINTS
 from synthfar_ray.synthetic_heads import HEAD_COLUMNS, KEYPOINT_SCALE, POSE_COLUMNS, POSE_SCALE, hair_vocab
+
+TRANSFER_INPUTS: tuple[str, ...] = ("logits", "features")  # what the race7 transfer head may read
 
 if TYPE_CHECKING:
     from synthfar_ray.train import AgeMode
@@ -151,7 +153,7 @@ def build_backbone(name: str, pretrained: str | None = None) -> tuple[nn.Module,
 
 class MultiTaskNet(nn.Module):
     def __init__(self, backbone: str = "resnet50", pretrained: str | None = None, age_mode: AgeMode = "both",
-                 synthetic_heads: Sequence[str] = ()):
+                 synthetic_heads: Sequence[str] = (), transfer: Sequence[str] = ()):
         super().__init__()
         if age_mode not in ("regression", "bins", "both"):
             raise ValueError(f"age_mode must be regression, bins or both, not {age_mode!r}")
@@ -176,6 +178,14 @@ class MultiTaskNet(nn.Module):
         self.hair_length = nn.Linear(feat, len(hair_vocab("hair_length"))) if hair else None
         self.hair_color = nn.Linear(feat, len(hair_vocab("hair_color"))) if hair else None
         self.keypoints = nn.Linear(feat, 2 * NUM_KEYPOINTS) if "keypoints" in self.synthetic_heads else None
+        # Label transfer (train.model.transfer): FairFace's 7 races from the DETACHED ethnicity logits
+        # and/or features, so real labels train this map and nothing below it.
+        bad = sorted(set(transfer) - set(TRANSFER_INPUTS))
+        if bad:
+            raise ValueError(f"unknown transfer inputs {bad}: use {', '.join(TRANSFER_INPUTS)}")
+        self.transfer = tuple(t for t in TRANSFER_INPUTS if t in transfer)
+        width = len(ETHNICITIES) * ("logits" in self.transfer) + feat * ("features" in self.transfer)
+        self.race7 = nn.Linear(width, len(FAIRFACE_RACES7)) if self.transfer else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.heads(self.backbone(x))
@@ -194,6 +204,9 @@ class MultiTaskNet(nn.Module):
             out["hair_color_logits"] = self.hair_color(f)
         if self.keypoints is not None:  # (N, 2K) x0, y0, x1, y1, ... fractions of the image side
             out["keypoints"] = 0.5 + self.keypoints(f) * KEYPOINT_SCALE
+        if self.race7 is not None:
+            inputs = {"logits": out["ethnicity_logits"], "features": f}
+            out["race7_logits"] = self.race7(torch.cat([inputs[t].detach() for t in self.transfer], dim=1))
         return out
 
 

@@ -87,6 +87,12 @@ class NetConfig(StrictModel):
                     "from pose_*), hair (hair_length and hair_color classes) and/or keypoints (the `keypoints` "
                     "column's points, keypoints.KEYPOINT_NAMES); see synthetic_heads.py")
 
+    transfer: tuple[Literal["logits", "features"], ...] = Field(
+        (), exclude_if=lambda v: not v,
+        description="label transfer: a head from these DETACHED inputs (the 5 ethnicity logits and/or the pooled "
+                    "features) to FairFace's 7 races (`race7_logits`), trained on the real rows' `ethnicity7` "
+                    "labels only; nothing below it learns from them")
+
     @field_validator("synthetic_heads")
     @classmethod
     def _distinct_heads(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -215,6 +221,10 @@ class TrainConfig(StageConfig):
                 raise ValueError(f"model.synthetic_heads has keypoints: synthetic_center_crop "
                                  f"{self.synthetic_center_crop} would move the faces but not their keypoints "
                                  "(stored in the frame of the image's centre square); set it to null")
+        if self.model.transfer and (self.real is None or (self.plan == "synthetic" and not self.adapt.enabled)):
+            raise ValueError(f"model.transfer {list(self.model.transfer)} trains on the real set's 7-race labels: give "
+                             "`real` and a plan whose steps see real rows (mix, pretrain_finetune, real, or "
+                             "synthetic with `adapt`, whose target rows then keep their ethnicity7)")
         if self.val_source == "real" and self.real is None:
             raise ValueError("val_source 'real' needs `real`")
         if self.val_source == "synthetic" and self.synthetic is None:
@@ -364,7 +374,7 @@ def setup_worker(cfg: TrainConfig) -> WorkerState:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     checkpoint = ray.train.get_checkpoint()
     pretrained = None if checkpoint else _local_weights(cfg.model.pretrained, cfg.storage)  # resuming: no need
-    net = MultiTaskNet(cfg.model.backbone, pretrained, cfg.model.age_mode, cfg.model.synthetic_heads)
+    net = MultiTaskNet(cfg.model.backbone, pretrained, cfg.model.age_mode, cfg.model.synthetic_heads, cfg.model.transfer)
     adaptive = None
     if cfg.adapt.enabled:
         from synthfar_ray.adapt_modules import AdaptiveNet
@@ -578,7 +588,9 @@ def run_phase(w: WorkerState, index: int, phase: Phase) -> None:
         n = int(batch[0].shape[0])
         n_source, coefficient = counts.get("synthetic", 0), 0.0
         if adapts:  # the real target rows (labels unused) join the batch after the labelled rows
-            batch = concat_batches([batch, unlabelled(streams["target"].take(cfg.worker_batch()))])
+            # Their labels are unused, but the transfer head's 7-race ones (it reads detached inputs).
+            keep = ("ethnicity7",) if cfg.model.transfer else ()
+            batch = concat_batches([batch, unlabelled(streams["target"].take(cfg.worker_batch()), keep)])
             coefficient = reversal_coefficient(w.step, cfg.adapt.warmup_steps)
         loss, parts = train_step(w, batch, augment, opt, sched, scaler, phase.weights, n_source, coefficient)
         w.step += 1

@@ -55,8 +55,9 @@ def check_dataset(uri: str | None, setting: str, opts: StorageOptions, crop: int
 
 
 def cfg_label_columns(cfg: TrainConfig) -> tuple[str, ...]:
-    """The label columns of the run's net (the four, plus its synthetic heads')."""
-    return label_columns(cfg.model.synthetic_heads)
+    """The label columns of the run's net (the four, plus its synthetic heads', plus `ethnicity7` for
+    label transfer; a set without a column reads as unknown)."""
+    return label_columns(cfg.model.synthetic_heads) + (("ethnicity7",) if cfg.model.transfer else ())
 
 
 def columns_in(ds, columns: tuple[str, ...]) -> tuple[str, ...]:
@@ -198,13 +199,13 @@ def concat_batches(parts: list[tuple]):
     return images, labels, syn
 
 
-def unlabelled(item: tuple) -> tuple:
-    """The rows with every label unknown (ages and angles NaN, classes -1): adaptation's target rows,
-    which the masked losses skip."""
+def unlabelled(item: tuple, keep: tuple[str, ...] = ()) -> tuple:
+    """The rows with every label but `keep` unknown (ages and angles NaN, classes -1): adaptation's
+    target rows, which the masked losses skip."""
     import torch
 
     images, labels, syn = item
-    return images, {k: torch.full_like(v, float("nan") if v.is_floating_point() else -1)
+    return images, {k: v if k in keep else torch.full_like(v, float("nan") if v.is_floating_point() else -1)
                     for k, v in labels.items()}, syn
 
 
