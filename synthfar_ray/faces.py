@@ -145,9 +145,12 @@ class PhotoStyle(StrictModel):
     jpeg_quality: int = Field(40, ge=5, le=100, description="JPEG quality used by encode()")
     # A SYSTEMATIC shift: the same colour response for every photo image (a camera's), unlike the
     # per-image nuisance above. Off by default; the adaptation experiments turn it on (see README).
-    tint: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="per-channel (RGB) gains every photo "
+    # Both left out of a dumped config at their default (as races7 below), so the fingerprint of
+    # datasets made before them does not change and those datasets still resume.
+    tint: tuple[float, float, float] = Field((1.0, 1.0, 1.0), exclude_if=lambda v: tuple(v) == (1.0, 1.0, 1.0),
+                                             description="per-channel (RGB) gains every photo "
                                              "image gets, e.g. [0.8, 0.62, 0.5]: darker and warmer (1 = none)")
-    contrast: float = Field(1.0, ge=0.1, le=3, description="contrast about mid-grey every photo image gets (1 = none)")
+    contrast: float = Field(1.0, ge=0.1, le=3, exclude_if=lambda v: v == 1.0, description="contrast about mid-grey every photo image gets (1 = none)")
 
     @field_validator("tint")
     @classmethod
@@ -164,7 +167,7 @@ class RenderConfig(StrictModel):
     photo: PhotoStyle = PhotoStyle()
     # Probability per id that the rendered attribute differs from its label; one number for all three.
     label_noise: float | dict[Literal["age", "gender", "ethnicity"], float] = 0.0
-    races7: bool = Field(False, description="draw each face's appearance from one of FairFace's 7 races "
+    races7: bool = Field(False, exclude_if=lambda v: not v, description="draw each face's appearance from one of FairFace's 7 races "
                          "folded into its rendered class (uniformly; adds render_race7); off: the 5 classes' means")
 
     @field_validator("label_noise")

@@ -232,15 +232,6 @@ def fingerprint(cfg: GenerateConfig) -> str:
     parts = {k: dump[k] for k in CONTENT_FIELDS + GENERATOR_FIELDS[cfg.generator]}
     if "model" in parts:
         parts["model"] = model_content(parts["model"])
-    if "render" in parts:  # options added later, at their default: the fingerprint of outputs made before them
-        render = parts["render"]
-        if not render.get("races7"):
-            render.pop("races7", None)
-        photo = render.get("photo") or {}
-        if list(photo.get("tint", (1.0, 1.0, 1.0))) == [1.0, 1.0, 1.0]:
-            photo.pop("tint", None)
-        if photo.get("contrast", 1.0) == 1.0:
-            photo.pop("contrast", None)
     if cfg.generator == "diffusion":
         parts["batch_size"] = cfg.compute.batch_size
         parts["prompt_encoding"] = PROMPT_ENCODING
