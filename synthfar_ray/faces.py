@@ -276,6 +276,8 @@ def check_vocab(vocab) -> None:
     colours = set(hair.colors) | set(hair.grey_colors)
     for e in vocab.ethnicities.values():
         colours |= set(e.hair_colors or ())
+        for country in (*e.countries.values(), *e.races7_countries.values()):
+            colours |= set(country.hair_colors or ())
     bad_len = [x for x in hair.lengths if x not in HAIR_LENGTHS]
     bad_col = sorted(c for c in colours if c not in HAIR_COLORS)
     if bad_len or bad_col:

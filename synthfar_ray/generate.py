@@ -8,6 +8,9 @@ Two generators make the images of the same rows (same ids, labels, prompts, pose
   `render_race7` with `render.races7`): the truth
   of each picture, which training never reads and selection/quality evaluation use. Rendering is
   per image, so its bytes do not depend on compute.batch_size.
+  With `prompts.races7` (diffusion only) each prompt asks for one of FairFace's 7 races, which its
+  row records in `render_race7`: the race the picture was asked to show, as the procedural rows'
+  column records the race it does show.
 
 Data flow: shards of ids -> `map_batches(ShardGenerator, compute=ActorPoolStrategy)` where each
 actor holds one diffusion pipeline, builds the prompt rows and poses of its shard (pure functions
@@ -76,7 +79,7 @@ from synthfar_ray.faces import (HAIR_LENGTHS, POSE_FIELDS, FaceBatch, PoseBatch,
                                 render_faces, render_keypoints)
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.keypoints import skeleton_keypoints, to_column
-from synthfar_ray.labels import CORE_FIELDS, age_to_bin, ethnicity_index, gender_index
+from synthfar_ray.labels import CORE_FIELDS, FAIRFACE_RACES7, age_to_bin, ethnicity_index, gender_index
 from synthfar_ray.paths import OutputPath, display
 from synthfar_ray.poses import HeadPose, PoseConfig, PoseFolder, render_pose, sample_pose
 from synthfar_ray.prompts import PromptConfig, load_vocab, render_prompt, sample_attributes
@@ -134,6 +137,10 @@ class GenerateConfig(StageConfig):
         if self.generator == "procedural" and self.poses.folder:
             raise ValueError("poses.folder: the procedural generator draws the sampled head pose; "
                              "a folder of OpenPose images applies to the diffusion generator only")
+        if self.generator == "procedural" and self.prompts.races7:
+            # Both would write render_race7; the renderer's is the race its face shows.
+            raise ValueError("prompts.races7: the procedural generator draws the race it renders with "
+                             "render.races7; prompts.races7 applies to the diffusion generator only")
         return self
 
     @property
@@ -278,8 +285,9 @@ EXTRA_FIELDS: list[pa.Field] = [
 ]
 RENDER_COLUMNS: tuple[str, ...] = ("render_age", "render_gender", "render_ethnicity")
 SYNTHETIC_SCHEMA = pa.schema(CORE_FIELDS + EXTRA_FIELDS)
-# render.races7 only (its parts add the column; without the option they are as before it existed):
-# the FairFace race the face shows, an index into labels.FAIRFACE_RACES7.
+# render.races7 (procedural: the FairFace race the face shows) or prompts.races7 (diffusion: the race
+# the prompt asked for), an index into labels.FAIRFACE_RACES7. Only those parts add the column;
+# without either option they are as before it existed.
 RACE7_FIELD = pa.field("render_race7", pa.int8())
 
 
@@ -301,6 +309,7 @@ def prompt_rows(cfg: GenerateConfig, ids: range) -> list[dict[str, Any]]:
             "profession": a.profession, "descriptors": ", ".join(a.descriptors),
             **{f"pose_{k}": float(v) for k, v in asdict(pose).items()},
             "pose_file": None,
+            **({RACE7_FIELD.name: FAIRFACE_RACES7.index(a.race7)} if a.race7 is not None else {}),
         })
     return rows
 

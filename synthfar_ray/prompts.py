@@ -24,6 +24,11 @@ Two ways to choose the labelled attributes (ethnicity, gender, age):
 
 The descriptive attributes (country, name, hair, profession, descriptors) come from a separate
 random stream, so editing the vocabulary never changes the labels of a run.
+
+With `races7` (off by default) each id first draws one of FairFace's 7 races folded into its
+labelled class (uniformly, from a stream of its own) and then a country of that race (the vocab
+gives each country a `race7`; Middle Eastern countries sit in `races7_countries`, drawn only with
+the option). Off, no draw moves: every prompt and label is what it was before the option existed.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from synthfar_ray import storage
 from synthfar_ray.config import ConfigError, StrictModel, validate
-from synthfar_ray.labels import AGE_BIN_EDGES, AGE_BIN_NAMES, ETHNICITIES, GENDERS
+from synthfar_ray.labels import (AGE_BIN_EDGES, AGE_BIN_NAMES, ETHNICITIES, FAIRFACE_RACE_TO_ETHNICITY,
+                                 FAIRFACE_RACES7, GENDERS, RACES7_OF_ETHNICITY)
 from synthfar_ray.paths import InputPath
 
 logger = logging.getLogger(__name__)
@@ -86,6 +92,7 @@ _TAG_BLOCK = 0x5F01
 _TAG_AGE = 0x5F02
 _TAG_DETAILS = 0x5F03
 _TAG_TARGET_SHIFT = 0x5F04
+_TAG_RACE7 = 0x5F05  # races7 only: a stream of its own, so with the option off no draw moves
 
 # R3 sequence (Roberts 2018): alpha_k = 1 / phi_3^k with phi_3 the real root of x^4 = x + 1.
 _PHI3 = 1.2207440846057596
@@ -104,8 +111,28 @@ class CountryNames(_Frozen):
     female: tuple[str, ...] = Field(min_length=1)
 
 
+def races7_of(ethnicity: str) -> tuple[str, ...]:
+    """FairFace's races folded into a 5-class ethnicity, e.g. 'asian' -> (East Asian, Southeast Asian)."""
+    return tuple(FAIRFACE_RACES7[i] for i in RACES7_OF_ETHNICITY[ETHNICITIES.index(ethnicity)])
+
+
+class Country(CountryNames):
+    # The FairFace race (labels.FAIRFACE_RACES7) prompts naming this country ask for, used by
+    # PromptConfig.races7. Unset: the class's only race (black, indian, other); white and asian
+    # countries need it to be drawn with races7 (each of those classes folds two races).
+    race7: str | None = None
+    # Natural hair colours of the country, replacing the class's (a "blonde" Iranian would pull
+    # the image towards White); unset = the class's hair_colors.
+    hair_colors: tuple[str, ...] | None = Field(default=None, min_length=1)
+
+
 class EthnicityVocab(_Frozen):
-    countries: dict[str, CountryNames] = Field(min_length=1)
+    # The option-off draw picks among these (by sorted name); races7 draws from both lists.
+    countries: dict[str, Country] = Field(min_length=1)
+    # Countries drawn only with PromptConfig.races7 (e.g. Middle Eastern ones under white): kept out
+    # of `countries` so that adding them leaves the option-off draw, and so every existing dataset's
+    # prompts, exactly as they were.
+    races7_countries: dict[str, Country] = Field(default_factory=dict)
     # Natural hair colours typical of the group; unset = hair.colors. Keeps prompts coherent
     # (a conflicting "blonde" can pull the image away from the labelled ethnicity).
     hair_colors: tuple[str, ...] | None = Field(default=None, min_length=1)
@@ -159,6 +186,8 @@ class Vocab(_Frozen):
         missing = [e for e in ETHNICITIES if e not in v]
         if missing:
             raise ValueError(f"missing ethnicity {missing[0]!r}: every one of {', '.join(ETHNICITIES)} needs countries")
+        for eth, ev in v.items():
+            _check_country_races(eth, ev)
         return v
 
     @field_validator("professions")
@@ -172,11 +201,38 @@ class Vocab(_Frozen):
             raise ValueError(f"profession groups need strictly ascending max_age, got {limits}")
         return v
 
+    def race7_countries(self, ethnicity: str, race: str) -> dict[str, Country]:
+        """The countries of `race` in the class `ethnicity` (races7's pool: both country lists)."""
+        ev = self.ethnicities[ethnicity]
+        return {name: c for name, c in {**ev.countries, **ev.races7_countries}.items()
+                if country_race7(ethnicity, c) == race}
+
     def profession_options(self, age: int) -> tuple[str, ...]:
         for group in self.professions:
             if group.max_age is None or age <= group.max_age:
                 return group.options
         raise AssertionError("unreachable: the last group has no max_age")
+
+
+def country_race7(ethnicity: str, country: Country) -> str | None:
+    """A country's FairFace race: its race7, else its class's only race (None: unknown)."""
+    folded = races7_of(ethnicity)
+    return country.race7 or (folded[0] if len(folded) == 1 else None)
+
+
+def _check_country_races(ethnicity: str, ev: EthnicityVocab) -> None:
+    """Each country's race7, where set, is a FairFace race folded into its class; no country is in
+    both lists (which entry would a prompt use?)."""
+    folded = races7_of(ethnicity)
+    for key, countries in (("countries", ev.countries), ("races7_countries", ev.races7_countries)):
+        for name, c in countries.items():
+            if c.race7 is not None and c.race7 not in folded:
+                what = "not folded into" if c.race7 in FAIRFACE_RACE_TO_ETHNICITY else "not a FairFace race of"
+                raise ValueError(f"{ethnicity}.{key}.{name}.race7: {c.race7!r} is {what} {ethnicity!r} "
+                                 f"(one of: {', '.join(folded)})")
+    both = sorted(set(ev.countries) & set(ev.races7_countries))
+    if both:
+        raise ValueError(f"{ethnicity}: {both[0]!r} is in both countries and races7_countries")
 
 
 def _packaged_vocab_text() -> str:
@@ -202,6 +258,29 @@ def _load_vocab_cached(path: str | None) -> Vocab:
     vocab = validate(Vocab, data, f"vocab {source}")
     logger.debug("loaded %s: %d countries", source, sum(len(e.countries) for e in vocab.ethnicities.values()))
     return vocab
+
+
+@functools.lru_cache(maxsize=16)
+def races7_pools(path: str | None) -> dict[tuple[str, str], tuple[str, ...]]:
+    """{(ethnicity, race): sorted country names} of a vocab, for PromptConfig.races7. Raises
+    ConfigError naming the file and the race when some race has no country, or naming a white/asian
+    country without race7 (which race it belongs to decides whether it can be drawn at all)."""
+    source = path or "packaged synthfar_ray/data/vocab.yaml"
+    vocab = load_vocab(path)
+    for eth, ev in vocab.ethnicities.items():
+        for key, countries in (("countries", ev.countries), ("races7_countries", ev.races7_countries)):
+            unset = [name for name, c in countries.items() if country_race7(eth, c) is None]
+            if unset:
+                raise ConfigError(f"vocab {source}: ethnicities.{eth}.{key}.{unset[0]} needs a race7 "
+                                  f"({' or '.join(races7_of(eth))}) for prompts.races7")
+    pools = {(eth, race): tuple(sorted(vocab.race7_countries(eth, race)))
+             for eth in ETHNICITIES for race in races7_of(eth)}
+    empty = [race for (eth, race), names in pools.items() if not names]
+    if empty:
+        eth = FAIRFACE_RACE_TO_ETHNICITY[empty[0]]
+        raise ConfigError(f"vocab {source}: race {empty[0]!r} has no country (prompts.races7 needs one under "
+                          f"ethnicities.{eth}.countries or races7_countries with race7: {empty[0]})")
+    return pools
 
 
 def load_vocab(path: str | None = None) -> Vocab:
@@ -255,6 +334,11 @@ class PromptConfig(StrictModel):
     # A user vocab YAML (path or s3:// URI) replacing the packaged one. A local path is checked
     # when the config is validated; on a cluster it must exist on every node (or use s3://).
     vocab: InputPath | None = None
+    # Left out of a dumped config when off (exclude_if), so the generate fingerprint of datasets made
+    # before the option does not change and they still resume.
+    races7: bool = Field(False, exclude_if=lambda v: not v, description="draw each prompt's FairFace race "
+                         "(uniformly among those folded into its class) and then a country of that race; "
+                         "diffusion rows record it in render_race7")
 
     @field_validator("template")
     @classmethod
@@ -280,8 +364,11 @@ class PromptConfig(StrictModel):
             for i, name in enumerate(AGE_BIN_NAMES):
                 if self.target.age_bin[name] > 0 and i not in open_bins:
                     raise ValueError(f"target age_bin {name!r} has weight but lies outside [{self.min_age}, {self.max_age})")
-        if self.vocab is not None and storage.is_local(self.vocab):
-            load_vocab(self.vocab)  # fail at config time, not in the middle of a generation job
+        if self.vocab is None or storage.is_local(self.vocab):  # fail at config time, not mid-job
+            if self.vocab is not None:
+                load_vocab(self.vocab)
+            if self.races7:
+                races7_pools(self.vocab)
         return self
 
 
@@ -319,6 +406,7 @@ class FaceAttributes:
     hair_color: str
     profession: str
     descriptors: tuple[str, ...]
+    race7: str | None = None  # labels.FAIRFACE_RACES7 name, with PromptConfig.races7 only
 
 
 def gender_phrase(age: int | float, gender: str) -> str:
@@ -453,6 +541,13 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str
     return options[int(rng.integers(len(options)))]
 
 
+def sample_race7(run_seed: int, image_id: int, ethnicity: str) -> str:
+    """One of FairFace's races folded into `ethnicity`, uniformly, from the id's races7 stream."""
+    races = races7_of(ethnicity)
+    u = _rng(run_seed, image_id, _TAG_RACE7).random()
+    return races[min(int(u * len(races)), len(races) - 1)]
+
+
 def sample_attributes(run_seed: int, image_id: int, cfg: PromptConfig) -> FaceAttributes:
     """The face description of one image id: a pure function of (run_seed, image_id, cfg)."""
     if run_seed < 0 or image_id < 0:
@@ -462,14 +557,18 @@ def sample_attributes(run_seed: int, image_id: int, cfg: PromptConfig) -> FaceAt
 
     vocab = load_vocab(cfg.vocab)
     rng = _rng(run_seed, image_id, _TAG_DETAILS)
-    countries = vocab.ethnicities[ethnicity].countries
-    country = _pick(rng, sorted(countries))
-    name = _pick(rng, getattr(countries[country], gender))
+    ev = vocab.ethnicities[ethnicity]
+    race7 = sample_race7(run_seed, image_id, ethnicity) if cfg.races7 else None
+    # The same one draw from `rng` either way, so every later attribute uses the same numbers.
+    pool = races7_pools(cfg.vocab)[ethnicity, race7] if race7 else sorted(ev.countries)
+    country = _pick(rng, pool)
+    entry = ev.countries[country] if country in ev.countries else ev.races7_countries[country]
+    name = _pick(rng, getattr(entry, gender))
     hair = vocab.hair
     hair_length = _pick(rng, hair.lengths)
-    hair_style = _pick(rng, getattr(vocab.ethnicities[ethnicity].hair_styles or hair.styles, gender))
+    hair_style = _pick(rng, getattr(ev.hair_styles or hair.styles, gender))
     p_grey = 0.9 * min(max((age - hair.grey_from_age) / (hair.grey_full_age - hair.grey_from_age), 0.0), 1.0)
-    natural = vocab.ethnicities[ethnicity].hair_colors or hair.colors
+    natural = entry.hair_colors or ev.hair_colors or hair.colors
     hair_color = _pick(rng, hair.grey_colors if rng.random() < p_grey else natural)
     profession = _pick(rng, vocab.profession_options(age))
     eligible = [g for g in vocab.descriptors if g.applies(age, gender)]
@@ -478,7 +577,7 @@ def sample_attributes(run_seed: int, image_id: int, cfg: PromptConfig) -> FaceAt
     descriptors = tuple(_pick(rng, eligible[i].options) for i in chosen)
     return FaceAttributes(age=age, gender=gender, ethnicity=ethnicity, country=country, name=name,
                           hair_length=hair_length, hair_style=hair_style, hair_color=hair_color,
-                          profession=profession, descriptors=descriptors)
+                          profession=profession, descriptors=descriptors, race7=race7)
 
 
 def render_prompt(attrs: FaceAttributes, cfg: PromptConfig) -> str:
