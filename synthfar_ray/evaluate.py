@@ -40,11 +40,13 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_PREFIX = "pred_"
 METRIC_ORDER = ("age_mae", "age_bin_acc", "ethnicity_acc", "gender_acc", "race7_fold_acc", "race7_acc", "pose_mae",
-                "hair_length_acc", "hair_color_acc", "keypoint_nme", "n")
+                "hair_length_acc", "hair_color_acc", "keypoint_nme", "keypoint_real_baseline_nme", "keypoint_real_nme", "n")
 METRIC_TITLES = {"age_mae": "age MAE", "age_bin_acc": "age-bin acc", "ethnicity_acc": "ethnicity acc",
                  "gender_acc": "gender acc", "race7_fold_acc": "7-race acc (fold + chance)",
                  "race7_acc": "7-race acc (transfer)", "pose_mae": "pose MAE (deg)", "hair_length_acc": "hair length acc",
-                 "hair_color_acc": "hair colour acc", "keypoint_nme": "keypoint NME (x100)", "n": "images"}
+                 "hair_color_acc": "hair colour acc", "keypoint_nme": "keypoint NME (x100)",
+                 "keypoint_real_baseline_nme": "sparse keypoint NME (x100, fixed map)",
+                 "keypoint_real_nme": "sparse keypoint NME (x100, transfer)", "n": "images"}
 # Labels read beside the nets' own (a split without them reads as unknown): FairFace's 7 races.
 EXTRA_LABELS: tuple[str, ...] = ("ethnicity7",)
 
@@ -158,8 +160,9 @@ def _decoded_split(cfg: EvaluateConfig, index: int, name: str, split: str, image
     fs, path = storage.resolve(cfg.data[name], cfg.storage)
     ds = storage.ray_read_parquet(path, fs)
     read = columns_in(ds, columns)
-    if "keypoints" in read and cfg.center_crop.get(name) is not None:
-        raise ConfigError(f"center_crop {name}={cfg.center_crop[name]}: {cfg.data[name]} has keypoints, stored in the "
+    points = [c for c in ("keypoints", "keypoints_real") if c in read]
+    if points and cfg.center_crop.get(name) is not None:
+        raise ConfigError(f"center_crop {name}={cfg.center_crop[name]}: {cfg.data[name]} has {points[0]}, stored in the "
                           "frame of each image's centre square, which a crop changes; crop with `synthfar prepare "
                           "--center-crop` (it moves the keypoints) and evaluate the copy without center_crop")
     ds = ds.filter(expr=col("split") == split).select_columns(["id", "image", *read])
@@ -226,7 +229,7 @@ def _format(metric: str, value: float | None) -> str:
 
 
 def _format_gap(metric: str, gap: float) -> str:
-    return f"{gap:.3f}" if metric == "age_mae" else f"{100 * gap:.2f} pts"
+    return f"{gap:.3f}" if metric.endswith(("_mae", "_nme")) else f"{100 * gap:.2f} pts"
 
 
 def _group_cell(summary: dict, metric: str) -> str:
@@ -311,8 +314,11 @@ def run_evaluations(cfgs: list[EvaluateConfig]) -> list[dict[str, Any]]:
         logger.info("evaluating %d checkpoint(s) at %d px on %s in one pass", len(indices), size,
                     ", ".join(cfgs[indices[0]].splits()))
         heads = {h for i in indices for h in resolved[i][1].get("synthetic_heads", ())}
+        # A real set's sparse keypoints are scored where a net has the dense head (the fixed map, and
+        # its transfer head when it has one).
+        sparse = ("keypoints_real",) if "keypoints" in heads else ()
         predictions = predict_splits(cfgs[indices[0]], [resolved[i][0] for i in indices], size,
-                                     label_columns(heads) + EXTRA_LABELS)
+                                     label_columns(heads) + EXTRA_LABELS + sparse)
         for index, predicted in zip(indices, predictions):
             reports[index] = _score_and_write(cfgs[index], *resolved[index], size, predicted, time.time() - t0)
     return reports

@@ -1009,9 +1009,7 @@ def _keypoint_pixels(f: _Face) -> np.ndarray:
             x, y, shown = _feature_position(f, *features[name])
         else:
             x, y, shown = head[name]
-        # Undo _draw's roll, scale and offset.
-        px = f.cx + f.unit * (f.c_roll * x + f.s_roll * y)
-        py = f.cy + f.unit * (-f.s_roll * x + f.c_roll * y)
+        px, py = _to_pixels(f, x, y)
         out[:, k, 0] = np.where(shown, px, np.nan)
         out[:, k, 1] = np.where(shown, py, np.nan)
     return out
@@ -1026,3 +1024,54 @@ def render_keypoints(attrs: FaceBatch, poses: PoseBatch, cfg: RenderConfig, seed
     rendered = _rendered_from(v, cfg)
     face = _face_params(v, rendered, slice(0, v["n"]), cfg.size)
     return (_keypoint_pixels(face) / cfg.size).astype(np.float32)
+
+
+# Where the stand-ins' "annotators" put the real set's sparse points (keypoints.REAL_KEYPOINT_NAMES),
+# in face units: the eye point moves this share of the way from the eye centre to the brow's top,
+# the subnasale sits this far below the nose line, the soft chin this share of the way from the
+# jaw's lowest point to the mouth centre.
+REAL_EYE_TO_BROW = 0.4
+REAL_SUBNASALE_DROP = 0.05
+REAL_CHIN_TO_MOUTH = 0.3
+
+
+def _to_pixels(f: _Face, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Head-local (x, y) -> continuous pixel positions: undo _draw's roll, scale and offset."""
+    return (f.cx + f.unit * (f.c_roll * x + f.s_roll * y),
+            f.cy + f.unit * (-f.s_roll * x + f.c_roll * y))
+
+
+def _real_keypoint_pixels(f: _Face) -> np.ndarray:
+    """(n, NUM_REAL_KEYPOINTS, 2) continuous pixel positions of the real layout, NaN where hidden."""
+    from synthfar_ray.keypoints import REAL_KEYPOINT_NAMES
+
+    p = f.p
+    zero = np.zeros(f.n)
+    t = REAL_EYE_TO_BROW
+    eye_x = p["eye_x"] + t * 0.02  # toward the brow's top (eye_x + 0.02, brow_y - 0.05; see _keypoint_pixels)
+    eye_y = p["eye_y"] + t * (p["brow_y"] - 0.05 - p["eye_y"])
+    features = {  # face coordinates on the cylinder; the subnasale does not protrude as the tip does
+        "right_eye": (-eye_x, eye_y), "left_eye": (eye_x, eye_y),
+        "nose": (zero, p["nose_y"] + REAL_SUBNASALE_DROP),
+        "mouth": (zero, p["mouth_y"] - p["lip_t"]),  # the top edge of the lips' ellipse, in the middle
+    }
+    out = np.empty((f.n, len(REAL_KEYPOINT_NAMES), 2))
+    for k, name in enumerate(REAL_KEYPOINT_NAMES):
+        if name == "chin":  # between the jaw's lowest point and the mouth centre, head-local
+            mx, my, _ = _feature_position(f, zero, p["mouth_y"])
+            x, y, shown = REAL_CHIN_TO_MOUTH * mx, 0.18 + p["jaw_b"] + REAL_CHIN_TO_MOUTH * (my - 0.18 - p["jaw_b"]), True
+        else:
+            x, y, shown = _feature_position(f, *features[name])
+        px, py = _to_pixels(f, x, y)
+        out[:, k, 0] = np.where(shown, px, np.nan)
+        out[:, k, 1] = np.where(shown, py, np.nan)
+    return out
+
+
+def render_real_keypoints(attrs: FaceBatch, poses: PoseBatch, cfg: RenderConfig, seeds: np.ndarray) -> np.ndarray:
+    """The real set's sparse points (keypoints.REAL_KEYPOINT_NAMES) where render_faces draws the
+    features they are defined on: (N, R, 2) float32, continuous PIXEL positions (pixel centres at
+    i + 0.5, as a landmark file holds them), NaN for an eye turned behind the head. Exact, cheap."""
+    v = _validate(attrs, poses, seeds)
+    face = _face_params(v, _rendered_from(v, cfg), slice(0, v["n"]), cfg.size)
+    return _real_keypoint_pixels(face).astype(np.float32)

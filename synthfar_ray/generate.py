@@ -331,9 +331,9 @@ def control_image(cfg: GenerateConfig, row: dict[str, Any], pose_folder: PoseFol
     return render_pose(pose, s.width, s.height)
 
 
-def render_rows(cfg: GenerateConfig, rows: list[dict[str, Any]]) -> list[np.ndarray]:
-    """The procedural images of prompt rows (uint8 HWC); adds each row's render_* truth and
-    keypoints (faces.render_keypoints) and puts the render seed in its `seed` column."""
+def face_inputs(run_seed: int, rows: list[dict[str, Any]]) -> tuple[FaceBatch, PoseBatch, np.ndarray]:
+    """The renderer's inputs of prompt rows (or of the rows a procedural set stored, which hold the
+    same fields): what render_faces and the keypoint functions take, so they can be recomputed."""
     attrs = FaceBatch(
         age=np.array([r["age"] for r in rows], dtype=np.float64),
         gender=np.array([r["gender"] for r in rows], dtype=np.int64),
@@ -341,7 +341,13 @@ def render_rows(cfg: GenerateConfig, rows: list[dict[str, Any]]) -> list[np.ndar
         hair_length=np.array([HAIR_LENGTHS.index(r["hair_length"]) for r in rows], dtype=np.int64),
         hair_color=[r["hair_color"] for r in rows], hair_style=[r["hair_style"] for r in rows])
     poses = PoseBatch(**{k: np.array([r[f"pose_{k}"] for r in rows], dtype=np.float64) for k in POSE_FIELDS})
-    seeds = face_seeds(cfg.seed, [r["id"] for r in rows])
+    return attrs, poses, face_seeds(run_seed, [r["id"] for r in rows])
+
+
+def render_rows(cfg: GenerateConfig, rows: list[dict[str, Any]]) -> list[np.ndarray]:
+    """The procedural images of prompt rows (uint8 HWC); adds each row's render_* truth and
+    keypoints (faces.render_keypoints) and puts the render seed in its `seed` column."""
+    attrs, poses, seeds = face_inputs(cfg.seed, rows)
     images, truth = render_faces(attrs, poses, cfg.render, seeds)
     keypoints = render_keypoints(attrs, poses, cfg.render, seeds)
     for j, r in enumerate(rows):

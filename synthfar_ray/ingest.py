@@ -8,6 +8,17 @@ error before anything is written, `skip_bad` leaves them out and lists them in `
 Parquet is written next and the manifest (counts of exactly the rows written, skipped items) last;
 it marks the output complete.
 
+Landmarks (optional): a `landmarks.csv` in SRC's root folder gives a sparse landmark set per image
+(keypoints.REAL_KEYPOINT_NAMES, e.g. what the stand-ins' "annotators" mark). Header `file` then
+`<point>_x,<point>_y` for each point in that order; one row per image: its path as the dataset names it
+(UTKFace: the file name; FairFace: `train/1.jpg`), then x, y in pixels of the image as stored
+(continuous: the top-left corner of the image is 0,0 and pixel i covers [i, i+1)); both cells empty
+for a point the annotator did not mark. The rows become the `keypoints_real` column (keypoints.py's
+frame, NaN unmarked, null for an image without a row). A bad row (field count, a number, half a
+point, a duplicate, a file that does not exist) is a bad item like a bad label, named by file and
+CSV line; the image it names is skipped with it under skip_bad. Without the file, the output is as
+before (no column).
+
 Splits and percent subsets are fixed by the seed and the set of files alone (never by listing
 order): files are sorted, then ranked by a seeded permutation. Subsets are nested by construction:
 `split == "train" and subset <= P` selects the P % subset, and each is a superset of the smaller.
@@ -66,6 +77,10 @@ OUTPUT_SCHEMA = pa.schema(L.CORE_FIELDS + [
     pa.field("file", pa.string()),  # path relative to the dataset's root folder
     pa.field("subset", pa.int8()),  # smallest percent subset of train holding the row; null off train
 ])
+# Only where SRC has a landmark file (LANDMARKS_CSV): the sparse real keypoints, keypoints.py's layout.
+KEYPOINTS_REAL_FIELD = pa.field("keypoints_real", pa.list_(pa.float32()))
+LANDMARKS_CSV = "landmarks.csv"
+_LANDMARKS_PX = "_landmarks_px"  # a block's landmark pixels, until decode knows the image size; never written
 _ERROR_COLUMN = "_error"  # per-row read/decode failure; never written
 # Rows per Parquet file: at most MAX_ROWS_PER_FILE, and at least MIN_FILES files where there are rows
 # enough, so Ray Data's file-level shuffle has files to shuffle even for a small dataset.
@@ -102,6 +117,7 @@ class _Item:
     row: int | None = None  # CSV line number (header = 1), FairFace only
     csv: str | None = None  # the CSV naming the file, FairFace only
     official_split: str | None = None  # FairFace: "train" or "val" CSV
+    landmarks: list[float] | None = None  # landmarks.csv's x, y pixels (NaN unmarked), when it has a row
     id: int = -1
     split: str = ""
     subset: int | None = None
@@ -205,7 +221,7 @@ def _plan_utkface(root: str) -> tuple[list[_Item], list[dict], dict]:
     """(items, bad names, manifest extras) of a UTKFace folder."""
     files = _walk_files(root)
     images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    ignored = sorted(set(files) - set(images))
+    ignored = sorted(set(files) - set(images) - {LANDMARKS_CSV})
     if ignored:
         logger.warning("ignoring %d non-image files under %s (e.g. %s)", len(ignored), root, ignored[0])
     # Order by file name first so that the same images nested under another folder keep ids and splits.
@@ -294,6 +310,85 @@ def _read_fairface_csv(root: str, csv_name: str) -> Iterator[tuple[int, dict[str
             yield reader.line_num, rec
 
 
+def output_schema(landmarks: bool) -> pa.Schema:
+    """The rows' schema: OUTPUT_SCHEMA, plus `keypoints_real` where SRC has a landmark file."""
+    return OUTPUT_SCHEMA.append(KEYPOINTS_REAL_FIELD) if landmarks else OUTPUT_SCHEMA
+
+
+def landmark_header() -> list[str]:
+    """landmarks.csv's header: `file`, then x and y of each keypoints.REAL_KEYPOINT_NAMES point."""
+    from synthfar_ray.keypoints import REAL_KEYPOINT_NAMES
+
+    return ["file"] + [f"{name}_{axis}" for name in REAL_KEYPOINT_NAMES for axis in "xy"]
+
+
+def parse_landmark_row(fields: list[str]) -> list[float]:
+    """A landmark row's cells after `file` -> x, y pixels per point (NaN for a point left empty);
+    ValueError naming the bad cell."""
+    header = landmark_header()[1:]
+    if len(fields) != len(header):
+        raise ValueError(f"{len(fields) + 1} fields, expected {len(header) + 1} ({', '.join(landmark_header())})")
+    values: list[float] = []
+    for i in range(0, len(fields), 2):
+        x, y = fields[i].strip(), fields[i + 1].strip()
+        if not x and not y:
+            values += [math.nan, math.nan]  # the annotator did not mark this point
+            continue
+        if not x or not y:
+            raise ValueError(f"{header[i][:-2]} has only one coordinate (x {x!r}, y {y!r}); give both or neither")
+        for name, text in ((header[i], x), (header[i + 1], y)):
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"{name} {text!r} is not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{name} {text!r} is not a finite number")
+            values.append(value)
+    return values
+
+
+def _attach_landmarks(root: str, items: list[_Item], bad: list[dict]) -> tuple[list[_Item], dict]:
+    """Read SRC's landmark file, if any, into the items it names. Returns (the items, without those
+    a bad landmark row names, manifest extras); bad rows go to `bad`. Without the file: unchanged."""
+    path = os.path.join(root, LANDMARKS_CSV)
+    if not os.path.isfile(path):
+        return items, {}
+    by_file = {it.file: it for it in items}
+    first_line: dict[str, int] = {}
+    rejected: set[str] = set()
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        if header != landmark_header():
+            raise IngestError(f"{LANDMARKS_CSV}: header {header} is not {landmark_header()} (pixels of "
+                              "keypoints.REAL_KEYPOINT_NAMES; see `synthfar ingest --help`)")
+        for fields in reader:
+            rel = (fields[0] if fields else "").strip().replace("\\", "/")
+            where = f"{LANDMARKS_CSV} line {reader.line_num}"
+            try:
+                if rel in first_line:
+                    raise ValueError(f"duplicate row for {rel} (first at line {first_line[rel]})")
+                first_line[rel] = reader.line_num
+                if not rel or rel.startswith("/") or ".." in rel.split("/"):
+                    raise ValueError(f"bad file value {rel!r}")
+                values = parse_landmark_row(fields[1:])
+                if rel not in by_file and not os.path.isfile(os.path.join(root, rel)):
+                    raise ValueError(f"no image {rel!r} in the dataset")
+            except ValueError as e:
+                bad.append(_bad_item(rel or LANDMARKS_CSV, reader.line_num, f"{where}: {e}"))
+                if rel in by_file and first_line.get(rel) == reader.line_num:
+                    rejected.add(rel)  # its own (first) row is bad: skipped like an image with a bad label
+                continue
+            if rel in by_file:  # else an image that is itself a bad item (name or label)
+                by_file[rel].landmarks = values
+    kept = [it for it in items if it.file not in rejected]
+    marked = sum(it.landmarks is not None for it in kept)
+    if marked < len(kept):
+        logger.warning("%s: %d of %d images have no landmark row (keypoints_real null)", LANDMARKS_CSV,
+                       len(kept) - marked, len(kept))
+    return kept, {"landmarks": {"file": LANDMARKS_CSV, "rows": marked}}
+
+
 def _describe(bad: dict[str, Any]) -> str:
     """`FILE: reason`, without repeating the file where the reason starts with it (a CSV row)."""
     reason = bad["reason"]
@@ -358,9 +453,10 @@ def _unwrap_single_dir(root: str) -> str:
 # Ray Data: decode + re-encode + write
 
 
-def _decode_batch(batch: pa.Table) -> pa.Table:
-    """Raw file bytes -> re-encoded JPEG + size. A failure goes into `_error` instead of raising, so
-    one run finds every bad image (strict mode then reports them all at once)."""
+def _decode_batch(batch: pa.Table, schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:
+    """Raw file bytes -> re-encoded JPEG + size (and landmark pixels -> `keypoints_real`). A failure
+    goes into `_error` instead of raising, so one run finds every bad image (strict mode then reports
+    them all at once)."""
     images, widths, heights, errors = [], [], [], []
     for raw, error in zip(batch.column("raw").to_pylist(), batch.column(_ERROR_COLUMN).to_pylist()):
         image, height, width = b"", 0, 0
@@ -374,12 +470,25 @@ def _decode_batch(batch: pa.Table) -> pa.Table:
         heights.append(height)
         widths.append(width)
         errors.append(error)
-    cols = {name: batch.column(name) for name in OUTPUT_SCHEMA.names if name in batch.column_names}
+    cols = {name: batch.column(name) for name in schema.names if name in batch.column_names}
     cols["image"] = pa.array(images, pa.binary())
     cols["width"] = pa.array(widths, pa.int32())
     cols["height"] = pa.array(heights, pa.int32())
-    out = pa.Table.from_arrays([cols[f.name] for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
+    if KEYPOINTS_REAL_FIELD.name in schema.names:
+        pixels = batch.column(_LANDMARKS_PX).to_pylist()
+        cols[KEYPOINTS_REAL_FIELD.name] = pa.array(
+            [_landmark_frame(px, w, h) for px, w, h in zip(pixels, widths, heights)], KEYPOINTS_REAL_FIELD.type)
+    out = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
     return out.append_column(_ERROR_COLUMN, pa.array(errors, pa.string()))
+
+
+def _landmark_frame(pixels: list[float] | None, width: int, height: int) -> list[float] | None:
+    """A landmark row's pixels -> keypoints.py's frame (fractions of the centre square's side)."""
+    from synthfar_ray.keypoints import square_frame, to_column
+
+    if pixels is None or not width:  # no row, or an image that failed (its row is dropped)
+        return None
+    return to_column(square_frame(np.asarray(pixels, dtype=np.float64).reshape(-1, 2), width, height), "keypoints_real")
 
 
 def _keep_good(batch: pa.Table) -> pa.Table:
@@ -404,7 +513,7 @@ def _read_raw(path: str) -> tuple[bytes, str | None]:
         return b"", f"cannot read image file: {e}"
 
 
-def _input_blocks(items: list[_Item], source: str, block_rows: int) -> Iterator[pa.Table]:
+def _input_blocks(items: list[_Item], source: str, block_rows: int, landmarks: bool = False) -> Iterator[pa.Table]:
     """Tables of (labels, raw bytes, read error) in `items` order, `block_rows` rows each: one block
     becomes one Parquet file. The driver reads the files: SRC is local to this machine, so workers on
     other nodes could not open the paths."""
@@ -412,6 +521,7 @@ def _input_blocks(items: list[_Item], source: str, block_rows: int) -> Iterator[
     for start in range(0, len(items), block_rows):
         chunk = items[start:start + block_rows]
         raws, errors = zip(*(_read_raw(it.path) for it in chunk))
+        extra = {_LANDMARKS_PX: pa.array([it.landmarks for it in chunk], pa.list_(pa.float64()))} if landmarks else {}
         yield pa.table({
             "id": pa.array([it.id for it in chunk], pa.int64()),
             "file": pa.array([it.file for it in chunk], pa.string()),
@@ -424,6 +534,7 @@ def _input_blocks(items: list[_Item], source: str, block_rows: int) -> Iterator[
             "source": pa.array([source] * len(chunk), pa.string()),
             "split": pa.array([it.split for it in chunk], pa.string()),
             "subset": pa.array([it.subset for it in chunk], pa.int8()),
+            **extra,
             _ERROR_COLUMN: pa.array(errors, pa.string()),
         })
         done = start + len(chunk)
@@ -432,17 +543,18 @@ def _input_blocks(items: list[_Item], source: str, block_rows: int) -> Iterator[
             logger.info("read %d/%d files (%.0f files/s)", done, len(items), rate)
 
 
-def _decode_on_ray(items: list[_Item], source: str) -> tuple[Any, dict[int, str]]:
+def _decode_on_ray(items: list[_Item], source: str, schema: pa.Schema = OUTPUT_SCHEMA) -> tuple[Any, dict[int, str]]:
     """Decode/re-encode every item on Ray Data, in `items` order and blocks of `rows_per_file` rows.
     Returns (the materialized dataset, {id: reason} of the items that could not be read or decoded);
     materialized so the failures and the good rows come from one decode."""
     import ray
 
     check_request("ingest: each decode task", {"CPU": 1})  # map_batches' default
-    refs = [ray.put(t) for t in _input_blocks(items, source, rows_per_file(len(items)))]
+    landmarks = KEYPOINTS_REAL_FIELD.name in schema.names
+    refs = [ray.put(t) for t in _input_blocks(items, source, rows_per_file(len(items)), landmarks)]
     # batch_size=None: one batch per block, so the blocks (and the files they become) stay as made here.
-    decoded = ray.data.from_arrow_refs(refs).map_batches(_decode_batch, batch_format="pyarrow",
-                                                         batch_size=None).materialize()
+    decoded = ray.data.from_arrow_refs(refs).map_batches(_decode_batch, batch_format="pyarrow", batch_size=None,
+                                                         fn_kwargs={"schema": schema}).materialize()
     failed = decoded.map_batches(_keep_bad, batch_format="pyarrow", batch_size=None).take_all()
     return decoded, {row["id"]: row[_ERROR_COLUMN] for row in failed}
 
@@ -497,13 +609,14 @@ def _class_counts(items: list[_Item], dataset: str) -> dict[str, dict[str, dict[
 def _plan(dataset: str, root: str, seed: int, val_fraction: float) -> tuple[list[_Item], list[dict], dict, dict]:
     """(items with splits and subsets, bad items, split fractions, manifest extras) of a dataset folder."""
     fractions: dict[str, Any]
+    items, bad, extra = (_plan_utkface if dataset == "utkface" else _plan_fairface)(root)
+    items, landmarks = _attach_landmarks(root, items, bad)  # before splits: a rejected image takes no place
+    extra.update(landmarks)
     if dataset == "utkface":
-        items, bad, extra = _plan_utkface(root)
         fractions = dict(UTKFACE_FRACTIONS)
         for it, split in zip(items, assign_splits([it.file for it in items], fractions, seed)):
             it.split = split
     else:
-        items, bad, extra = _plan_fairface(root)
         fractions = {"train": 1.0 - val_fraction, "val": val_fraction, "test": "official val"}
         official_train = [it for it in items if it.official_split == "train"]
         splits = assign_splits([it.file for it in official_train],
@@ -538,7 +651,9 @@ def _ingest(dataset: str, src: str, out: str, *, seed: int, val_fraction: float,
 
         ensure_ray()
         t_ray = time.monotonic()
-        decoded, failed = _decode_on_ray([items[i] for i in write_order([it.file for it in items], seed)], dataset)
+        schema = output_schema("landmarks" in extra)
+        decoded, failed = _decode_on_ray([items[i] for i in write_order([it.file for it in items], seed)], dataset,
+                                         schema)
         bad += _image_failures(items, failed)
         if bad and not skip_bad:
             raise _bad_items_error(bad, src)  # before anything is deleted or written
@@ -581,7 +696,7 @@ def _manifest(dataset: str, src: str, out: str, seed: int, fractions: dict[str, 
         "row_order": "seeded permutation of the files (ingest.write_order), not file-name order",
         "skipped": skipped,
         **extra,
-        "columns": OUTPUT_SCHEMA.names,
+        "columns": output_schema("landmarks" in extra).names,
         "jpeg_quality": JPEG_QUALITY,
         "seconds": round(seconds, 3),
     }

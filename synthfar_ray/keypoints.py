@@ -13,6 +13,12 @@ unknown (a dataset without the column reads as all unknown: every real set, olde
   does (poses.HEAD_MODEL), which is why they share names but are measured on other rows.
 - Rows whose pose came from a pose folder have no stored pose: null.
 
+A real set's sparse landmarks are another layout (`REAL_KEYPOINT_NAMES`, the `keypoints_real` column,
+same frame and NaN/null rules; ingest reads them from a landmark file): the common 5-point set, but
+annotated by its own convention, so its points are not a subset of the dense ones (the stand-ins'
+"annotators" follow faces.render_real_keypoints). A head from the dense points learns the map
+(`train.model.transfer: [keypoints]`); `BASELINE_MAP` is the fixed map it is measured against.
+
 Frame: coordinates are fractions of the side of the image's centre square (side = min(width,
 height)), pixel centres at i + 0.5: the frame training sees after transforms' centre square crop
 (for a square image, the image itself). A point outside that square lies outside [0, 1].
@@ -42,6 +48,20 @@ KEYPOINT_INDEX: dict[str, int] = {name: i for i, name in enumerate(KEYPOINT_NAME
 INTEROCULAR: tuple[str, str] = ("right_eye", "left_eye")
 # The skeleton points (poses.face_keypoints) a diffusion row carries.
 SKELETON_POINTS: tuple[str, ...] = ("nose", "right_eye", "left_eye", "right_ear", "left_ear")
+
+
+# The real set's sparse layout (the stand-ins' convention, faces.render_real_keypoints): eye points are
+# the eye socket's centre (the eye centre moved toward the brow), "nose" the subnasale on the face
+# surface (not the protruding tip), "mouth" the top of the upper lip's middle, "chin" the soft chin
+# (above the jaw's lowest point, toward the mouth).
+REAL_KEYPOINT_NAMES: tuple[str, ...] = ("right_eye", "left_eye", "nose", "mouth", "chin")
+NUM_REAL_KEYPOINTS = len(REAL_KEYPOINT_NAMES)
+REAL_INTEROCULAR: tuple[str, str] = ("right_eye", "left_eye")  # the real set's NME normaliser
+# The fixed baseline map: each real point's nearest dense equivalent.
+BASELINE_MAP: dict[str, str] = {"right_eye": "right_eye", "left_eye": "left_eye", "nose": "nose",
+                                "mouth": "mouth_centre", "chin": "chin"}
+# Point columns and their layouts (both in the frame above, moved together by augmentation).
+KEYPOINT_LAYOUTS: dict[str, tuple[str, ...]] = {"keypoints": KEYPOINT_NAMES, "keypoints_real": REAL_KEYPOINT_NAMES}
 
 
 class KeypointLabelError(UserError, ValueError):
@@ -82,19 +102,29 @@ def skeleton_keypoints(pose, width: int, height: int) -> np.ndarray:
     return out
 
 
-def to_column(points: np.ndarray) -> list[float]:
-    """(NUM_KEYPOINTS, 2) -> the column's flat x0, y0, x1, y1, ... list."""
+def to_column(points: np.ndarray, column: str = "keypoints") -> list[float]:
+    """(K, 2) points of a column's layout (KEYPOINT_LAYOUTS) -> its flat x0, y0, x1, y1, ... list."""
+    k = len(KEYPOINT_LAYOUTS[column])
     flat = np.asarray(points, dtype=np.float32).reshape(-1)
-    if flat.shape != (2 * NUM_KEYPOINTS,):
-        raise ValueError(f"keypoints must be ({NUM_KEYPOINTS}, 2), got {np.shape(points)}")
+    if flat.shape != (2 * k,):
+        raise ValueError(f"{column} must be ({k}, 2), got {np.shape(points)}")
     return flat.tolist()
 
 
-def keypoints_array(values: Sequence | None, n: int, ids: Sequence | None = None) -> np.ndarray:
-    """A batch's `keypoints` column (lists, arrays or None per row; None for a dataset without the
-    column) -> (n, 2 * NUM_KEYPOINTS) float32, NaN where unknown. A list of another length is an
-    error naming the row (its id when given)."""
-    out = np.full((n, 2 * NUM_KEYPOINTS), np.nan, dtype=np.float32)
+def baseline_real(dense: np.ndarray) -> np.ndarray:
+    """(N, 2 * NUM_KEYPOINTS) dense points -> (N, 2 * NUM_REAL_KEYPOINTS): BASELINE_MAP, each real
+    point taken to be its nearest dense equivalent."""
+    dense = np.asarray(dense).reshape(len(dense), NUM_KEYPOINTS, 2)
+    return dense[:, [KEYPOINT_INDEX[BASELINE_MAP[name]] for name in REAL_KEYPOINT_NAMES]].reshape(len(dense), -1)
+
+
+def keypoints_array(values: Sequence | None, n: int, ids: Sequence | None = None,
+                    column: str = "keypoints") -> np.ndarray:
+    """A batch's point column (`keypoints` or `keypoints_real`: lists, arrays or None per row; None
+    for a dataset without the column) -> (n, 2K) float32 for the column's K points, NaN where
+    unknown. A list of another length is an error naming the row (its id when given)."""
+    names = KEYPOINT_LAYOUTS[column]
+    out = np.full((n, 2 * len(names)), np.nan, dtype=np.float32)
     if values is None:
         return out
     if isinstance(values, np.ndarray) and values.dtype != object and values.shape == out.shape:
@@ -103,9 +133,9 @@ def keypoints_array(values: Sequence | None, n: int, ids: Sequence | None = None
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
         value = np.asarray(value, dtype=np.float32).reshape(-1)
-        if value.shape != (2 * NUM_KEYPOINTS,):
+        if value.shape != (2 * len(names),):
             where = f"id {ids[row]}" if ids is not None else f"row {row}"
-            raise KeypointLabelError(f"keypoints of {where} has {value.size} numbers, not {2 * NUM_KEYPOINTS} "
-                                     f"(x, y of {', '.join(KEYPOINT_NAMES)})")
+            raise KeypointLabelError(f"{column} of {where} has {value.size} numbers, not {2 * len(names)} "
+                                     f"(x, y of {', '.join(names)})")
         out[row] = value
     return out

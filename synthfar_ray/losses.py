@@ -4,7 +4,7 @@ Per head: L1 on age (years), cross-entropy on age bins, BCE-with-logits on gende
 ethnicity; with synthetic heads (synthetic_heads.py), smooth L1 on the pose angles (degrees /
 POSE_SCALE, each known angle a term), cross-entropy on hair length and hair colour, and smooth L1
 on the keypoint coordinates (fractions of the image side / KEYPOINT_SCALE, each known coordinate a
-term, so a row contributes only the points it defines).
+term, so a row contributes only the points it defines), the dense ones and a real set's sparse ones.
 
 Datasets miss labels (FairFace has no ages; real sets have no pose or hair; a mixed batch may carry
 rows that lack a field), so each head averages only over the rows that have its label: a missing
@@ -47,6 +47,9 @@ class LossWeights(StrictModel):
     keypoints: float = Field(1.0, ge=0, exclude_if=lambda v: v == 1.0,
                              description="smooth L1 on keypoint coordinates in units of a quarter of the image "
                                          "side (synthetic rows only)")
+    keypoints_real: float = Field(1.0, ge=0, exclude_if=lambda v: v == 1.0,
+                                  description="the same on model.transfer's sparse keypoint head (real rows with "
+                                              "keypoints_real)")
 
 
 def _masked_mean(per_row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -78,7 +81,7 @@ def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tenso
     targets: "age" float (NaN unknown), "age_bin" / "gender" / "ethnicity" integer (< 0 unknown);
     with synthetic heads also "pose_yaw" / "pose_pitch" / "pose_roll" float degrees (NaN unknown)
     and "hair_length" / "hair_color" class indices (< 0 unknown), "keypoints" (N, 2K) fractions of
-    the image side (NaN unknown).
+    the image side (NaN unknown); with keypoint transfer "keypoints_real" (N, 2R), the same.
     """
     import torch
     import torch.nn.functional as F
@@ -107,10 +110,11 @@ def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tenso
     for attr in ("hair_length", "hair_color"):
         if f"{attr}_logits" in outputs:
             losses[attr] = _masked_cross_entropy(outputs[f"{attr}_logits"], targets[attr])
-    if "keypoints" in outputs:  # (N, 2K); each known coordinate is one term of the mean
-        pred = outputs["keypoints"].float() / KEYPOINT_SCALE
-        true, known = _known_or_pred(pred, targets["keypoints"].to(pred.device, torch.float32) / KEYPOINT_SCALE)
-        losses["keypoints"] = _masked_mean(F.smooth_l1_loss(pred, true, reduction="none", beta=KEYPOINT_BETA), known)
+    for column in ("keypoints", "keypoints_real"):  # (N, 2K); each known coordinate is one term of the mean
+        if column in outputs:  # keypoints_real: label transfer, its inputs are detached (model.py)
+            pred = outputs[column].float() / KEYPOINT_SCALE
+            true, known = _known_or_pred(pred, targets[column].to(pred.device, torch.float32) / KEYPOINT_SCALE)
+            losses[column] = _masked_mean(F.smooth_l1_loss(pred, true, reduction="none", beta=KEYPOINT_BETA), known)
     if "race7_logits" in outputs:  # label transfer: its inputs are detached (model.py)
         losses["race7"] = _masked_cross_entropy(outputs["race7_logits"], targets["ethnicity7"])
     return losses

@@ -3,7 +3,8 @@
 
 Missing labels are masked, never counted: a NaN true age (FairFace has only bins) or a label < 0.
 Synthetic heads (synthetic_heads.py) add pose MAE in degrees (per angle and their mean), hair
-length / colour accuracy and keypoint NME (`keypoint_nme`), each only where some row has the label
+length / colour accuracy and keypoint NME (`keypoint_nme`; on a real set's sparse points
+`keypoint_real_nme` / `keypoint_real_baseline_nme`), each only where some row has the label
 (a real split has none).
 FairFace's 7 races (`ethnicity7` labels): `race7_metrics`, the fixed fold baseline and a transfer map's accuracy.
 
@@ -74,20 +75,22 @@ def pose_mae(pred_pose: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
-def keypoint_nme(pred: np.ndarray, true: np.ndarray) -> float:
+def keypoint_nme(pred: np.ndarray, true: np.ndarray, column: str = "keypoints") -> float:
     """Normalised mean error x 100 (Synthesis AI's case study): per row, the mean distance between
     predicted and true points over the points the row defines, divided by the row's inter-ocular
-    distance (between the eye centres, keypoints.INTEROCULAR: both row kinds define them); then the
-    mean over rows. Rows without both eye centres are skipped (every real row); NaN when none is
-    left. pred, true: (N, 2K) x0, y0, x1, y1, ... (keypoints.KEYPOINT_NAMES order)."""
-    from synthfar_ray.keypoints import INTEROCULAR, KEYPOINT_INDEX
+    distance (between the eye centres, keypoints.INTEROCULAR: both row kinds define them; for
+    `keypoints_real`, the real layout's eye points, REAL_INTEROCULAR); then the mean over rows. Rows
+    without both eye points are skipped (every real row of the dense layout); NaN when none is left.
+    pred, true: (N, 2K) x0, y0, x1, y1, ... (the column's layout, keypoints.KEYPOINT_LAYOUTS)."""
+    from synthfar_ray.keypoints import INTEROCULAR, KEYPOINT_LAYOUTS, REAL_INTEROCULAR
 
+    names = KEYPOINT_LAYOUTS[column]
     true = np.asarray(true, dtype=np.float64)
     pred = np.asarray(pred, dtype=np.float64)
     if pred.shape != true.shape or true.ndim != 2 or true.shape[1] % 2:
         raise ValueError(f"keypoints: predictions {pred.shape} and labels {true.shape} must both be (N, 2K)")
     t, p = true.reshape(len(true), -1, 2), pred.reshape(len(pred), -1, 2)
-    a, b = (KEYPOINT_INDEX[name] for name in INTEROCULAR)
+    a, b = (names.index(name) for name in (REAL_INTEROCULAR if column == "keypoints_real" else INTEROCULAR))
     iod = np.linalg.norm(t[:, a] - t[:, b], axis=-1)
     err = np.linalg.norm(p - t, axis=-1)  # (N, K), NaN where the point is unknown
     known = ~np.isnan(err)
@@ -110,7 +113,23 @@ def synthetic_head_metrics(outputs: dict[str, np.ndarray], labels: dict[str, np.
         nme = keypoint_nme(outputs["keypoints"], labels["keypoints"])
         if not math.isnan(nme):
             result["keypoint_nme"] = nme
-    return result
+    return result | real_keypoint_metrics(outputs, labels)
+
+
+def real_keypoint_metrics(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """A real set's sparse keypoints (`keypoints_real` labels), where some row has them: NME of the
+    transfer head ("keypoint_real_nme", when the outputs have it) and of the fixed baseline map on
+    the dense head's points ("keypoint_real_baseline_nme": each real point taken to be its nearest
+    dense equivalent, keypoints.BASELINE_MAP)."""
+    from synthfar_ray.keypoints import baseline_real
+
+    true = labels.get("keypoints_real")
+    if true is None or "keypoints" not in outputs:
+        return {}
+    found = {"keypoint_real_nme": outputs.get("keypoints_real"),
+             "keypoint_real_baseline_nme": baseline_real(np.asarray(outputs["keypoints"]))}
+    scores = {name: keypoint_nme(pred, true, "keypoints_real") for name, pred in found.items() if pred is not None}
+    return {name: value for name, value in scores.items() if not math.isnan(value)}
 
 
 def fold_chance_accuracy(ethnicity_logits: np.ndarray, race7: np.ndarray) -> float:
@@ -229,7 +248,8 @@ def compute_metrics(
 # Label column -> its groups' names (the index of a name is the label value).
 GROUPINGS: dict[str, tuple[str, ...]] = {"ethnicity": ETHNICITIES, "gender": GENDERS, "age_bin": AGE_BIN_NAMES}
 GROUP_METRICS: tuple[str, ...] = ("age_mae", "age_bin_acc", "ethnicity_acc", "gender_acc")
-LOWER_IS_BETTER: frozenset[str] = frozenset({"age_mae"})
+LOWER_IS_BETTER: frozenset[str] = frozenset({"age_mae", "pose_mae", "pose_yaw_mae", "pose_pitch_mae", "pose_roll_mae",
+                                             "keypoint_nme", "keypoint_real_nme", "keypoint_real_baseline_nme"})
 # Groups with fewer rows are flagged and left out of the worst group and the gap (a group of two
 # rows has an accuracy of 0, 0.5 or 1: not a measurement of the model).
 MIN_GROUP_ROWS = 5

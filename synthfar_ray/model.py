@@ -4,7 +4,8 @@ Heads (paper: ResNet-50 encoder, Linear(2048, .) heads): age regression (1, year
 FairFace bins), gender (1 logit, > 0 means female) and ethnicity (5 logits). `age_mode` chooses
 which age heads exist; `synthetic_heads` adds heads only synthetic rows label (synthetic_heads.py):
 `pose` (yaw, pitch, roll in degrees), `hair` (hair length and hair colour logits) and `keypoints`
-(x, y of keypoints.KEYPOINT_NAMES as fractions of the image side). `forward`
+(x, y of keypoints.KEYPOINT_NAMES as fractions of the image side); `transfer` adds heads on DETACHED
+outputs that real labels train: `race7_logits` and `keypoints_real` (a real set's sparse points). `forward`
 returns only the heads the net has, under the names `metrics.compute_metrics` reads.
 
 Backbones: torchvision `resnet18` / `resnet34` / `resnet50` / `resnet101`, `tiny` (a four-layer CNN
@@ -26,10 +27,13 @@ from torch import nn
 from synthfar_ray.errors import UserError
 from synthfar_ray.labels import ETHNICITIES, FAIRFACE_RACES7, NUM_AGE_BINS
 from synthfar_ray.precision import Precision
-from synthfar_ray.keypoints import NUM_KEYPOINTS
+from synthfar_ray.keypoints import BASELINE_MAP, KEYPOINT_INDEX, NUM_KEYPOINTS, REAL_KEYPOINT_NAMES
 from synthfar_ray.synthetic_heads import HEAD_COLUMNS, KEYPOINT_SCALE, POSE_COLUMNS, POSE_SCALE, hair_vocab
 
-TRANSFER_INPUTS: tuple[str, ...] = ("logits", "features")  # what the race7 transfer head may read
+# train.model.transfer: "logits" / "features" are what the race7 head reads; "keypoints" adds the
+# head from the dense keypoints to a real set's sparse ones (keypoints.REAL_KEYPOINT_NAMES).
+RACE7_INPUTS: tuple[str, ...] = ("logits", "features")
+TRANSFER_INPUTS: tuple[str, ...] = (*RACE7_INPUTS, "keypoints")
 
 if TYPE_CHECKING:
     from synthfar_ray.train import AgeMode
@@ -179,13 +183,18 @@ class MultiTaskNet(nn.Module):
         self.hair_color = nn.Linear(feat, len(hair_vocab("hair_color"))) if hair else None
         self.keypoints = nn.Linear(feat, 2 * NUM_KEYPOINTS) if "keypoints" in self.synthetic_heads else None
         # Label transfer (train.model.transfer): FairFace's 7 races from the DETACHED ethnicity logits
-        # and/or features, so real labels train this map and nothing below it.
+        # and/or features, and the real set's sparse keypoints from the DETACHED dense ones, so real
+        # labels train these maps and nothing below them.
         bad = sorted(set(transfer) - set(TRANSFER_INPUTS))
         if bad:
             raise ValueError(f"unknown transfer inputs {bad}: use {', '.join(TRANSFER_INPUTS)}")
         self.transfer = tuple(t for t in TRANSFER_INPUTS if t in transfer)
+        self.race7_inputs = tuple(t for t in RACE7_INPUTS if t in self.transfer)
         width = len(ETHNICITIES) * ("logits" in self.transfer) + feat * ("features" in self.transfer)
-        self.race7 = nn.Linear(width, len(FAIRFACE_RACES7)) if self.transfer else None
+        self.race7 = nn.Linear(width, len(FAIRFACE_RACES7)) if self.race7_inputs else None
+        if "keypoints" in self.transfer and self.keypoints is None:
+            raise ValueError("transfer 'keypoints' maps the dense keypoint head's points: add keypoints to synthetic_heads")
+        self.keypoints_real = baseline_linear() if "keypoints" in self.transfer else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.heads(self.backbone(x))
@@ -206,8 +215,26 @@ class MultiTaskNet(nn.Module):
             out["keypoints"] = 0.5 + self.keypoints(f) * KEYPOINT_SCALE
         if self.race7 is not None:
             inputs = {"logits": out["ethnicity_logits"], "features": f}
-            out["race7_logits"] = self.race7(torch.cat([inputs[t].detach() for t in self.transfer], dim=1))
+            out["race7_logits"] = self.race7(torch.cat([inputs[t].detach() for t in self.race7_inputs], dim=1))
+        if self.keypoints_real is not None:  # (N, 2R) the real layout, same frame and scaling
+            dense = (out["keypoints"].detach() - 0.5) / KEYPOINT_SCALE
+            out["keypoints_real"] = 0.5 + self.keypoints_real(dense) * KEYPOINT_SCALE
         return out
+
+
+def baseline_linear() -> nn.Linear:
+    """The dense -> real keypoint map (scaled coordinates in, scaled coordinates out), starting as
+    keypoints.BASELINE_MAP (each real point copies its nearest dense one, bias 0): training moves
+    it from the fixed baseline, so it learns the convention's offsets rather than the whole shape."""
+    layer = nn.Linear(2 * NUM_KEYPOINTS, 2 * len(REAL_KEYPOINT_NAMES))
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+        for r, name in enumerate(REAL_KEYPOINT_NAMES):
+            d = KEYPOINT_INDEX[BASELINE_MAP[name]]
+            layer.weight[2 * r, 2 * d] = 1.0  # x from x
+            layer.weight[2 * r + 1, 2 * d + 1] = 1.0  # y from y
+    return layer
 
 
 @torch.no_grad()

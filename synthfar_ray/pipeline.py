@@ -54,6 +54,9 @@ class StandInConfig(StrictModel):
     photo: PhotoStyle = PhotoStyle()
     races7: bool = Field(False, description="render FairFace's 7 races visibly (faces.RenderConfig.races7) and write "
                          "each face's rendered race in the FairFace layout; independent of generate.render.races7")
+    landmarks: bool = Field(False, description="write a landmarks.csv per layout: the real set's sparse keypoints "
+                            "(keypoints.REAL_KEYPOINT_NAMES, their own convention) that ingest reads into "
+                            "`keypoints_real`")
 
 
 class RealConfig(StrictModel):
@@ -258,7 +261,8 @@ def _ingest_real(cfg: PipelineConfig, plan: StagePlan, timed) -> None:
 
         timed("standin-generate", run_generate, plan.standin)
         # Every layout is written (the split between them depends on how many there are).
-        counts = timed("standin-files", write_layouts, plan.standin.output, plan.standin_folders, opts)
+        counts = timed("standin-files", write_layouts, plan.standin.output, plan.standin_folders, opts,
+                       plan.standin if cfg.standin.landmarks else None)
         logger.info("wrote procedural stand-in files (NOT real faces): %s",
                     ", ".join(f"{n} {name} -> {plan.standin_folders[name]}" for name, n in counts.items()))
         sources = plan.standin_folders

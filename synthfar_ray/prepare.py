@@ -4,7 +4,7 @@ Training decodes every image every pass; a 512 px JPEG costs ~1.7 ms per core to
 would need ~10 cores of decode. The copy stores each image with its short side at `size` (aspect
 kept; JPEG re-encoded at `quality`; images already that small keep their bytes), so each training
 image costs a small decode. Everything else is kept: every other column (width/height updated;
-`keypoints` moved into the crop's frame under `--center-crop`),
+`keypoints` and `keypoints_real` moved into the crop's frame under `--center-crop`),
 the split and subset columns, the row order and the file order (one output part per source file,
 `part-<i>.parquet` in the source's file order, so its seeded permuted order survives).
 
@@ -106,8 +106,9 @@ def _check_output(cfg: PrepareConfig, fp: str) -> set[str]:
     return set()
 
 
-def _cropped_keypoints(values: list[float], data: bytes, crop: int) -> list[float]:
-    """A row's `keypoints` (keypoints.py) in the frame of its image's centre crop of side `crop`."""
+def _cropped_keypoints(values: list[float], data: bytes, crop: int, column: str = "keypoints") -> list[float]:
+    """A row's `keypoints` or `keypoints_real` (keypoints.py) in the frame of its image's centre crop
+    of side `crop`."""
     import numpy as np
     from PIL import Image
 
@@ -115,7 +116,7 @@ def _cropped_keypoints(values: list[float], data: bytes, crop: int) -> list[floa
 
     with Image.open(io.BytesIO(data)) as probe:
         w, h = probe.size
-    return to_column(cropped(np.asarray(values, dtype=np.float64).reshape(-1, 2), w, h, crop))
+    return to_column(cropped(np.asarray(values, dtype=np.float64).reshape(-1, 2), w, h, crop), column)
 
 
 def prepare_part(row: dict[str, Any], cfg: PrepareConfig) -> dict[str, Any]:
@@ -131,18 +132,19 @@ def prepare_part(row: dict[str, Any], cfg: PrepareConfig) -> dict[str, Any]:
     table = pq.read_table(row["src"], filesystem=fs)
     images, widths, heights, resized = [], [], [], 0
     # Keypoints live in the frame of the image's centre square: a crop changes that frame.
-    keypoints = (table.column("keypoints").to_pylist()
-                 if cfg.center_crop is not None and "keypoints" in table.column_names else None)
+    points = {c: table.column(c).to_pylist() for c in ("keypoints", "keypoints_real")
+              if cfg.center_crop is not None and c in table.column_names}
     for i, data in enumerate(table.column("image").to_pylist()):
         try:
             img = resize_short_side(data, cfg.size, cfg.center_crop)
         except ValueError as e:
             raise PrepareError(f"{row['src']} row {i} (column `image`): {e}") from None
-        if keypoints is not None and keypoints[i] is not None:
-            try:
-                keypoints[i] = _cropped_keypoints(keypoints[i], data, cfg.center_crop)
-            except ValueError as e:
-                raise PrepareError(f"{row['src']} row {i} (column `keypoints`): {e}") from None
+        for column, values in points.items():
+            if values[i] is not None:
+                try:
+                    values[i] = _cropped_keypoints(values[i], data, cfg.center_crop, column)
+                except ValueError as e:
+                    raise PrepareError(f"{row['src']} row {i} (column `{column}`): {e}") from None
         if img is None:
             from PIL import Image
 
@@ -156,9 +158,9 @@ def prepare_part(row: dict[str, Any], cfg: PrepareConfig) -> dict[str, Any]:
         heights.append(h)
     table = table.set_column(table.schema.get_field_index("image"), table.schema.field("image"),
                              pa.array(images, table.schema.field("image").type))
-    if keypoints is not None:
-        idx = table.schema.get_field_index("keypoints")
-        table = table.set_column(idx, table.schema.field(idx), pa.array(keypoints, table.schema.field(idx).type))
+    for column, values in points.items():
+        idx = table.schema.get_field_index(column)
+        table = table.set_column(idx, table.schema.field(idx), pa.array(values, table.schema.field(idx).type))
     for name, values in (("width", widths), ("height", heights)):
         if name in table.column_names:
             idx = table.schema.get_field_index(name)

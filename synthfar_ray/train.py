@@ -87,11 +87,13 @@ class NetConfig(StrictModel):
                     "from pose_*), hair (hair_length and hair_color classes) and/or keypoints (the `keypoints` "
                     "column's points, keypoints.KEYPOINT_NAMES); see synthetic_heads.py")
 
-    transfer: tuple[Literal["logits", "features"], ...] = Field(
+    transfer: tuple[Literal["logits", "features", "keypoints"], ...] = Field(
         (), exclude_if=lambda v: not v,
-        description="label transfer: a head from these DETACHED inputs (the 5 ethnicity logits and/or the pooled "
-                    "features) to FairFace's 7 races (`race7_logits`), trained on the real rows' `ethnicity7` "
-                    "labels only; nothing below it learns from them")
+        description="label transfer, heads on DETACHED outputs that real labels train and nothing below them: "
+                    "`logits` and/or `features` (the 5 ethnicity logits, the pooled features) -> FairFace's 7 "
+                    "races (`race7_logits`, on the real rows' `ethnicity7`); `keypoints`: the dense keypoint "
+                    "head's points -> the real set's sparse ones (`keypoints_real`, on its `keypoints_real` "
+                    "column; needs keypoints in synthetic_heads)")
 
     @field_validator("synthetic_heads")
     @classmethod
@@ -99,6 +101,19 @@ class NetConfig(StrictModel):
         if len(set(value)) != len(value):
             raise ValueError(f"synthetic_heads lists a head twice: {list(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _transfer_needs_its_inputs(self) -> NetConfig:
+        if "keypoints" in self.transfer and "keypoints" not in self.synthetic_heads:
+            raise ValueError("model.transfer has keypoints: its head maps the dense keypoint head's points to the real "
+                             "set's sparse ones, so add keypoints to model.synthetic_heads")
+        return self
+
+    @property
+    def transfer_labels(self) -> tuple[str, ...]:
+        """The real set's label columns the transfer heads train on."""
+        return (("ethnicity7",) if {"logits", "features"} & set(self.transfer) else ()) + \
+            (("keypoints_real",) if "keypoints" in self.transfer else ())
 
 
 class TrainConfig(StageConfig):
@@ -222,9 +237,14 @@ class TrainConfig(StageConfig):
                                  f"{self.synthetic_center_crop} would move the faces but not their keypoints "
                                  "(stored in the frame of the image's centre square); set it to null")
         if self.model.transfer and (self.real is None or (self.plan == "synthetic" and not self.adapt.enabled)):
-            raise ValueError(f"model.transfer {list(self.model.transfer)} trains on the real set's 7-race labels: give "
-                             "`real` and a plan whose steps see real rows (mix, pretrain_finetune, real, or "
-                             "synthetic with `adapt`, whose target rows then keep their ethnicity7)")
+            raise ValueError(f"model.transfer {list(self.model.transfer)} trains on the real set's labels "
+                             f"({', '.join(self.model.transfer_labels)}): give `real` and a plan whose steps see real "
+                             "rows (mix, pretrain_finetune, real, or synthetic with `adapt`, whose target rows then "
+                             "keep those labels)")
+        if "keypoints" in self.model.transfer and self.center_crop is not None:
+            raise ValueError(f"model.transfer has keypoints: center_crop {self.center_crop} would move the real faces "
+                             "but not their keypoints_real (stored in the frame of the image's centre square); crop "
+                             "with `synthfar prepare --center-crop` (it moves the points) and set center_crop: null")
         if self.val_source == "real" and self.real is None:
             raise ValueError("val_source 'real' needs `real`")
         if self.val_source == "synthetic" and self.synthetic is None:
@@ -459,14 +479,17 @@ def train_step(w: WorkerState, batch: tuple, augment, opt, sched, scaler, weight
     Nothing here reads a value back to the host (without a GradScaler): the CPU queues step after step."""
     import torch
 
+    from synthfar_ray.keypoints import KEYPOINT_LAYOUTS
     from synthfar_ray.losses import multitask_loss
     from synthfar_ray.transforms import to_model_input, to_model_input_with_points
 
     images, labels, _ = batch
     p = w.precision
-    if augment is not None and "keypoints" in labels:  # the shift-scale-rotate moves the keypoints too
-        x, moved = to_model_input_with_points(images, labels["keypoints"], augment, channels_last=p.channels_last, nhwc=False)
-        labels = {**labels, "keypoints": moved}
+    points = [c for c in KEYPOINT_LAYOUTS if c in labels]
+    if augment is not None and points:  # the shift-scale-rotate moves the keypoints too (each column's)
+        x, moved = to_model_input_with_points(images, torch.cat([labels[c] for c in points], dim=1), augment,
+                                              channels_last=p.channels_last, nhwc=False)
+        labels = {**labels, **dict(zip(points, moved.split([labels[c].shape[1] for c in points], dim=1)))}
     else:
         x = to_model_input(images, augment, channels_last=p.channels_last, nhwc=False)
     with torch.autocast(device_type=w.device.type, dtype=p.autocast_dtype or torch.float32, enabled=p.amp != "none"):
@@ -588,8 +611,8 @@ def run_phase(w: WorkerState, index: int, phase: Phase) -> None:
         n = int(batch[0].shape[0])
         n_source, coefficient = counts.get("synthetic", 0), 0.0
         if adapts:  # the real target rows (labels unused) join the batch after the labelled rows
-            # Their labels are unused, but the transfer head's 7-race ones (it reads detached inputs).
-            keep = ("ethnicity7",) if cfg.model.transfer else ()
+            # Their labels are unused, but the transfer heads' (they read detached inputs).
+            keep = cfg.model.transfer_labels
             batch = concat_batches([batch, unlabelled(streams["target"].take(cfg.worker_batch()), keep)])
             coefficient = reversal_coefficient(w.step, cfg.adapt.warmup_steps)
         loss, parts = train_step(w, batch, augment, opt, sched, scaler, phase.weights, n_source, coefficient)

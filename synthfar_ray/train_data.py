@@ -55,9 +55,9 @@ def check_dataset(uri: str | None, setting: str, opts: StorageOptions, crop: int
 
 
 def cfg_label_columns(cfg: TrainConfig) -> tuple[str, ...]:
-    """The label columns of the run's net (the four, plus its synthetic heads', plus `ethnicity7` for
-    label transfer; a set without a column reads as unknown)."""
-    return label_columns(cfg.model.synthetic_heads) + (("ethnicity7",) if cfg.model.transfer else ())
+    """The label columns of the run's net (the four, plus its synthetic heads', plus the real labels
+    its label transfer heads train on; a set without a column reads as unknown)."""
+    return label_columns(cfg.model.synthetic_heads) + cfg.model.transfer_labels
 
 
 def columns_in(ds, columns: tuple[str, ...]) -> tuple[str, ...]:

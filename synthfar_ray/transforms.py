@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 from PIL import Image
 
-from synthfar_ray.keypoints import keypoints_array
-from synthfar_ray.synthetic_heads import HAIR_COLUMNS, KEYPOINT_COLUMNS, POSE_COLUMNS, hair_indices, head_columns
+from synthfar_ray.keypoints import KEYPOINT_LAYOUTS, keypoints_array
+from synthfar_ray.synthetic_heads import HAIR_COLUMNS, POSE_COLUMNS, hair_indices, head_columns
 
 if TYPE_CHECKING:
     import torch
@@ -122,8 +122,8 @@ def labels_to_numpy(batch: dict[str, Any], columns: Iterable[str] = LABEL_COLUMN
     n = len(batch["image"])
     for name in columns:
         col = batch.get(name)
-        if name in KEYPOINT_COLUMNS:
-            out[name] = keypoints_array(col, n, batch.get("id"))
+        if name in KEYPOINT_LAYOUTS:
+            out[name] = keypoints_array(col, n, batch.get("id"), name)
             continue
         if col is None:
             col = np.full(n, np.nan if name in FLOAT_LABELS else -1)

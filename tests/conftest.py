@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # demo's worker (test_groundtruth, 12-13 min beside the other worker) gets a short one second.
 LONGEST_FIRST = ("test_groundtruth", "test_cli", "test_quality", "test_adapt", "test_fake_cluster", "test_node_loss",
                  "test_tune", "test_synthetic_heads", "test_pipeline", "test_groups", "test_rl_sampler",
-                 "test_storage_faults", "test_label_transfer", "test_job_submit")
+                 "test_storage_faults", "test_label_transfer", "test_keypoint_transfer", "test_job_submit")
 
 
 # Tests that run Ray (through the shared cluster or a subprocess that starts its own) are marked

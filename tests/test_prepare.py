@@ -81,6 +81,8 @@ def test_center_crop_moves_the_keypoints_into_the_crops_frame(prepared, tmp_path
     points[0], points[1] = (0.5, 0.5), (0.0, 0.0)  # the square's centre and its top-left corner
     table = table.set_column(table.schema.get_field_index("image"), "image", pa.array([image, image], pa.binary()))
     table = table.append_column("keypoints", pa.array([points.ravel().tolist(), None], pa.list_(pa.float32())))
+    # A real set's sparse points (ingest's keypoints_real) move the same way.
+    table = table.append_column("keypoints_real", pa.array([None, [0.5, 0.5] * 5], pa.list_(pa.float32())))
     src, out = tmp_path / "src", str(tmp_path / "out")
     src.mkdir()
     pq.write_table(table, src / "part-000000.parquet")
@@ -89,6 +91,8 @@ def test_center_crop_moves_the_keypoints_into_the_crops_frame(prepared, tmp_path
     got = np.asarray(moved[0], np.float64).reshape(NUM_KEYPOINTS, 2)
     np.testing.assert_allclose(got[:2], [[0.5, 0.5], [(8 - 16) / 32, (0 - 8) / 32]], atol=1e-6)
     assert np.isnan(got[2:]).all() and moved[1] is None
+    real = _table(out)[0].column("keypoints_real").to_pylist()
+    assert real[0] is None and real[1] == pytest.approx([0.5, 0.5] * 5)  # the centre stays the centre
 
 
 def test_training_on_the_copy(prepared, tmp_path):
