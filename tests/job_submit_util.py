@@ -258,6 +258,32 @@ def parse_job_status(output: str) -> str:
 
 
 NO_AGENT_YET = "No available agent to submit job"
+# What the CLI prints when the head's dashboard did not answer (a busy head on 2 loaded cores).
+DASHBOARD_UNREACHABLE = ("Failed to connect to Ray at address", "Remote end closed connection", "Connection refused",
+                         "Read timed out")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _final_status(common: list[str], submission_id: str, env: dict[str, str] | None, done, deadline: float) -> str:
+    """The job's terminal status. `ray job submit` follows the job's logs over the head's dashboard
+    and exits when that connection drops, while the job itself runs on: seen twice under load (a full
+    suite beside other work), once as RemoteDisconnected in `submit` and "Failed to connect to Ray" in
+    `status` moments later. So a status that is still running, or a dashboard that does not answer,
+    is asked again until the job's own deadline; a job the head does not know fails at once."""
+    while True:
+        out = ray_cli(["job", "status", *common, submission_id], env, 60).stdout
+        try:
+            status = parse_job_status(out)
+        except ValueError as e:  # the job was never accepted, or the head is gone
+            if not any(m in out for m in DASHBOARD_UNREACHABLE) or time.monotonic() > deadline:
+                raise RuntimeError(f"{e}\n`ray job submit` exited {done.returncode}:\n{done.stdout[-4000:]}") from None
+            status = None
+        if status in TERMINAL:
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {submission_id} still {status} at its deadline after `ray job submit` "
+                               f"exited {done.returncode}:\n{done.stdout[-4000:]}")
+        time.sleep(3)
 
 
 def submit_job(address: str, entrypoint: list[str], timeout: float, *, env: dict[str, str] | None = None,
@@ -292,11 +318,7 @@ def submit_job(address: str, entrypoint: list[str], timeout: float, *, env: dict
         logs = ray_cli(["job", "logs", *common, submission_id], env, 60).stdout
         raise TimeoutError(f"job {submission_id} ({' '.join(entrypoint)}) still running after "
                            f"{timeout:.0f} s; stopped. Logs:\n{logs[-6000:]}\n{stacks}") from e
-    status_out = ray_cli(["job", "status", *common, submission_id], env, 60).stdout
-    try:
-        status = parse_job_status(status_out)
-    except ValueError as e:  # the job was never accepted, or the head is gone
-        raise RuntimeError(f"{e}\n`ray job submit` exited {done.returncode}:\n{done.stdout[-4000:]}") from None
+    status = _final_status(common, submission_id, env, done, time.monotonic() + timeout)
     logs = ray_cli(["job", "logs", *common, submission_id], env, 60).stdout
     return JobResult(status=status, logs=logs, returncode=done.returncode,
                      submission_id=submission_id, submit_output=done.stdout)
