@@ -235,6 +235,32 @@ def test_report_shows_faces_labels_gap_and_precision(demo):
     assert "Spearman" in report
 
 
+def test_adaptation_table_lists_every_run_and_aux_bn_keeps_the_real_statistics(demo):
+    """The report's "Domain adaptation" table (the demo has one adapting run, `aux_bn`): every run on
+    both photo-style test splits and on synthetic-style val, no number missing. aux_bn's checkpoint
+    keeps the BatchNorm statistics of the real rows, so on synthetic-style data its ethnicity accuracy
+    falls below synthetic-only's by >= 0.05 (measured 0.629 -> 0.518; 0.75 -> 0.37 in
+    configs/pipeline/adaptation.yaml). On the demo's default photo style it gains nothing (0.533 /
+    0.540 vs 0.591 / 0.561): that style is per-image nuisance, not a shift (README, "Domain adaptation
+    on the ground-truth domain"), so no photo-side effect is asserted here; tests/test_adapt.py
+    asserts it on a systematic shift."""
+    import yaml
+
+    runs = list(yaml.safe_load(open(os.path.join(ROOT, "configs", "pipeline", "demo.yaml")))["runs"])
+    table = json.loads((demo / "adaptation.json").read_text())
+    assert set(TESTS) | {"synthetic:val"} <= set(table["splits"])
+    rows = {r["run"]: r for r in table["rows"]}
+    assert sorted(rows) == sorted(runs)
+    for row in rows.values():
+        for split in table["splits"]:
+            assert all(v is not None for v in row["datasets"][split].values()), (row["run"], split)
+    assert rows["aux_bn"]["training"] == "synthetic + aux_bn"
+    eth = {name: rows[name]["datasets"]["synthetic:val"]["ethnicity_acc"] for name in ("aux_bn", "synthetic_only")}
+    assert eth["aux_bn"] <= eth["synthetic_only"] - 0.05, eth
+    report = (demo / "report" / "report.md").read_text()
+    assert "## Domain adaptation" in report and "| aux_bn | synthetic + aux_bn |" in report
+
+
 def test_quality_stage_reads_the_noise_and_the_report_shows_it(demo):
     """The demo's quality stage (cl-sam's classifier, trained on the 25 % real subset): p(stated
     ethnicity) separates rows whose picture shows their ethnicity from the noisy ones (AUC 0.83 in
