@@ -114,6 +114,9 @@ def test_experiment_matrix_is_complete():
         "h_synthetic_dann_fairface": ("synthetic", "dann", False, True),
         "i_synthetic_daln_fairface": ("synthetic", "daln", False, True),
         "j_synthetic_aux_bn_fairface": ("synthetic", "none", True, True)}
+    k = load_config(TrainConfig, os.path.join(ROOT, "configs", "experiments", "k_synthetic_fairface_race7_transfer.yaml"))
+    assert (k.plan, k.mix_ratio, k.model.transfer, k.real.endswith("/fairface")) == (
+        "mix", 0.5, ("logits", "features"), True)
 
 
 def test_config_errors_name_the_field(tmp_path):
