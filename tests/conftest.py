@@ -9,10 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from synthfar_ray.raycluster import warm_worker_pool_env
+
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tests
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Every cluster the tests start (the shared one, `ray start` heads, CLI subprocesses) keeps a warm pool of
+# idle workers, as the product's local clusters do (synthfar_ray.raycluster.warm_worker_pool_env).
+warm_worker_pool_env()
 
 
 # `make test` runs two xdist workers with --dist loadfile: each module goes whole to one worker (its
@@ -58,11 +63,8 @@ def ray_cluster():
         # The S3 test credentials go to every worker, whichever fixture starts first: workers started
         # before s3_server set them had none, and pyarrow's S3 client then sent unsigned aws-chunked
         # uploads that moto stored with their chunk framing (parts without Parquet's footer).
-        # Ray Train's spot-preemption watcher is one more actor process per training run, and a local
-        # cluster is never preempted.
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **S3_TEST_ENV}})
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **S3_TEST_ENV}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
