@@ -12,11 +12,14 @@ node can ever meet fails at once instead of pending forever.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,13 +51,15 @@ def task_error_cause(error: BaseException) -> BaseException:
 # Ray keeps at most num_cpus idle worker processes and kills the others after 1 s idle. A Ray Train run
 # starts about seven short-lived actors (controller, worker, coordinators) and Ray Data runs its
 # fractional-CPU tasks beside them, so on a small node every run re-started most of its processes and
-# re-imported torch, pyarrow and Ray Train in each. Keeping more idle workers alive for longer lets the
-# next run's actors and tasks start in warm processes: a short mix run on a warm 4-CPU local cluster
-# cost 70-83 machine CPU-s with Ray's defaults and 37-48 with these (2026-12-07, 2 cores, tiny net,
-# 2 steps; ~21 instead of ~19 worker processes, 4.5 instead of 3.7 GiB resident). They apply to the
-# clusters this process (and its children) starts; a running cluster keeps its own settings.
+# re-imported torch, pyarrow and Ray Train in each. Keeping more idle workers alive lets the next run's
+# actors and tasks start in warm processes: a short mix run on a warm 4-CPU local cluster cost 70-83
+# machine CPU-s with Ray's defaults and 37-48 with a pool of 8 (2026-12-07, 2 cores, tiny net, 2 steps;
+# ~21 instead of ~19 worker processes). An idle worker is not free (about 0.7 % of a core each, measured
+# under load), so they go after 2 minutes: runs of one pipeline, sweep or test follow each other
+# within seconds. These apply to the clusters this process (and its children) starts; a running cluster
+# keeps its own settings.
 WARM_POOL_MIN_WORKERS = 8
-WARM_POOL_IDLE_MS = 600_000
+WARM_POOL_IDLE_MS = 120_000
 
 
 def warm_worker_pool_env() -> dict[str, str]:
@@ -68,6 +73,26 @@ def warm_worker_pool_env() -> dict[str, str]:
     for key, value in settings.items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in settings}
+
+
+@contextlib.contextmanager
+def restoring_sigint_handler() -> Iterator[None]:
+    """Around `TorchTrainer.fit()`: put back the SIGINT handler that was there before.
+
+    In a process's main thread, Ray Train V2 installs a SIGINT handler whose closure holds the run's
+    TrainController handle and never removes it, so the controller actor (~700 MB resident, with its
+    DatasetManager and SplitCoordinators) outlives the run for as long as the calling process does:
+    a pipeline's training task kept its last run's controller alive in the idle worker that ran it
+    (seven controllers alive at once in one `make test` run). Restoring the handler drops the last
+    reference, and Ray stops the actors."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def ensure_ray() -> None:

@@ -746,7 +746,7 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from synthfar_ray.raycluster import ensure_ray
+    from synthfar_ray.raycluster import ensure_ray, restoring_sigint_handler
     from synthfar_ray.train_data import build_datasets
 
     t0 = time.time()
@@ -789,7 +789,8 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     )
     logger.info("training %s (%s plan, %d steps, %d workers) -> %s", cfg.name, cfg.plan, cfg.steps, cfg.num_workers,
                 cfg.run_uri)
-    result = trainer.fit()
+    with restoring_sigint_handler():
+        result = trainer.fit()
     seconds = time.time() - t0
     if result.error is not None:
         raise StageFailed(f"training run {cfg.run_uri} failed: {last_line(result.error)}") from result.error

@@ -12,6 +12,7 @@ import glob
 import io
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -180,10 +181,14 @@ def ddp_run(ray_cluster, data, tmp_path_factory):
     cfg = _cfg(data, tmp, name="ddp", plan="mix", synthetic=data["synthetic"], mix_ratio=0.25,
                num_workers=2, batch_size=32, steps=60, val_every=20)
     os.environ[FAULT_ENV] = f"30:{marker}"
+    handler = signal.getsignal(signal.SIGINT)
     try:
         result = run_train(cfg)
     finally:
         del os.environ[FAULT_ENV]
+    # Ray Train V2's fit() leaves a SIGINT handler in the main thread whose closure holds the run's
+    # controller actor; run_train puts the previous one back, so the controller does not outlive the run.
+    assert signal.getsignal(signal.SIGINT) is handler
     return cfg, result, marker
 
 
