@@ -42,7 +42,8 @@ from pathlib import Path
 import yaml
 
 from job_submit_util import (
-    REPO_ROOT, JobResult, _stop, _tail, _wait_until_ready, free_port, head_environment, ray_executable, submit_job,
+    HEAD_STARTUP_TIMEOUT_S, REPO_ROOT, JobResult, _stop, _tail, _wait_until_ready, free_port, head_environment,
+    ray_executable, submit_job,
 )
 
 FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider's fixed name for the head's node type
@@ -192,7 +193,7 @@ def _sigkill(pids: Iterable[int]) -> int:
 
 
 @contextmanager
-def fake_cluster(yaml_path: Path, env: dict[str, str] | None = None, startup_timeout: float = 120,
+def fake_cluster(yaml_path: Path, env: dict[str, str] | None = None, startup_timeout: float = HEAD_STARTUP_TIMEOUT_S,
                  idle_timeout_minutes: float = 0.25) -> Iterator[FakeCluster]:
     """Start a head with the autoscaler and the fake provider; tear down every process it made."""
     temp_dir = Path(tempfile.mkdtemp(prefix="sfr-fake-", dir="/tmp"))

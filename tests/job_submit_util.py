@@ -78,6 +78,11 @@ def runtime_env_var_names(runtime_env_file: Path = RUNTIME_ENV_FILE) -> list[str
     return list((data.get("env_vars") or {}).keys())
 
 
+# How long a test head (and Ray's own wait for its dashboard) may take to come up: seconds when the box
+# is idle, minutes beside other test work on 2 cores.
+HEAD_STARTUP_TIMEOUT_S = 300.0
+
+
 def head_environment(token: str) -> dict[str, str]:
     env = dict(os.environ)
     for key in (*_SCRUBBED_ENV, *runtime_env_var_names()):
@@ -88,6 +93,9 @@ def head_environment(token: str) -> dict[str, str]:
         RAY_AUTH_TOKEN=token,
         RAY_USAGE_STATS_ENABLED="0",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # nothing to drain: shut down at once
+        # Ray gives its dashboard 60 s to start, then `ray start` fails ("Failed to start the dashboard",
+        # an empty dashboard.log): on 2026-12-07 a head started beside the demo's training took longer.
+        RAY_DASHBOARD_STARTUP_TIMEOUT_S=str(int(HEAD_STARTUP_TIMEOUT_S)),
         HF_HUB_OFFLINE="1",
         # The job's `python` must be this venv's interpreter.
         PATH=bin_dir + os.pathsep + env.get("PATH", ""),
@@ -165,7 +173,7 @@ def _stop(proc: subprocess.Popen, grace: float = 30) -> None:
 
 
 @contextmanager
-def local_head(num_cpus: int = 2, object_store_mb: int = 256, startup_timeout: float = 120) -> Iterator[LocalHead]:
+def local_head(num_cpus: int = 2, object_store_mb: int = 256, startup_timeout: float = HEAD_STARTUP_TIMEOUT_S) -> Iterator[LocalHead]:
     """Start a single-node Ray head with its dashboard on 127.0.0.1; stop it (only it) on exit."""
     temp_dir = Path(tempfile.mkdtemp(prefix="sfr-head-", dir="/tmp"))  # short: unix socket paths
     token = secrets.token_hex(32)

@@ -21,7 +21,7 @@ import pytest
 
 from fake_cluster_util import REPO_ROOT, FakeCluster, Node, fake_cluster, fake_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 YAMLS = [REPO_ROOT / "cluster" / "aws-gpu.yaml", REPO_ROOT / "cluster" / "gcp-gpu.yaml"]
 

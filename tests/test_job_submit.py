@@ -18,7 +18,7 @@ from synthfar_ray.images import decode_image
 
 from job_submit_util import REPO_ROOT, RUNTIME_ENV_FILE, LocalHead, local_head, parse_probe
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

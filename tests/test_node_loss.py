@@ -28,7 +28,7 @@ from synthfar_ray.storage import StorageOptions
 
 from fake_cluster_util import REPO_ROOT, FakeCluster, actor_nodes, fake_cluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
