@@ -54,7 +54,7 @@ def task_error_cause(error: BaseException) -> BaseException:
 # re-imported torch, pyarrow and Ray Train in each. Keeping more idle workers alive lets the next run's
 # actors and tasks start in warm processes: a short mix run on a warm 4-CPU local cluster cost 70-83
 # machine CPU-s with Ray's defaults and 37-48 with a pool of 8 (2026-12-07, 2 cores, tiny net, 2 steps;
-# ~21 instead of ~19 worker processes). An idle worker is not free (about 0.7 % of a core each, measured
+# ~21 instead of ~19 worker processes). An idle worker is not free (0.7-1.4 % of a core each, measured
 # under load), so they go after 2 minutes: runs of one pipeline, sweep or test follow each other
 # within seconds. These apply to the clusters this process (and its children) starts; a running cluster
 # keeps its own settings.
@@ -62,9 +62,9 @@ WARM_POOL_MIN_WORKERS = 8
 WARM_POOL_IDLE_MS = 120_000
 
 
-def warm_worker_pool_env() -> dict[str, str]:
-    """The RAY_* variables (Ray's system config) that keep a local cluster's idle workers for reuse;
-    set in os.environ, without overriding what the user set, before a local cluster starts."""
+def warm_worker_pool_env() -> None:
+    """Set the RAY_* variables (Ray's system config) that keep a local cluster's idle workers for reuse
+    in os.environ, without overriding what the user set, before a local cluster starts."""
     settings = {"RAY_num_workers_soft_limit": str(max(WARM_POOL_MIN_WORKERS, os.cpu_count() or 1)),
                 "RAY_idle_worker_killing_time_threshold_ms": str(WARM_POOL_IDLE_MS),
                 # A local cluster is never preempted: Ray Train's spot-preemption watcher is one more
@@ -72,7 +72,6 @@ def warm_worker_pool_env() -> dict[str, str]:
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     for key, value in settings.items():
         os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in settings}
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ can ever meet: the rules on given node shapes, then a stage on the test session'
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -99,3 +100,16 @@ def test_task_error_cause_unwraps_rays_wrapper():
     assert task_error_cause(Wrapper(bug)) is bug
     plain = RuntimeError("no cause")
     assert task_error_cause(plain) is plain
+
+
+def test_warm_worker_pool_env_fills_in_defaults_but_keeps_the_users_values(monkeypatch):
+    from synthfar_ray.raycluster import WARM_POOL_IDLE_MS, WARM_POOL_MIN_WORKERS, warm_worker_pool_env
+
+    for key in ("RAY_num_workers_soft_limit", "RAY_idle_worker_killing_time_threshold_ms",
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_idle_worker_killing_time_threshold_ms", "5000")  # the user's choice wins
+    warm_worker_pool_env()
+    assert int(os.environ["RAY_num_workers_soft_limit"]) >= WARM_POOL_MIN_WORKERS
+    assert os.environ["RAY_idle_worker_killing_time_threshold_ms"] == "5000" != str(WARM_POOL_IDLE_MS)
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
