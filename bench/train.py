@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train.torch import TorchTrainer
 
     from synthfar_ray.config import apply_overrides
-    from synthfar_ray.train import TrainConfig
+    from synthfar_ray.train import TrainConfig, data_config
     from synthfar_ray.train_data import build_datasets
 
     tmp = tempfile.mkdtemp(prefix="synthfar-bench-")
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(name="bench", storage_path=os.path.join(tmp, "runs")),
-        datasets=build_datasets(cfg, {"real"}))
+        datasets=build_datasets(cfg, {"real"}), dataset_config=data_config(cfg, {"real"}))
     res = trainer.fit().return_value
     mem, dat = res["memory"], res["data"]
     print(f"\n{cfg.model.backbone}  input {cfg.image_size}px from {source}px JPEG  batch {cfg.batch_size}  "

@@ -55,9 +55,9 @@ def task_error_cause(error: BaseException) -> BaseException:
 # actors and tasks start in warm processes: a short mix run on a warm 4-CPU local cluster cost 70-83
 # machine CPU-s with Ray's defaults and 37-48 with a pool of 8 (2026-12-07, 2 cores, tiny net, 2 steps;
 # ~21 instead of ~19 worker processes). An idle worker is not free (0.7-1.4 % of a core each, measured
-# under load), so they go after 2 minutes: runs of one pipeline, sweep or test follow each other
-# within seconds. These apply to the clusters this process (and its children) starts; a running cluster
-# keeps its own settings.
+# under load): up to the soft limit they stay as long as the cluster does, and any beyond it go after
+# 2 minutes idle (runs of one pipeline, sweep or test follow each other within seconds). These apply
+# to the clusters this process (and its children) starts; a running cluster keeps its own settings.
 WARM_POOL_MIN_WORKERS = 8
 WARM_POOL_IDLE_MS = 120_000
 
@@ -69,7 +69,13 @@ def warm_worker_pool_env() -> None:
                 "RAY_idle_worker_killing_time_threshold_ms": str(WARM_POOL_IDLE_MS),
                 # A local cluster is never preempted: Ray Train's spot-preemption watcher is one more
                 # actor process per training run.
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                # Ray's log monitor re-globs the session's log folder on every pass (~10 a second) until
+                # it holds 1,000 files, then every 0.5 s; a test cluster collects hundreds (one or two per
+                # worker process), and its log monitors took 4.8 % of the machine's CPU during
+                # `make test`. 0 means every 0.5 s from the start: a new worker's first lines reach the
+                # driver up to 0.5 s later.
+                "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
     for key, value in settings.items():
         os.environ.setdefault(key, value)
 

@@ -37,7 +37,7 @@ import posixpath
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
@@ -689,15 +689,21 @@ def run_request(cfg: TrainConfig, gpu: bool) -> dict[str, float]:
     return request
 
 
-def _ingest_options(cfg: TrainConfig):
-    """Ray Train's ingest defaults, with the row order fixed when `preserve_order` says so. Without it
-    the blocks reach the worker in whatever order the read tasks finish, and two runs with the same
-    seed trained on differently ordered data: the demo's scores moved by up to 0.03 between reruns."""
+def data_config(cfg: TrainConfig, datasets: Iterable[str]):
+    """How Ray Train hands the datasets to the workers (run_train and bench/train.py).
+
+    Ingest defaults, with the row order fixed when `preserve_order` says so: without it the blocks
+    reach the worker in whatever order the read tasks finish, and two runs with the same seed trained
+    on differently ordered data (the demo's scores moved by up to 0.03 between reruns).
+    The val split goes whole to every worker (rank 0 validates); train sets are split between the
+    workers, each by a SplitCoordinator actor. A single worker gets them unsplit: it runs their
+    streaming execution itself, and the run starts one actor process less per train set."""
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
     options.preserve_order = cfg.preserve_order
-    return options
+    split = [n for n in datasets if n != "val"] if cfg.num_workers > 1 else []
+    return DataConfig(datasets_to_split=split, execution_options=options)
 
 
 def _dist_backend(cfg: TrainConfig, gpu: bool) -> str:
@@ -743,7 +749,7 @@ def _stored_result(cfg: TrainConfig, stored: dict[str, Any]) -> TrainResult:
 def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Train as `cfg` says (resuming `<storage_path>/<name>` if it holds the same config);
     `callbacks` are Ray Train UserCallbacks added to the RunConfig (e.g. Tune's reporting)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from synthfar_ray.raycluster import ensure_ray, restoring_sigint_handler
@@ -783,9 +789,7 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         torch_config=TorchConfig(backend=_dist_backend(cfg, scaling.use_gpu)),
         run_config=run_config,
         datasets=datasets,
-        # The val split goes whole to every worker (rank 0 validates); train sets are sharded.
-        dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != "val"],
-                                  execution_options=_ingest_options(cfg)),
+        dataset_config=data_config(cfg, datasets),
     )
     logger.info("training %s (%s plan, %d steps, %d workers) -> %s", cfg.name, cfg.plan, cfg.steps, cfg.num_workers,
                 cfg.run_uri)

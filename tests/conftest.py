@@ -18,6 +18,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Every cluster the tests start (the shared one, `ray start` heads, CLI subprocesses) keeps a warm pool of
 # idle workers, as the product's local clusters do (synthfar_ray.raycluster.warm_worker_pool_env).
 warm_worker_pool_env()
+# Ray Train's Prometheus metrics (two callbacks per run): nothing scrapes them in tests, and they cost
+# ~2 machine CPU-s of a short run's ~26 (probe of 2026-12-07: four 30-step runs per setting, twice).
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 
 # `make test` runs two xdist workers with --dist loadfile: each module goes whole to one worker (its

@@ -30,6 +30,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -125,7 +126,13 @@ class FakeCluster:
         as nodes that the YAML's setup_commands installed the project on do. (With --working-dir,
         each fake node's runtime-env agent would unpack the upload into the one session folder the
         nodes share, pulling it from under the other nodes' workers.)"""
-        return submit_job(self.address, entrypoint, timeout, env=self.env, working_dir=None)
+        try:
+            return submit_job(self.address, entrypoint, timeout, env=self.env, working_dir=None)
+        except (RuntimeError, TimeoutError):
+            # Twice under load the head's dashboard stopped answering mid-job, and the temp dir with
+            # its logs went with the cluster: the failing test keeps their ends (pytest shows stderr).
+            sys.stderr.write(head_log_tails(self.temp_dir))
+            raise
 
     def nodes(self) -> list[Node]:
         """Every node the GCS knows, from the dashboard's state API (this process stays off the cluster:
@@ -233,6 +240,15 @@ def fake_cluster(yaml_path: Path, env: dict[str, str] | None = None, startup_tim
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+
+
+def head_log_tails(temp_dir: Path, chars: int = 3000) -> str:
+    """The ends of a head's dashboard, GCS, raylet and autoscaler logs (and `ray start`'s output)."""
+    logs = temp_dir / "session_latest" / "logs"
+    paths = [temp_dir / "ray-start.log"] + sorted(
+        p for pattern in ("dashboard*.log", "dashboard*.err", "gcs_server.out", "gcs_server.err", "raylet.err",
+                          "monitor.log", "monitor.err") for p in logs.glob(pattern))
+    return "".join(f"\n===== {p.name} (end) =====\n{_tail(p, chars)}" for p in paths)
 
 
 def actor_nodes(cluster: FakeCluster, class_part: str) -> list[str]:

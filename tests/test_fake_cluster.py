@@ -14,7 +14,9 @@ from __future__ import annotations
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
@@ -82,13 +84,48 @@ def test_fake_config_keeps_the_yamls_worker_types():
         assert fake["provider"]["type"] == "fake_multinode"
 
 
+@pytest.fixture(scope="module")
+def aws_cluster() -> Iterator[FakeCluster]:
+    """One AWS fake cluster for both tests that use that YAML (the refused request alone, with a head
+    of its own, took 135 s in one full-suite run, most of it starting the head). The refused request
+    runs first and launches no worker, so the autoscaler test still starts from zero workers."""
+    with fake_cluster(YAMLS[0]) as cluster:
+        yield cluster
+
+
+def test_request_no_node_type_can_meet_fails_at_once(aws_cluster):
+    """4 GPUs per diffusion actor: no node type of the AWS YAML has that many (the largest, gpu-train,
+    has 2 after scaling), so the job fails within seconds with one line naming the resource, the
+    amount and the largest node, instead of pending forever. No worker is launched for it."""
+    assert aws_cluster.alive_workers() == []
+    started = time.monotonic()
+    result = aws_cluster.submit([*GENERATE, f"output=/tmp/never-{uuid.uuid4().hex}", "num_images=4",
+                                 "compute.gpus_per_actor=4"], timeout=180)
+    assert result.status == "FAILED", result.logs[-3000:]
+    line = "generate: each diffusion actor asks for GPU: 4, but the largest node (gpu-train) has GPU: 2"
+    assert line in result.logs, result.logs[-3000:]
+    assert "Traceback" not in result.logs
+    assert time.monotonic() - started < 90
+    assert aws_cluster.alive_workers() == []
+
+
+@contextmanager
+def _cluster(yaml_path: Path, request: pytest.FixtureRequest) -> Iterator[FakeCluster]:
+    if yaml_path == YAMLS[0]:
+        yield request.getfixturevalue("aws_cluster")
+    else:
+        with fake_cluster(yaml_path) as cluster:
+            yield cluster
+
+
 @pytest.mark.parametrize("yaml_path", YAMLS, ids=lambda p: p.stem)
-def test_autoscaler_adds_gpu_workers_for_generation_and_training_then_removes_them(yaml_path: Path, tmp_path):
+def test_autoscaler_adds_gpu_workers_for_generation_and_training_then_removes_them(yaml_path: Path, tmp_path,
+                                                                                  request):
     """From zero workers: the generation job's actors (2 CPUs + 1 GPU each, as sd15_humans.yaml
     asks) make the autoscaler add gpu-gen nodes; the training job (1 GPU worker, as the experiment
     configs ask) adds a GPU node again; both jobs finish; idle workers are removed afterwards."""
     out, runs = tmp_path / "synthetic", tmp_path / "runs"
-    with fake_cluster(yaml_path) as cluster:
+    with _cluster(yaml_path, request) as cluster:
         assert cluster.alive_workers() == []
         gen, gen_types = _run_watching(cluster, [*GENERATE, f"output={out}", "num_images=8", "shard_size=4"], 400)
         assert gen.status == "SUCCEEDED", gen.logs[-5000:]
@@ -105,19 +142,3 @@ def test_autoscaler_adds_gpu_workers_for_generation_and_training_then_removes_th
 
         idle_s = cluster.config["idle_timeout_minutes"] * 60
         cluster.wait_for(lambda nodes: not nodes, timeout=idle_s + 60, what="idle workers removed")
-
-
-def test_request_no_node_type_can_meet_fails_at_once():
-    """4 GPUs per diffusion actor: no node type of the AWS YAML has that many (the largest, gpu-train,
-    has 2 after scaling), so the job fails within seconds with one line naming the resource, the
-    amount and the largest node, instead of pending forever. No worker is launched for it."""
-    with fake_cluster(YAMLS[0]) as cluster:
-        started = time.monotonic()
-        result = cluster.submit([*GENERATE, f"output=/tmp/never-{uuid.uuid4().hex}", "num_images=4",
-                                 "compute.gpus_per_actor=4"], timeout=180)
-        assert result.status == "FAILED", result.logs[-3000:]
-        line = "generate: each diffusion actor asks for GPU: 4, but the largest node (gpu-train) has GPU: 2"
-        assert line in result.logs, result.logs[-3000:]
-        assert "Traceback" not in result.logs
-        assert time.monotonic() - started < 90
-        assert cluster.alive_workers() == []

@@ -106,10 +106,11 @@ def test_warm_worker_pool_env_fills_in_defaults_but_keeps_the_users_values(monke
     from synthfar_ray.raycluster import WARM_POOL_IDLE_MS, WARM_POOL_MIN_WORKERS, warm_worker_pool_env
 
     for key in ("RAY_num_workers_soft_limit", "RAY_idle_worker_killing_time_threshold_ms",
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_idle_worker_killing_time_threshold_ms", "5000")  # the user's choice wins
     warm_worker_pool_env()
     assert int(os.environ["RAY_num_workers_soft_limit"]) >= WARM_POOL_MIN_WORKERS
     assert os.environ["RAY_idle_worker_killing_time_threshold_ms"] == "5000" != str(WARM_POOL_IDLE_MS)
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "0"
