@@ -43,8 +43,8 @@ from pathlib import Path
 import yaml
 
 from job_submit_util import (
-    HEAD_STARTUP_TIMEOUT_S, REPO_ROOT, JobResult, _stop, _tail, _wait_until_ready, free_port, head_environment,
-    ray_executable, submit_job,
+    HEAD_STARTUP_TIMEOUT_S, REPO_ROOT, JobResult, _stop, _tail, free_port, head_environment, ray_executable,
+    start_head, submit_job,
 )
 
 FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider's fixed name for the head's node type
@@ -226,17 +226,21 @@ def fake_cluster(yaml_path: Path, env: dict[str, str] | None = None, startup_tim
         "--disable-usage-stats", f"--temp-dir={temp_dir}",
     ]
     log_file = temp_dir / "ray-start.log"
-    with open(log_file, "wb") as log:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=REPO_ROOT)  # job drivers start here
     address = f"http://127.0.0.1:{dash_port}"
+    leftovers = lambda: _sigkill(pid for pid, _ in _cluster_processes(marker))  # noqa: E731
     try:
-        _wait_until_ready(address, token, proc, log_file, startup_timeout)
+        proc = start_head(cmd, full_env, log_file, address, token, startup_timeout, cleanup=leftovers,
+                          cwd=REPO_ROOT)  # job drivers start here
+    except BaseException:
+        leftovers()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    try:
         yield FakeCluster(address=address, gcs=f"127.0.0.1:{gcs_port}", env=full_env, temp_dir=temp_dir,
                           config=config, marker=marker, process=proc, log_file=log_file)
     finally:
         _stop(proc)
-        _sigkill(pid for pid, _ in _cluster_processes(marker))  # fake nodes are started with shutdown_at_exit=False: they outlive the head
+        leftovers()  # fake nodes are started with shutdown_at_exit=False: they outlive the head
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -43,7 +43,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_ENV_FILE = REPO_ROOT / "cluster" / "runtime_env.yaml"
@@ -130,20 +130,71 @@ class LocalHead:
         return "\n".join(parts)
 
 
-def _wait_until_ready(url: str, token: str, proc: subprocess.Popen, log_file: Path, timeout: float) -> None:
+HEAD_START_ATTEMPTS = 3
+BLOCKING = "will now block forever"  # `ray start --block` printed this: start-up done, its watch begins
+
+
+class HeadDiedAtStart(RuntimeError):
+    """`ray start --block` exited while the head was coming up."""
+
+
+def start_head(cmd: list[str], env: dict[str, str], log_file: Path, url: str, token: str, timeout: float,
+               cleanup: Callable[[], None] = lambda: None, cwd: Path | None = None) -> subprocess.Popen:
+    """Run `ray start --head --block ...` and return once the head is up and stays up.
+
+    Under load a head can come up and die seconds later: its Ray Client server waits 30 s for the
+    head node to register in the GCS, gives up (exit 1), and `ray start --block`, seeing a child
+    exit, kills every process of the node, dashboard included. Seen 2026-12-07 beside the demo:
+    the fake AWS head's dashboard answered, took a job, and was gone 8 s later ("Timed out waiting
+    for node info" in ray_client_server.err). Such a head is started again (`cleanup` runs first),
+    up to HEAD_START_ATTEMPTS times."""
+    for attempt in range(1, HEAD_START_ATTEMPTS + 1):
+        offset = log_file.stat().st_size if log_file.exists() else 0
+        with open(log_file, "ab") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=cwd)
+        try:
+            _wait_until_ready(url, token, proc, log_file, offset, timeout)
+            return proc
+        except HeadDiedAtStart:
+            _stop(proc)
+            cleanup()
+            if attempt == HEAD_START_ATTEMPTS:
+                raise
+            sys.stderr.write(f"ray head died while starting (attempt {attempt}); starting it again\n")
+        except BaseException:
+            _stop(proc)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _wait_until_ready(url: str, token: str, proc: subprocess.Popen, log_file: Path, offset: int,
+                      timeout: float) -> None:
+    """The dashboard answers, `ray start` has finished starting the node (the node is registered
+    then), and the head is still alive 3 s into `ray start`'s watch of its processes."""
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+
+    def died() -> HeadDiedAtStart:
+        return HeadDiedAtStart(f"`ray start` exited with {proc.returncode}:\n{_tail(log_file)}")
+
+    answered = False
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"`ray start` exited with {proc.returncode}:\n{_tail(log_file)}")
-        try:
-            with urllib.request.urlopen(request, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+            raise died()
+        if not answered:
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    answered = response.status == 200
+            except (urllib.error.URLError, OSError):
+                pass
+        if answered and BLOCKING in log_file.read_bytes()[offset:].decode(errors="replace"):
+            time.sleep(3)  # the watch looks once a second
+            if proc.poll() is not None:
+                raise died()
+            return
         time.sleep(0.5)
-    raise TimeoutError(f"Ray dashboard at {url} not ready after {timeout:.0f} s:\n{_tail(log_file)}")
+    raise TimeoutError(f"Ray head at {url} not ready after {timeout:.0f} s:\n{_tail(log_file)}")
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -189,12 +240,13 @@ def local_head(num_cpus: int = 2, object_store_mb: int = 256, startup_timeout: f
         "--disable-usage-stats", f"--temp-dir={temp_dir}",
     ]
     log_file = temp_dir / "ray-start.log"
-    with open(log_file, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_ready(address, token, proc, log_file, startup_timeout)
+        proc = start_head(cmd, env, log_file, address, token, startup_timeout)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    try:
         yield LocalHead(address=address, env=env, temp_dir=temp_dir, log_file=log_file, process=proc)
     finally:
         _stop(proc)
