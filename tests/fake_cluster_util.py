@@ -30,7 +30,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -43,8 +42,8 @@ from pathlib import Path
 import yaml
 
 from job_submit_util import (
-    HEAD_STARTUP_TIMEOUT_S, REPO_ROOT, JobResult, _stop, _tail, free_port, head_environment, ray_executable,
-    start_head, submit_job,
+    HEAD_STARTUP_TIMEOUT_S, REPO_ROOT, JobResult, _stop, _tail, free_port, head_diagnostics, head_environment,
+    ray_executable, start_head, submit_job,
 )
 
 FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider's fixed name for the head's node type
@@ -128,11 +127,8 @@ class FakeCluster:
         nodes share, pulling it from under the other nodes' workers.)"""
         try:
             return submit_job(self.address, entrypoint, timeout, env=self.env, working_dir=None)
-        except (RuntimeError, TimeoutError):
-            # Twice under load the head's dashboard stopped answering mid-job, and the temp dir with
-            # its logs went with the cluster: the failing test keeps their ends (pytest shows stderr).
-            sys.stderr.write(head_log_tails(self.temp_dir))
-            raise
+        except Exception as e:  # as LocalHead.submit: the error carries the head's logs
+            raise RuntimeError(f"{e}\n\n--- head diagnostics ---\n{head_diagnostics(self.process, self.log_file, self.temp_dir)}") from e
 
     def nodes(self) -> list[Node]:
         """Every node the GCS knows, from the dashboard's state API (this process stays off the cluster:
@@ -244,15 +240,6 @@ def fake_cluster(yaml_path: Path, env: dict[str, str] | None = None, startup_tim
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-
-
-def head_log_tails(temp_dir: Path, chars: int = 3000) -> str:
-    """The ends of a head's dashboard, GCS, raylet and autoscaler logs (and `ray start`'s output)."""
-    logs = temp_dir / "session_latest" / "logs"
-    paths = [temp_dir / "ray-start.log"] + sorted(
-        p for pattern in ("dashboard*.log", "dashboard*.err", "gcs_server.out", "gcs_server.err", "raylet.err",
-                          "monitor.log", "monitor.err") for p in logs.glob(pattern))
-    return "".join(f"\n===== {p.name} (end) =====\n{_tail(p, chars)}" for p in paths)
 
 
 def actor_nodes(cluster: FakeCluster, class_part: str) -> list[str]:

@@ -121,13 +121,21 @@ class LocalHead:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def diagnostics(self, chars: int = 3000) -> str:
-        """Whether the head still runs, and the ends of the logs that explain a failed submission."""
-        logs = self.temp_dir / "session_latest" / "logs"
-        parts = [f"head process {self.process.pid} alive: {self.alive()}", f"== ray start\n{_tail(self.log_file, chars)}"]
-        for name in ("ray_process_exit.log", "dashboard_JobHead.log", "dashboard_agent.log", "raylet.out"):
-            parts.append(f"== {name}\n{_tail(logs / name, chars)}")
-        return "\n".join(parts)
+    def diagnostics(self) -> str:
+        return head_diagnostics(self.process, self.log_file, self.temp_dir)
+
+
+HEAD_LOGS = ("ray_process_exit.log", "ray_client_server.err", "dashboard.log", "dashboard_JobHead.log",
+             "dashboard_agent.log", "gcs_server.err", "raylet.out", "raylet.err", "monitor.log")
+
+
+def head_diagnostics(process: subprocess.Popen, log_file: Path, temp_dir: Path, chars: int = 3000) -> str:
+    """Whether a `ray start --block` head still runs, and the ends of the logs that explain a failed
+    submission (its temp dir, and the logs with it, goes when the head is stopped)."""
+    logs = temp_dir / "session_latest" / "logs"
+    parts = [f"head process {process.pid} alive: {process.poll() is None}", f"== ray start\n{_tail(log_file, chars)}"]
+    parts += [f"== {name}\n{_tail(logs / name, chars)}" for name in HEAD_LOGS if (logs / name).exists()]
+    return "\n".join(parts)
 
 
 HEAD_START_ATTEMPTS = 3
