@@ -37,7 +37,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,7 @@ from synthfar_ray import quality_checks as qc
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.paths import InputPath
+from synthfar_ray.quality_settings import QualityFilter, QualityRanking, Relabel  # noqa: F401 (their home before)
 from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
 from synthfar_ray.scorers import ScorerTrain, class_probabilities, head_for, input_geometry, pick_ids, read_images, train_ids
 from synthfar_ray.selection import CLASS_FIELDS, MANIFEST, RENDER_TRUTH, ClassField, label_array, read_parquet, write_parquet
@@ -430,20 +431,6 @@ def read_quality(folder: str, opts: st.StorageOptions | None = None) -> pd.DataF
     return read_parquet(st.join(folder, QUALITY_FILE), opts)
 
 
-class QualityFilter(StrictModel):
-    """Train on the synthetic rows that pass these thresholds of a `synthfar quality` folder (with a
-    selection too: the rows in both). A row without the column a threshold needs (no classifier, or
-    p_real outside the train split) fails that threshold."""
-
-    folder: InputPath = Field(description="a quality folder: <dataset>/_quality/<fingerprint>")
-    min_agreement: dict[ClassField, Annotated[float, Field(ge=0, le=1)]] = Field(
-        default_factory=dict, description="per label: the smallest p(stated label) kept, e.g. {ethnicity: 0.3}")
-    min_p_real: float | None = Field(None, ge=0, le=1, description="cr-sam realism")
-    require_face: bool = Field(False, description="the face detector found at least one face")
-    drop_duplicates: bool = Field(True, description="keep one row of each near-duplicate group (the smallest id)")
-    drop_blank: bool = Field(True, description="drop undecodable and near-constant images")
-
-
 def passing_ids(qf: QualityFilter, opts: st.StorageOptions | None = None) -> np.ndarray:
     """Sorted ids of the rows that pass `qf` (see QualityFilter); errors name the setting."""
     df = read_quality(qf.folder, opts)
@@ -467,22 +454,6 @@ def passing_ids(qf: QualityFilter, opts: st.StorageOptions | None = None) -> np.
     if len(ids) == 0:
         raise ConfigError(f"quality: no row of {qf.folder} passes the thresholds {qf.model_dump(exclude={'folder'})}")
     return ids
-
-
-class QualityRanking(StrictModel):
-    """`synthfar sample method=quality`: rank rows by a weighted mean of quality columns, each turned
-    into its percentile rank within the set (so columns of different scales weigh as told). Rows
-    that fail the hard checks rank below every row that passes."""
-
-    folder: InputPath | None = Field(None, description="a quality folder; default: run `synthfar quality` on the "
-                                                        "synthetic set with the stage's real set, classifier and seed")
-    weights: dict[str, Annotated[float, Field(ge=0)]] = Field(
-        default_factory=lambda: {"label_agreement": 1.0, "p_real": 0.5},
-        description="quality column -> weight (label_agreement, p_<label>, p_real, faces, pixel_std, "
-                    "pose_centre_error (lower is better, ranked reversed) ...)")
-    drop_blank: bool = True
-    drop_duplicates: bool = True
-    require_face: bool = False
 
 
 LOWER_IS_BETTER = ("pose_centre_error",)
@@ -514,23 +485,6 @@ def quality_rank_scores(df: pd.DataFrame, ranking: QualityRanking, folder: str =
     if ranking.require_face:
         fails |= df["faces"].to_numpy() == 0
     return np.where(fails, -1.0, score)
-
-
-class Relabel(StrictModel):
-    """Train on the classifier's label where it finds the stated label implausible (p(stated) at most
-    `max_p_stated`; ages: its exact age when p(stated age bin) is that low and the ages are far
-    apart). The changed rows are recorded in the run folder (relabelled.parquet: id, field, stated,
-    new). Measured on the ground-truth domain (tests/test_quality.py): a rule on the prediction's
-    confidence alone broke more clean labels than it fixed noisy ones (p(pred) >= 0.6: 43 fixed,
-    48 broken); the stated label's implausibility is the signal (p(stated) < 0.05: 37 fixed, 5 broken)."""
-
-    folder: InputPath = Field(description="a quality folder made with a classifier trained on real data")
-    fields: list[Literal["ethnicity", "gender", "age"]] = Field(default_factory=lambda: ["ethnicity"], min_length=1)
-    max_p_stated: float = Field(0.05, ge=0, le=1, description="a label is replaced when the classifier gives it at "
-                                "most this probability (age: its age bin)")
-    min_confidence: float = Field(0.0, ge=0, le=1, description="... and gives its own prediction at least this")
-    age_tolerance: float = Field(10.0, ge=0, description="age: replaced only when the predicted age is further "
-                                 "than this many years from the stated one")
 
 
 def relabel_changes(rl: Relabel, opts: st.StorageOptions | None = None) -> pd.DataFrame:

@@ -62,7 +62,7 @@ from pydantic import Field, model_validator
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, dump_config, load_config
 from synthfar_ray.paths import InputPath, OutputPath
-from synthfar_ray.quality import QualityRanking
+from synthfar_ray.quality_settings import QualityRanking
 from synthfar_ray.rl_sampler import RLSettings
 from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
 from synthfar_ray.scorers import (DISCRIMINATORS_DIR, Combine, DiscriminatorFit,  # noqa: F401

@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import time
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError
-from synthfar_ray.labels import AGE_BIN_NAMES, ETHNICITIES, GENDERS
+from synthfar_ray.labels import AGE_BIN_NAMES, ETHNICITIES, GENDERS, ClassField  # noqa: F401 (re-exported)
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ SELECTIONS_DIR = "_selections"
 SELECTION_FILE = "selection.parquet"
 SELECTION_COLUMNS: tuple[str, ...] = ("id", "score", "class", "chosen", "rank", "method")
 
-ClassField = Literal["ethnicity", "gender", "age_bin"]
 
 
 class SelectionError(ConfigError):

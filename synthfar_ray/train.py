@@ -49,7 +49,7 @@ from synthfar_ray.errors import StageFailed, last_line
 from synthfar_ray.losses import LossWeights
 from synthfar_ray.paths import InputPath, OutputPath, absolute_location
 from synthfar_ray.precision import AmpMode, Layout, Precision
-from synthfar_ray.quality import QualityFilter, Relabel
+from synthfar_ray.quality_settings import QualityFilter, Relabel
 from synthfar_ray.storage import StorageOptions
 from synthfar_ray.synthetic_heads import SyntheticHead
 

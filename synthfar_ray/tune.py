@@ -37,7 +37,7 @@ from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.errors import StageFailed, UserError, last_line
 from synthfar_ray.paths import OutputPath, absolute_location
-from synthfar_ray.quality import QualityRanking
+from synthfar_ray.quality_settings import QualityRanking
 from synthfar_ray.rl_sampler import RLSettings
 from synthfar_ray.raycluster import capacity, check_request, ensure_ray, node_shapes
 from synthfar_ray.sampling import (ClassField, Combine, ScorerTrain, SampleConfig, compute_scores,
