@@ -47,10 +47,11 @@ from synthfar_ray import quality_checks as qc
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.paths import InputPath
-from synthfar_ray.quality_settings import QualityFilter, QualityRanking, Relabel  # noqa: F401 (their home before)
+from synthfar_ray.quality_settings import QualityFilter, QualityRanking, Relabel
 from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
 from synthfar_ray.scorers import ScorerTrain, class_probabilities, head_for, input_geometry, pick_ids, read_images, train_ids
-from synthfar_ray.selection import CLASS_FIELDS, MANIFEST, RENDER_TRUTH, ClassField, label_array, read_parquet, write_parquet
+from synthfar_ray.labels import ClassField
+from synthfar_ray.selection import CLASS_FIELDS, MANIFEST, RENDER_TRUTH, label_array, read_parquet, write_parquet
 
 logger = logging.getLogger(__name__)
 

@@ -61,6 +61,7 @@ from pydantic import Field, model_validator
 
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, dump_config, load_config
+from synthfar_ray.labels import ClassField
 from synthfar_ray.paths import InputPath, OutputPath
 from synthfar_ray.quality_settings import QualityRanking
 from synthfar_ray.rl_sampler import RLSettings
@@ -71,7 +72,7 @@ from synthfar_ray.scorers import (DISCRIMINATORS_DIR, Combine, DiscriminatorFit,
                                   fit_fold_discriminators, fold_model_uri, fold_of, fold_trained_on_uri,
                                   head_for, open_dataset, train_classifier, train_filter, train_ids)
 from synthfar_ray.selection import (CLASS_FIELDS, CLASS_NAMES, MANIFEST, RENDER_TRUTH, SELECTION_FILE,  # noqa: F401
-                                    SELECTIONS_DIR, label_precision, UNKNOWN_CLASS, ClassField, SelectionError, class_names,
+                                    SELECTIONS_DIR, label_precision, UNKNOWN_CLASS, SelectionError, class_names,
                                     class_quotas, label_array, random_scores, read_parquet, read_selection_ids,
                                     resolve_k, select_top_k, selection_uri, write_parquet, write_selection)
 from synthfar_ray.storage import StorageOptions

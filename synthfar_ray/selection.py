@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError
-from synthfar_ray.labels import AGE_BIN_NAMES, ETHNICITIES, GENDERS, ClassField  # noqa: F401 (re-exported)
+from synthfar_ray.labels import AGE_BIN_NAMES, ETHNICITIES, GENDERS
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
