@@ -18,7 +18,7 @@ from synthfar_ray.model import build_backbone
 from synthfar_ray.transforms import BatchAugment, to_model_input
 
 if TYPE_CHECKING:
-    from synthfar_ray.scorers import ScorerTrain
+    from synthfar_ray.sampling_config import ScorerTrain
 
 logger = logging.getLogger(__name__)
 

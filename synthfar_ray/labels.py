@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 ClassField = Literal["ethnicity", "gender", "age_bin"]  # the labels that define a class (selection, quality)
+CLASS_FIELDS: tuple[str, ...] = ("ethnicity", "gender", "age_bin")
 ETHNICITIES: tuple[str, ...] = ("white", "black", "asian", "indian", "other")
 GENDERS: tuple[str, ...] = ("male", "female")
 # Upper edges used with bucketize (right-open bins): 0-2, 3-9, 10-19, ..., 60-69, 70+.

@@ -62,3 +62,12 @@ OutputPath = Annotated[str, AfterValidator(absolute_output)]
 def display(uri: str) -> str:
     """How logs name a location: the full URI, or the absolute local path."""
     return absolute_location(uri)
+
+
+def _weights_location(value: str | None) -> str | None:
+    # 'torchvision' names the local torch hub cache, not a file.
+    return value if value in (None, "torchvision") else absolute_location(value)
+
+
+# Backbone weights: a file (path or URI, made absolute like InputPath) or 'torchvision' (the hub cache).
+WeightsLocation = Annotated[str | None, AfterValidator(_weights_location)]

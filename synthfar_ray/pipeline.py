@@ -126,7 +126,7 @@ def _section(model: type, data: dict[str, Any], name: str, source: str):
 def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
     """Validate every section against its stage's config model, before any work."""
     from synthfar_ray.generate import GenerateConfig
-    from synthfar_ray.sampling import METHODS, SampleConfig
+    from synthfar_ray.sampling_config import METHODS, SampleConfig
     from synthfar_ray.train import TrainConfig
 
     unknown = [s for s in cfg.stages if s not in STAGES]
@@ -164,7 +164,7 @@ def plan_stages(cfg: PipelineConfig, source: str = "<pipeline>") -> StagePlan:
                           "sample", source)
     quality = None
     if cfg.quality is not None and "quality" in cfg.stages:
-        from synthfar_ray.quality import QualityConfig
+        from synthfar_ray.quality_config import QualityConfig
 
         quality = _section(QualityConfig, {**cfg.quality, "dataset": synthetic, "real": real_uri, "storage": st},
                            "quality", source)

@@ -1,57 +1,26 @@
-"""`synthfar quality DATASET [--real REAL] [--classifier CKPT] [key=value ...]`: which rows of a
-synthetic set are worth training on, measured per row and for the set.
-
-Per row (one Ray Data job, `QualityActor`, over every row of the dataset), keyed by id:
-- decoded, blank, pixel_std: the image decodes; it is not near-constant (quality_checks.is_blank);
-- faces, face_x/y/w/h: OpenCV Haar face boxes (count; the largest, in fractions of the image);
-- pose_centre_error, pose_size_ratio: the largest box against the head the requested pose placed
-  (poses.py's skeleton geometry for diffusion rows, faces.py's for procedural rows);
-- phash, duplicate_of: 64-bit perceptual hash; the smallest id of the row's near-duplicate group
-  (null when the row is unique), found over the whole set on the driver (hash candidates confirmed
-  by an 8x8 colour thumbnail, see quality_checks);
-- p_<field>, pred_<field>, conf_<field> (ethnicity, gender, age_bin) and pred_age: with a classifier
-  trained on real data (`--classifier`, or a small one trained here on `--real`): p(stated label),
-  the predicted label and its probability; label_agreement is the product of p(stated) over the
-  fields (cl-sam's default score);
-- p_real: with `--real` and `realism: true`, the cr-sam discriminator's p(real | x), cross-fitted
-  (train split only; the same cached scores `synthfar sample method=cr-sam` uses).
-
-Set level (summary.json + summary.md): detection rate, blank and near-duplicate rates, agreement
-per field, diversity per ethnicity (mean pairwise distance in the classifier's embedding) and the
-Fréchet distance between synthetic and real embeddings in that same space (the FID formula, but not
-FID: Inception weights cannot be fetched here). On a procedural set (render_* truth columns) it also
-reports how well label_agreement separates rows whose picture shows the label from rows where it
-does not (AUC per field).
-
-Output: `<dataset>/_quality/<fingerprint>/` with quality.parquet, summary.json, summary.md and
-_manifest.json (written last: it marks the folder complete). The fingerprint is of what the columns
-depend on, by content (the dataset's parts, the classifier's weights, the real set, the settings),
-so a re-run with the same inputs reuses the folder. `_`-prefixed folders are skipped by Parquet
-readers of the dataset.
-"""
+"""Runs the `quality` stage. Its config, command line and the meaning of every column it writes are
+in synthfar_ray.quality_config (`synthfar quality --help`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
 from synthfar_ray import quality_checks as qc
 from synthfar_ray import storage as st
-from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_config, load_config
-from synthfar_ray.paths import InputPath
-from synthfar_ray.quality_settings import QualityFilter, QualityRanking, Relabel
+from synthfar_ray.config import ConfigError, dump_config
+from synthfar_ray.labels import CLASS_FIELDS
+from synthfar_ray.quality_config import QualityConfig, QualityFilter, Relabel
 from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
-from synthfar_ray.scorers import ScorerTrain, class_probabilities, head_for, input_geometry, pick_ids, read_images, train_ids
-from synthfar_ray.labels import ClassField
-from synthfar_ray.selection import CLASS_FIELDS, MANIFEST, RENDER_TRUTH, label_array, read_parquet, write_parquet
+from synthfar_ray.sampling_config import QualityRanking
+from synthfar_ray.scorers import class_probabilities, head_for, input_geometry, pick_ids, read_images, train_ids
+from synthfar_ray.selection import MANIFEST, RENDER_TRUTH, label_array, read_parquet, write_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -62,29 +31,6 @@ SUMMARY_MD = "summary.md"
 QUALITY_VERSION = 2  # bumped when what a column means changes (2: conf_<label>, colour-checked duplicates)
 POSE_COLUMNS = ("pose_scale", "pose_offset_x", "pose_offset_y")
 EMBED_SALT = 0xE4BEDD1E5
-
-
-class QualityConfig(StageConfig):
-    dataset: InputPath = Field(description="synthetic dataset URI (every row is checked)")
-    real: InputPath | None = Field(None, description="real dataset URI: trains the classifier when none is given, "
-                                                     "the realism discriminator, and the Fréchet reference")
-    real_subset: Literal[25, 50, 75, 100] = Field(100, description="real rows with subset <= this")
-    classifier: InputPath | None = Field(None, description="checkpoint of a model trained on real data (label "
-                                                           "agreement, relabelling, embeddings)")
-    fields: list[ClassField] = Field(default_factory=lambda: list(CLASS_FIELDS),
-                                     description="labels whose agreement is measured")
-    realism: bool = Field(True, description="with real: cr-sam p(real) per train row (trains the discriminators)")
-    duplicate_distance: int = Field(3, ge=0, le=3, description="near duplicates: phash bits that may differ")
-    duplicate_thumb_diff: float = Field(qc.MAX_THUMB_DIFF, ge=0, description="near duplicates: largest mean "
-                                        "difference of their 8x8 colour thumbnails (grey levels)")
-    embed_rows: int = Field(2000, ge=2, description="rows per set embedded for diversity and the Fréchet distance")
-    scorer_train: ScorerTrain = ScorerTrain()
-    reuse: bool = Field(True, description="use a complete folder of the same inputs and settings")
-    seed: int = 0
-    batch_size: int = Field(64, ge=1)
-    num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else 1")
-    cpus_per_actor: float = Field(0.5, gt=0)
-    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
 
 
 @dataclass
@@ -240,7 +186,7 @@ def quality_folder(dataset: str, fingerprint: str) -> str:
 
 
 def _sample_config(cfg: QualityConfig, method: str, classifier: str | None = None):
-    from synthfar_ray.sampling import SampleConfig
+    from synthfar_ray.sampling_config import SampleConfig
 
     return SampleConfig(synthetic=cfg.dataset, real=cfg.real, real_subset=cfg.real_subset, method=method,
                         classifier=classifier, class_key=list(cfg.fields), scorer_train=cfg.scorer_train,
@@ -591,31 +537,3 @@ def report_blocks(run_dir: str, tmp: str, images: list[tuple[str, bytes]], opts:
                             image_name=images[-1][0]))
     blocks.append(Block("sources", st.join(folder, QUALITY_FILE)))
     return blocks
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from synthfar_ray.cli import stage_parser
-
-    p = stage_parser(subparsers, "quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", help="synthetic dataset URI")
-    p.add_argument("--real", help="real dataset URI")
-    p.add_argument("--classifier", help="checkpoint trained on real data")
-    p.add_argument("--config", help="YAML with further QualityConfig settings")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. embed_rows=500")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    given = [f"dataset={args.dataset}"] + [f"{k}={v}" for k in ("real", "classifier")
-                                            if (v := getattr(args, k)) is not None]
-    cfg = load_config(QualityConfig, args.config, given + list(args.overrides))
-    result = run_quality(cfg)
-    s = result.summary
-    print(f"quality: {result.rows} rows, faces found in {s['face_detection_rate']:.1%}, near duplicates "
-          f"{s['near_duplicate_rate']:.1%}, blank {s['blank_rate']:.1%}"
-          f"{' (reused)' if result.reused else ''} -> {result.folder}")
-    return 0

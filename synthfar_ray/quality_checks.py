@@ -24,7 +24,6 @@ import functools
 from collections import defaultdict
 
 import numpy as np
-import pandas as pd
 
 from synthfar_ray.poses import HEAD_CENTRE, HEAD_UNIT
 
@@ -207,5 +206,7 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
+    import pandas as pd  # here, not at the top: quality_config (train's config too) imports this module
+
     ranks = pd.Series(s).rank(method="average").to_numpy()  # ties share their mean rank
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -25,9 +25,8 @@ import os
 import posixpath
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow.fs as pafs
 import yaml
 
@@ -37,6 +36,9 @@ from synthfar_ray.config import ConfigError, StrictModel, validate
 from synthfar_ray.metrics import rank_groups
 from synthfar_ray.report_groundtruth import groundtruth_blocks
 from synthfar_ray.storage import StorageOptions
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -396,7 +398,6 @@ def group_section(run_groups: dict[str, tuple[dict, dict]], tmp: str, images: li
     """Blocks of the "Evaluation by group" section: per run and evaluated dataset, the per-group
     table, its absent/few groups and a confusion-matrix figure (appended to `images`)."""
     from synthfar_ray import plots  # matplotlib: only when a report is drawn
-    from synthfar_ray.quality import report_blocks as quality_blocks
 
     blocks = [Block("heading", "Evaluation by group"),
               Block("text", "Per run and dataset: the worst group and the gap (max - min between groups) of each "
@@ -464,6 +465,8 @@ def load_spec(run_dir: str, opts: StorageOptions | None) -> tuple[ReportSpec, st
 
 
 def load_tune(uri: str, opts: StorageOptions | None, metric: str | None, mode: str | None) -> tuple[pd.DataFrame, str, str]:
+    import pandas as pd
+
     """Read a trial table; returns (trials sorted best first, metric column, mode)."""
     try:
         df = pd.read_csv(io.BytesIO(st.read_bytes(uri, opts)))
@@ -539,9 +542,6 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
     metric / mode: the Tune metric column and min|max; default: the CSV's `metric` / `mode`
     columns, else val_score, max (min for names with mae/loss/error).
     """
-    from synthfar_ray import plots  # matplotlib: only when a report is drawn
-    from synthfar_ray.quality import report_blocks as quality_blocks
-
     out_dir = out_dir or st.join(run_dir, "report")
     sources: list[str] = []
     blocks: list[Block] = []
@@ -549,6 +549,9 @@ def build_report(run_dir: str, out_dir: str | None = None, runs: dict[str, str] 
     if spec_uri:
         sources.append(spec_uri)
     found = _walk(run_dir, storage, (METRICS_FILE, TUNE_FILE))
+    # Only now that RUN_DIR is known to exist: matplotlib, pandas and the quality stage take ~1.5 s.
+    from synthfar_ray import plots
+    from synthfar_ray.quality import report_blocks as quality_blocks
 
     # --- the paper's table
     run_metrics: dict[str, dict[str, dict[str, float | None]]] = {}

@@ -66,11 +66,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
 
 from synthfar_ray import storage as st
-from synthfar_ray.config import ConfigError, StrictModel
-from synthfar_ray.selection import CLASS_FIELDS, label_array, random_scores, select_top_k
+from synthfar_ray.config import ConfigError
+from synthfar_ray.labels import CLASS_FIELDS
+from synthfar_ray.sampling_config import RLSettings
+from synthfar_ray.selection import label_array, random_scores, select_top_k
 from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -84,33 +85,6 @@ NOISE_SALT = 0x5EED_A11CE  # independent of the other seeded streams of the proj
 REFERENCE_SALT = 0x0AD0_11CE
 # Settings that do not change what a run computes: a resume may change them.
 RESUMABLE_SETTINGS = ("episodes", "cpus_per_child")
-
-
-class RLSettings(StrictModel):
-    """Budget and hyper-parameters of the RL sampler (see the module docstring for the method)."""
-
-    episodes: int = Field(30, ge=1, description="policy updates; a re-run with more continues the stored state")
-    children_per_episode: int = Field(4, ge=1, description="policy samples per episode, each a child trained as "
-                                                           "a Ray task; even = mirrored pairs")
-    reference_children: int = Field(4, ge=1, description="children trained once on random selections of the same "
-                                                         "K: their mean accuracy is reward 0")
-    child_steps: int = Field(150, ge=1, description="optimizer steps of each child")
-    child_batch_size: int = Field(32, ge=2, description="child batch size")
-    child_lr: float = Field(3e-3, gt=0, description="child Adam learning rate")
-    image_size: int = Field(32, ge=8, description="side of the square images the children see")
-    center_crop: int | None = Field(None, ge=8, description="real images: centre square crop side before resizing")
-    synthetic_center_crop: int | None = Field(None, ge=8, description="synthetic images: the same")
-    max_val_rows: int = Field(2000, ge=1, description="real val rows the reward is measured on (seeded pick)")
-    policy_lr: float = Field(0.1, gt=0, description="actor Adam learning rate (mean and log-std of the weights)")
-    critic_lr: float = Field(0.01, gt=0, description="critic (scalar value) Adam learning rate: Adam moves the "
-                                                      "value about this much per episode, so keep it near the "
-                                                      "reward scale (rewards are accuracy gains, ~0.01-0.1)")
-    init_std: float = Field(1.0, gt=0, description="initial std of the weight distribution (standardised features)")
-    min_std: float = Field(0.05, gt=0, description="lower clamp of the learned std")
-    max_std: float = Field(3.0, gt=0, description="upper clamp of the learned std")
-    learn_std: bool = Field(True, description="learn the exploration std (else it stays init_std)")
-    entropy: float = Field(0.0, ge=0, description="entropy bonus weight (keeps exploring)")
-    cpus_per_child: float = Field(1.0, gt=0, description="CPUs of each child's Ray task")
 
 
 # ---------------------------------------------------------------------------------------------

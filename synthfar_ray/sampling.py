@@ -1,27 +1,6 @@
 """Stage 3: choose the synthetic rows worth training on (`synthfar sample CONFIG [key=value ...]`).
-
-Methods (the sampling paper's, adapted to diffusion data):
-- `random`: a seeded uniform score per id (a pure function of (seed, id)), so "random top-K" is a
-  reproducible random subset of each class.
-- `cl-sam`: class confidence. A classifier trained on real data gives p(ethnicity|x), p(gender|x),
-  p(age_bin|x) of the row's *own* labels; they are combined (`product`, `mean` or `min`) over the
-  fields of `class_key`. High score = the image clearly shows the class it was generated for.
-- `cr-sam`: class realism. A real-vs-synthetic discriminator (a binary head on a `build_backbone`
-  encoder, trained here on real train rows vs synthetic rows, class-balanced batches) gives
-  p(real | x). High score = hard to tell from a real photo. Cross-fitted: the synthetic train rows
-  are split into `scorer_train.cross_fit_folds` folds (seeded hash of the id) and each fold is
-  scored by a discriminator trained on the other folds, so no row is scored by a model that saw it.
-- `quality`: a weighted mean of the percentile ranks of `synthfar quality` columns (`quality.weights`,
-  default label_agreement 1.0 and p_real 0.5: cl-sam's and cr-sam's signals at once); blank,
-  undecodable and near-duplicate rows rank last. Without `quality.folder` the stage runs (or reuses)
-  `synthfar quality` on its own inputs.
-- `rl`: an actor-critic policy over those quality columns, rewarded by small child networks' accuracy
-  on the real val split when trained on the rows it picks (rl_sampler.py: formulation, budget,
-  resume). Its state lives in `<synthetic>/_scores/rl-<key>/` (state.pt, rewards.json,
-  tensorboard/); a re-run with more `rl.episodes` continues it. It is trained for one K.
-
-Only the synthetic *train* split (split == 'train') is scored and selected: those are the rows
-training reads, so K is met from rows training actually uses.
+The methods and the config (`SampleConfig`) are in synthfar_ray.sampling_config, the stage's command
+line; this module runs the stage.
 
 Data flow: cl-sam / cr-sam scores are one Ray Data batch-inference job over the synthetic train rows
 (`map_batches` with an actor class that loads its model(s) once; random reads only ids), cached as
@@ -37,41 +16,37 @@ pure pandas on the cached scores, written to `<synthetic>/_selections/<method>-<
 Why folders starting with `_`: Ray Data's `read_parquet` skips paths starting with `_` or `.`, so a
 reader of the synthetic dataset folder never picks up score or selection files by accident.
 
-Module layout: `selection.py` (pure top-K, selection files and their one reader),
-`scorers.py` (classifier / discriminators, the scoring actor), this module (config, score cache,
-the stage and its CLI). The public names of all three are importable from here.
+Module layout: `sampling_config.py` (config, CLI), `selection.py` (pure top-K, selection files and
+their one reader), `scorers.py` (classifier / discriminators, the scoring actor), this module (score
+cache, the stage). The public names of selection and scorers are importable from here.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
 
 from synthfar_ray import storage as st
-from synthfar_ray.config import ConfigError, StageConfig, dump_config, load_config
-from synthfar_ray.labels import ClassField
-from synthfar_ray.paths import InputPath, OutputPath
-from synthfar_ray.quality_settings import QualityRanking
-from synthfar_ray.rl_sampler import RLSettings
+from synthfar_ray.config import ConfigError, dump_config
+from synthfar_ray.labels import CLASS_FIELDS
+from synthfar_ray.sampling_config import SampleConfig
 from synthfar_ray.raycluster import actor_pool, check_request, ensure_ray
-from synthfar_ray.scorers import (DISCRIMINATORS_DIR, Combine, DiscriminatorFit,  # noqa: F401
-                                  ScoreActor, ScorerTrain, cl_sam_scores, classifier_train_config,
+from synthfar_ray.scorers import (DISCRIMINATORS_DIR, DiscriminatorFit,  # noqa: F401
+                                  ScoreActor, cl_sam_scores, classifier_train_config,
                                   count_real_train, fit_discriminator,
                                   fit_fold_discriminators, fold_model_uri, fold_of, fold_trained_on_uri,
                                   head_for, open_dataset, train_classifier, train_filter, train_ids)
-from synthfar_ray.selection import (CLASS_FIELDS, CLASS_NAMES, MANIFEST, RENDER_TRUTH, SELECTION_FILE,  # noqa: F401
+from synthfar_ray.selection import (CLASS_NAMES, MANIFEST, RENDER_TRUTH, SELECTION_FILE,  # noqa: F401
                                     SELECTIONS_DIR, label_precision, UNKNOWN_CLASS, SelectionError, class_names,
                                     class_quotas, label_array, random_scores, read_parquet, read_selection_ids,
                                     resolve_k, select_top_k, selection_uri, write_parquet, write_selection)
@@ -80,60 +55,10 @@ from synthfar_ray.storage import StorageOptions
 logger = logging.getLogger(__name__)
 PRECISION_FILE = "label_precision.json"  # in a selection folder, procedural synthetic sets only
 
-METHODS: tuple[str, ...] = ("random", "cl-sam", "cr-sam", "quality", "rl")
 SCORES_DIR = "_scores"
 SCORES_FILE = "scores.parquet"
 # Bumped when what a cached score means changes (2: train split only, content keys, cr-sam cross-fit).
 SCORES_VERSION = 2
-
-Method = Literal["random", "cl-sam", "cr-sam", "quality", "rl"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Config
-
-
-class SampleConfig(StageConfig):
-    synthetic: InputPath = Field(description="synthetic dataset URI (its split=='train' rows are scored)")
-    real: InputPath = Field(description="real dataset URI (its split=='train' rows are used)")
-    real_subset: Literal[25, 50, 75, 100] = Field(100, description="real rows with subset <= this")
-    method: Method = "cl-sam"
-    k: int | None = Field(None, ge=1, description="absolute number of synthetic rows to keep ...")
-    k_multiple: float | None = Field(1.0, gt=0, description="... or a multiple of the real training set size")
-    class_key: list[ClassField] = Field(default_factory=lambda: list(CLASS_FIELDS),
-                                        description="fields that make a class for top-K per class")
-    combine: Combine = Field("product", description="cl-sam: how the per-field probabilities combine")
-    redistribute: bool = Field(False, description="give the shortfall of short classes to the other classes")
-    classifier: InputPath | None = Field(None, description="cl-sam: checkpoint URI of a model trained on real data")
-    scorer_train: ScorerTrain = ScorerTrain()
-    quality: QualityRanking = Field(default_factory=QualityRanking, description="method quality: which columns "
-                                    "of a `synthfar quality` folder rank the rows, with what weights (its folder "
-                                    "also gives method rl its features)")
-    rl: RLSettings = Field(default_factory=RLSettings, description="method rl: budget and hyper-parameters")
-    output: OutputPath | None = Field(None, description="selection URI; default <synthetic>/_selections/<method>-<K>")
-    reuse_scores: bool = Field(True, description="use cached scores of the same inputs (by content) and settings")
-    seed: int = Field(0, description="random scores, cr-sam folds and scorer training")
-    batch_size: int = Field(64, ge=1, description="scoring batch")
-    num_actors: int | None = Field(None, ge=1, description="scoring actors; default: one per GPU, else 1")
-    cpus_per_actor: float = Field(0.5, gt=0)
-    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _k_replaces_default_multiple(cls, data: Any) -> Any:
-        # `k=500` alone means "500 rows": drop the default multiple instead of calling it ambiguous.
-        if isinstance(data, dict) and data.get("k") is not None and "k_multiple" not in data:
-            data = {**data, "k_multiple": None}
-        return data
-
-    @model_validator(mode="after")
-    def _check(self) -> "SampleConfig":
-        if (self.k is None) == (self.k_multiple is None):
-            raise ValueError("set exactly one of k (rows) and k_multiple (x real training rows); "
-                             "to replace a config's k_multiple on the command line: k=N k_multiple=null")
-        if not self.class_key or len(set(self.class_key)) != len(self.class_key):
-            raise ValueError(f"class_key must list distinct fields of {CLASS_FIELDS}, got {self.class_key}")
-        return self
 
 
 @dataclass
@@ -367,7 +292,8 @@ def _check_cross_fit(df: pd.DataFrame, fits: list[DiscriminatorFit], info: dict[
 
 def quality_folder_for(cfg: SampleConfig) -> str:
     """cfg.quality.folder, or the folder `synthfar quality` writes (or reuses) for this stage's inputs."""
-    from synthfar_ray.quality import QualityConfig, run_quality
+    from synthfar_ray.quality import run_quality
+    from synthfar_ray.quality_config import QualityConfig
 
     if cfg.quality.folder is not None:
         return cfg.quality.folder
@@ -529,20 +455,3 @@ def selection_precision(cfg: SampleConfig, selection: pd.DataFrame) -> dict[str,
 # CLI
 
 
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from synthfar_ray.cli import add_config_args, stage_parser
-
-    p = stage_parser(subparsers, "sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    cfg = load_config(SampleConfig, args.config, args.overrides)
-    result = run_sample(cfg)
-    print(f"{result.method}: kept {result.chosen} rows (K={result.k}) over {len(result.per_class)} classes "
-          f"in {result.seconds:.1f} s -> {result.output}")
-    if result.precision is not None:
-        print(f"label precision (all three labels match the picture): chosen {result.precision['chosen']['all']:.3f}, "
-              f"all scored rows {result.precision['pool']['all']:.3f}")
-    return 0

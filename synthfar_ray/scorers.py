@@ -23,69 +23,31 @@ stage configs load without it.
 
 from __future__ import annotations
 
-import io
 import logging
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-from pydantic import AfterValidator, Field
 
 from synthfar_ray import storage as st
-from synthfar_ray.config import ConfigError, StrictModel
-from synthfar_ray.paths import absolute_location
+from synthfar_ray.config import ConfigError
 from synthfar_ray.raycluster import check_request, ensure_ray, use_gpu
-from synthfar_ray.selection import CLASS_FIELDS, hash_unit, label_array
+from synthfar_ray.labels import CLASS_FIELDS
+from synthfar_ray.sampling_config import ScorerTrain
+from synthfar_ray.selection import hash_unit, label_array
 from synthfar_ray.storage import StorageOptions
 from synthfar_ray.transforms import decode_resize, to_model_input
 
 if TYPE_CHECKING:
-    from synthfar_ray.sampling import SampleConfig
+    from synthfar_ray.sampling_config import SampleConfig
 
 logger = logging.getLogger(__name__)
 
-Combine = Literal["product", "mean", "min"]
 FOLD_SALT = 0xC4055F17F01D  # independent of random_scores' stream for the same seed
 DISCRIMINATORS_DIR = "discriminators"
-
-
-def _weights_location(value: str | None) -> str | None:
-    """'torchvision' (the hub cache) stays as is; a path is made absolute, a URI left unchanged."""
-    return value if value in (None, "torchvision") else absolute_location(value)
-
-
-WeightsLocation = Annotated[str | None, AfterValidator(_weights_location)]
-
-
-class ScorerTrain(StrictModel):
-    """Small training budget for the models this stage trains itself (cl-sam classifier when none
-    is given, cr-sam discriminators)."""
-
-    backbone: str = Field("resnet18", description="model.build_backbone name (tiny, resnet18/34/50/101, timm/...)")
-    pretrained: WeightsLocation = Field(None, description="local backbone weights file, or 'torchvision' (hub cache)")
-    image_size: int = Field(64, ge=8, description="side of the square inputs")
-    steps: int = Field(300, ge=1, description="optimizer steps (per discriminator: each fold trains its own)")
-    batch_size: int = Field(64, ge=2, description="discriminator: half real, half synthetic")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    augment: bool = Field(True, description="paper augmentations on the training batches")
-    max_rows: int = Field(20000, ge=2, description="discriminator: rows read per domain (random, seeded), "
-                                                   "held decoded in memory")
-    cross_fit_folds: int = Field(2, ge=2, le=20, description=(
-        "cr-sam: synthetic train rows are split into this many folds (seeded hash of the id); fold f is "
-        "scored by a discriminator trained on the other folds, so no row is scored by a model that saw it. "
-        "Costs one discriminator training per fold (parallel Ray tasks); with more folds each "
-        "discriminator sees more of the synthetic set"))
-    center_crop: int | None = Field(None, ge=8, description="real images: centre square crop side before resizing "
-                                                            "(FairFace 448 px: 300), as in train.py")
-    synthetic_center_crop: int | None = Field(None, ge=8, description="synthetic images: the same")
-    use_gpu: bool | None = Field(None, description="default: when the cluster has GPUs")
-    cpus_per_worker: float = Field(1.0, gt=0, description="classifier: CPUs of its Ray Train worker")
-    data_cpus: float = Field(0.5, gt=0, description="classifier: CPUs per Ray Data decode task")
 
 
 # ---------------------------------------------------------------------------------------------

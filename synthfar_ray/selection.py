@@ -37,7 +37,6 @@ from synthfar_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
-CLASS_FIELDS: tuple[str, ...] = ("ethnicity", "gender", "age_bin")
 CLASS_NAMES: dict[str, tuple[str, ...]] = {"ethnicity": ETHNICITIES, "gender": GENDERS, "age_bin": AGE_BIN_NAMES}
 UNKNOWN_CLASS = "unknown"
 MANIFEST = "_manifest.json"

@@ -37,9 +37,9 @@ import posixpath
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Iterable, Literal
+from typing import Any, Iterable, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from synthfar_ray import checkpoints, storage
 from synthfar_ray.adapt import AdaptConfig
@@ -47,9 +47,9 @@ from synthfar_ray.checkpoints import CHECKPOINT_PREFIX, load_model, resolve_chec
 from synthfar_ray.config import StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.errors import StageFailed, last_line
 from synthfar_ray.losses import LossWeights
-from synthfar_ray.paths import InputPath, OutputPath, absolute_location
+from synthfar_ray.paths import InputPath, OutputPath, WeightsLocation
 from synthfar_ray.precision import AmpMode, Layout, Precision
-from synthfar_ray.quality_settings import QualityFilter, Relabel
+from synthfar_ray.quality_config import QualityFilter, Relabel
 from synthfar_ray.storage import StorageOptions
 from synthfar_ray.synthetic_heads import SyntheticHead
 
@@ -62,14 +62,6 @@ AgeMode = Literal["regression", "bins", "both"]  # which age heads the net has (
 FAULT_ENV = "SYNTHFAR_FAULT_TRAIN_STEP"
 
 
-def _weights_location(value: str | None) -> str | None:
-    # 'torchvision' names the local torch hub cache, not a file.
-    return value if value in (None, "torchvision") else absolute_location(value)
-
-
-WeightsPath = Annotated[str | None, AfterValidator(_weights_location)]
-
-
 RELABELLED_FILE = "relabelled.parquet"  # in a run folder: the labels relabelling replaced
 
 
@@ -77,7 +69,7 @@ class NetConfig(StrictModel):
     """The recogniser: backbone, its initial weights, and the age head(s)."""
 
     backbone: str = Field("resnet50", description="tiny, resnet18/34/50/101 or timm/<name>")
-    pretrained: WeightsPath = Field(None, description="backbone weights: a .pth/.safetensors file (path or URI), "
+    pretrained: WeightsLocation = Field(None, description="backbone weights: a .pth/.safetensors file (path or URI), "
                                                      "or 'torchvision' for the local torch hub cache")
     age_mode: AgeMode = "both"
     # Left out of a dump when empty: run_config.json of runs started before the option still matches.

@@ -28,20 +28,20 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from synthfar_ray import storage as st
 from synthfar_ray.config import ConfigError, StageConfig, StrictModel, dump_config, load_config
 from synthfar_ray.errors import StageFailed, UserError, last_line
 from synthfar_ray.paths import OutputPath, absolute_location
-from synthfar_ray.quality_settings import QualityRanking
-from synthfar_ray.rl_sampler import RLSettings
+from synthfar_ray.labels import ClassField
 from synthfar_ray.raycluster import capacity, check_request, ensure_ray, node_shapes
-from synthfar_ray.sampling import (ClassField, Combine, ScorerTrain, SampleConfig, compute_scores,
-                                   count_real_train, resolve_k, select_top_k, write_selection)
+from synthfar_ray.sampling_config import Combine, QualityRanking, RLSettings, SampleConfig, ScorerTrain
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class SearchSpace(StrictModel):
 
 
 class SamplerSettings(StrictModel):
-    """How each sampler scores the synthetic set (see sampling.SampleConfig)."""
+    """How each sampler scores the synthetic set (see sampling_config.SampleConfig)."""
 
     class_key: list[ClassField] = Field(default_factory=lambda: ["ethnicity", "gender", "age_bin"])
     combine: Combine = "product"
@@ -353,6 +353,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 def prepare_selections(cfg: TuneConfig) -> dict[str, str]:
     """Score the synthetic set once per sampler (cached) and write every (sampler, K) selection."""
+    from synthfar_ray.sampling import compute_scores, count_real_train, resolve_k, select_top_k, write_selection
+
     base = cfg.train
     samplers = [s for s in cfg.space.samplers() if s != "none"]
     if not samplers:
@@ -537,6 +539,10 @@ FAILED_STATUSES = ("ERROR", "NO_RESULT")
 
 
 def _trial_table(cfg: TuneConfig, grid, real_rows: int | None, steps: int) -> pd.DataFrame:
+    import pandas as pd
+
+    from synthfar_ray.selection import resolve_k
+
     rows = []
     for result in grid:
         c, m = result.config or {}, result.metrics or {}
@@ -597,7 +603,10 @@ def _markdown(df: pd.DataFrame, cfg: TuneConfig) -> str:
 def run_tune(cfg: TuneConfig) -> TuneResult:
     """Run (or restore) the sweep; write its trial tables. Raises StageFailed when any trial failed,
     after the tables are written (a re-run of the same sweep retries the failed trials only)."""
+    import pandas as pd
     from ray import tune
+
+    from synthfar_ray.scorers import count_real_train
 
     t0 = time.time()
     ensure_ray()

@@ -176,7 +176,8 @@ def quality_assessed(quality_sets, tmp_path_factory):
     synthetic, real = quality_sets
     from filelock import FileLock
 
-    from synthfar_ray.quality import QualityConfig, run_quality
+    from synthfar_ray.quality import run_quality
+    from synthfar_ray.quality_config import QualityConfig
 
     cfg = QualityConfig(dataset=synthetic, real=real, **QUALITY_SETTINGS)
     with FileLock(f"{run_shared_dir(tmp_path_factory) / 'quality'}-assessed.lock"):

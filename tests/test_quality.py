@@ -13,7 +13,8 @@ import pytest
 
 from synthfar_ray.cli import main
 from synthfar_ray.config import ConfigError
-from synthfar_ray.quality import QUALITY_FILE, QualityConfig, read_quality, run_quality
+from synthfar_ray.quality import QUALITY_FILE, read_quality, run_quality
+from synthfar_ray.quality_config import QualityConfig
 
 from conftest import QUALITY_SETTINGS
 
@@ -81,7 +82,8 @@ def test_training_keeps_the_rows_that_pass_the_quality_thresholds(quality_assess
     the whole set does (the ground truth says so; measured at seed 0 with p >= 0.3: 0.71 -> 0.885,
     356 of 600 rows; asserted +0.1), and training reads exactly the passing train rows (with a selection:
     the rows in both)."""
-    from synthfar_ray.quality import QualityFilter, passing_ids
+    from synthfar_ray.quality import passing_ids
+    from synthfar_ray.quality_config import QualityFilter
     from synthfar_ray.selection import label_precision
     from synthfar_ray.train import TrainConfig, needed_datasets
     from synthfar_ray.train_data import build_datasets
@@ -118,7 +120,8 @@ def test_quality_ranked_selection_beats_random_and_tune_can_search_it(quality_as
     (its default weights: the product of all three p(stated) 1.0, p_real 0.5; realism says nothing
     about label noise here, as every synthetic row has the same style). Asserted: quality >= random
     + 0.08. Tune's selections for a (sampler x K) space with `quality` are made the same way."""
-    from synthfar_ray.sampling import SampleConfig, run_sample
+    from synthfar_ray.sampling import run_sample
+    from synthfar_ray.sampling_config import SampleConfig
 
     cfg, result = quality_assessed
     common = dict(synthetic=cfg.dataset, real=cfg.real, k=200, class_key=["ethnicity"], seed=0,
@@ -158,7 +161,8 @@ def test_relabelling_replaces_confident_disagreeing_labels_and_training_reads_th
     synthetic-style ethnicity with accuracy ~0.58 across the style gap (trained 2,000 steps: 0.53;
     in-domain, cross-fitted on 300 noisy rows: 0.48). Asserted: at least 2x as many labels corrected
     as broken and precision up by >= 0.03. Training reads the new labels."""
-    from synthfar_ray.quality import Relabel, relabel_changes
+    from synthfar_ray.quality import relabel_changes
+    from synthfar_ray.quality_config import Relabel
     from synthfar_ray.train import TrainConfig, needed_datasets
     from synthfar_ray.train_data import build_datasets
 

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from synthfar_ray.config import ConfigError
-from synthfar_ray.rl_sampler import (REWARDS_FILE, STATE_FILE, TENSORBOARD_DIR, Policy, RLSettings, episode_noise,
+from synthfar_ray.rl_sampler import (REWARDS_FILE, STATE_FILE, TENSORBOARD_DIR, Policy, episode_noise,
                                      gaussian_log_prob, prepare_features, rl_scores)
+from synthfar_ray.sampling_config import RLSettings
 from synthfar_ray.selection import label_precision, random_scores, select_top_k
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
@@ -148,7 +149,8 @@ def test_rl_selection_beats_random_on_ground_truth(ray_cluster, quality_sets, qu
     Why the margin is robust: three child seeds on one selection span 0.01-0.04 of reward, while the
     top-K by p_ethnicity scores +0.03 over random and the bottom-K -0.07 (mean val accuracy of the
     three heads; gender and age stay near chance at this budget, ethnicity carries the signal)."""
-    from synthfar_ray.sampling import SampleConfig, run_sample
+    from synthfar_ray.sampling import run_sample
+    from synthfar_ray.sampling_config import SampleConfig
     from synthfar_ray.selection import read_parquet, selection_file
 
     synthetic, real = quality_sets

@@ -17,8 +17,9 @@ from synthfar_ray.config import ConfigError, load_config
 from synthfar_ray.images import encode_jpeg
 from synthfar_ray.labels import CORE_FIELDS, age_to_bin
 from synthfar_ray.discriminator import load_discriminator, realism_scores
-from synthfar_ray.sampling import (SELECTION_FILE, SampleConfig, ScorerTrain, class_quotas, fit_discriminator,
+from synthfar_ray.sampling import (SELECTION_FILE, class_quotas, fit_discriminator,
                                    random_scores, run_sample, select_top_k)
+from synthfar_ray.sampling_config import SampleConfig, ScorerTrain
 from synthfar_ray.selection import read_selection_ids
 
 
