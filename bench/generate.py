@@ -1,15 +1,16 @@
 """Generation throughput: the Ray Data job against a plain diffusers loop, same config, same run.
 
     python bench/generate.py                 # CPU: tiny preset (configs/generate/quickstart.yaml), 128 images, 1 actor
+    python bench/generate.py --repeat 3      # the same, three plain/Ray pairs in turn: each pair's ratios and their medians
     python bench/generate.py --smoke         # a few seconds of work: 8 images of 32x32, 2 steps (checks the bench runs)
     python bench/generate.py --gpu           # one GPU: sd15-random (SD1.5+ControlNet FLOPs), 512x512, batch 32
     python bench/generate.py --gpu --compile # the same with torch.compile (static shapes, compile cache)
     python bench/generate.py --gpu compute.batch_size=16 num_images=512   # any config override
 
-The plain loop is one process calling the same FaceGenerator on the same prompts and poses, batch by
-batch, after one warm-up batch (images only: no JPEG, no Parquet); on CPU it gets as many torch threads
-as the pool's actors have together (`cpu_threads`). The Ray job is `run_generate` with
-the config's own compute settings (pool size, CPUs, batch size), writing real Parquet. Ray's steady
+The plain loop is a fresh process (as the Ray actor is) calling the same FaceGenerator on the same
+prompts and poses, batch by batch, after one warm-up batch (images only: no JPEG, no Parquet); on
+CPU it gets as many torch threads as the pool's actors have together (`cpu_threads`). The Ray job is
+`run_generate` with the config's own compute settings (pool size, CPUs, batch size), writing real Parquet. Ray's steady
 throughput is measured on the actors' clocks (each shard's start and end, stamped where it is made:
 `GenerateResult.steady_images_per_second`), since shard results reach the driver bunched; its wall
 throughput includes actor start-up and model build. Both are printed as ratios to the plain loop: steady
@@ -26,9 +27,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,6 +46,7 @@ class PlainRun:
 
     images: int
     batch_size: int
+    threads: int  # torch threads of the loop's process
     build: float
     warmup: float
     loop: float
@@ -94,9 +98,18 @@ def plain_loop(cfg: GenerateConfig, device: str | None) -> PlainRun:
         call(i)
     _sync()
     loop = time.perf_counter() - t0
-    del gen
-    _free_gpu_memory()  # the Ray actor needs the GPU next
-    return PlainRun(cfg.num_images, bs, build, warmup, loop)
+    return PlainRun(cfg.num_images, bs, torch.get_num_threads(), build, warmup, loop)
+
+
+def fresh_plain_loop(cfg: GenerateConfig, device: str | None) -> PlainRun:
+    """`plain_loop` in a new process, as the Ray actor starts in one: a second pair's plain build in
+    this process would reuse the modules and files the first loaded (0.1-0.6 s instead of 8.3 s on
+    2026-12-07), making its wall ratio unfair to Ray. The process exits before Ray starts, so on a
+    GPU the actor gets the whole memory."""
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(plain_loop, cfg, device).result()
 
 
 def cpu_threads(cfg: GenerateConfig) -> int:
@@ -111,16 +124,6 @@ def _sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _free_gpu_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def bench_config(mode: str, output: str, overrides: list[str]) -> tuple[str, GenerateConfig]:
@@ -138,15 +141,14 @@ def bench_config(mode: str, output: str, overrides: list[str]) -> tuple[str, Gen
     return path, load_config(GenerateConfig, path, [f"output={output}", *sized, *overrides])
 
 
-def report(plain: PlainRun, result: GenerateResult, began: float) -> None:
-    """Steady ratio: Ray's actor-side steady rate over the plain loop's. Wall ratio: the Ray job's whole
-    run (actor start, imports, model build, Parquet) over the plain script's build + loop."""
+def report(plain: PlainRun, result: GenerateResult, began: float) -> tuple[float, float]:
+    """Print one plain/Ray pair; return its (steady, wall) ratios. Steady ratio: Ray's actor-side
+    steady rate over the plain loop's. Wall ratio: the Ray job's whole run (actor start, imports,
+    model build, Parquet) over the plain script's build + loop."""
     steady = result.steady_images_per_second()
     actors = len({r.actor for r in result.shards})
-    import torch
-
     print(f"plain diffusers loop : {plain.rate:8.3f} img/s  (pipeline build {plain.build:.1f} s, first batch "
-          f"{plain.warmup:.1f} s, {torch.get_num_threads()} torch threads)")
+          f"{plain.warmup:.1f} s, {plain.threads} torch threads)")
     print(f"plain loop (wall)    : {plain.wall_rate:8.3f} img/s  ({plain.images / plain.wall_rate:.1f} s incl. build)")
     print(f"ray data job (wall)  : {result.images_per_second:8.3f} img/s  ({result.seconds:.1f} s incl. actor start-up)")
     print(f"ray data job (steady): {steady:8.3f} img/s  (actor-side clocks: {len(result.shards)} shards on {actors} actor(s))")
@@ -154,7 +156,9 @@ def report(plain: PlainRun, result: GenerateResult, began: float) -> None:
     print(f"ray start-up         : {first:8.1f} s  (run_generate called -> first shard on the generator: Ray Data, "
           "actor process, imports, model build)")
     print(f"ray wall vs plain steady: {result.images_per_second / plain.rate:.3f}  (how much start-up weighs at this size)")
-    print(f"ratio ray/plain      : steady {steady / plain.rate:.3f}, wall {result.images_per_second / plain.wall_rate:.3f}")
+    ratios = steady / plain.rate, result.images_per_second / plain.wall_rate
+    print(f"ratio ray/plain      : steady {ratios[0]:.3f}, wall {ratios[1]:.3f}")
+    return ratios
 
 
 def main() -> int:
@@ -163,6 +167,9 @@ def main() -> int:
     mode.add_argument("--gpu", action="store_true", help="sd15-random at 512x512 on the GPU(s)")
     mode.add_argument("--smoke", action="store_true", help="tiny and fast: checks that the bench runs, measures nothing")
     ap.add_argument("--compile", action="store_true", help="model.compile=true on both sides (CUDA only)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="N plain/Ray pairs in turn (the plain loop's rate alone moves by ~20%% between runs on a "
+                         "small CPU box); prints every pair's ratios and their medians")
     ap.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
     args = ap.parse_args()
     name = "gpu" if args.gpu else "smoke" if args.smoke else "cpu"
@@ -177,15 +184,26 @@ def main() -> int:
               f"model {cfg.model.preset or cfg.model.base} {compiled}, actors {c.num_actors or 'one per GPU'}, "
               f"{c.cpus_per_actor} CPU each")
 
-        plain = plain_loop(cfg, "cuda" if args.gpu else "cpu")
+        pairs = []
+        for i in range(max(1, args.repeat)):
+            if args.repeat > 1:
+                print(f"--- pair {i + 1} of {args.repeat}")
+            out = os.path.join(tmp, f"synthetic-{i}")  # a fresh output each time: nothing is resumed
+            run_cfg = cfg.model_copy(update={"output": out})
+            plain = fresh_plain_loop(run_cfg, "cuda" if args.gpu else "cpu")
 
-        import ray
+            import ray
 
-        if not ray.is_initialized():
-            # A cluster named by RAY_ADDRESS, else a fresh local one (not whatever `ray start` left running).
-            ray.init() if os.environ.get("RAY_ADDRESS") else ray.init(address="local", include_dashboard=False)
-        began = time.time()  # the actors stamp shards with time.time() on the same host
-        report(plain, run_generate(cfg), began)
+            if not ray.is_initialized():
+                # A cluster named by RAY_ADDRESS, else a fresh local one (not whatever `ray start` left running).
+                ray.init() if os.environ.get("RAY_ADDRESS") else ray.init(address="local", include_dashboard=False)
+            began = time.time()  # the actors stamp shards with time.time() on the same host
+            pairs.append(report(plain, run_generate(run_cfg), began))
+        if len(pairs) > 1:
+            steady, wall = (sorted(p[k] for p in pairs) for k in (0, 1))
+            print(f"medians over {len(pairs)} pairs: steady {statistics.median(steady):.3f} "
+                  f"({', '.join(f'{v:.3f}' for v in steady)}), wall {statistics.median(wall):.3f} "
+                  f"({', '.join(f'{v:.3f}' for v in wall)})")
     return 0
 
 

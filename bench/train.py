@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -171,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--data", help="an existing dataset folder (its split 'train' rows are used)")
-    p.add_argument("--json", help="write the results here too")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="N runs in turn (each a fresh Train run: memory, then data); prints every run's ratio and "
+                        "their median")
+    p.add_argument("--json", help="write the results here too (the last run's, with every run's ratio)")
     p.add_argument("overrides", nargs="*", help="key=value TrainConfig overrides (batch_size=64, decode_on=worker ...)")
     args = p.parse_args(argv)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,25 +213,32 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(include_dashboard=False, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     gpu = bool(cfg.use_gpu)
-    trainer = TorchTrainer(
-        bench_loop, train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
-        run_config=RunConfig(name="bench", storage_path=os.path.join(tmp, "runs")),
-        datasets=build_datasets(cfg, {"real"}), dataset_config=data_config(cfg, {"real"}))
-    res = trainer.fit().return_value
-    mem, dat = res["memory"], res["data"]
-    print(f"\n{cfg.model.backbone}  input {cfg.image_size}px from {source}px JPEG  batch {cfg.batch_size}  "
-          f"{'GPU' if gpu else 'CPU'} {mem['precision']}  decode_on {cfg.decode_on}  shuffle_buffer "
-          f"{cfg.shuffle_buffer}  augment {cfg.augment and cfg.augment_on}  {steps} timed steps after {warmup}")
-    print(f"{'path':>8} {'img/s':>10} {'wait':>6}")
-    for k in ("memory", "data"):
-        print(f"{k:>8} {res[k]['ips']:>10.1f} {res[k]['wait']:>6.0%}")
-    print(f"ratio data/memory: {dat['ips'] / mem['ips']:.2f}")
+    ratios = []
+    for i in range(max(1, args.repeat)):
+        trainer = TorchTrainer(
+            bench_loop, train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker={
+                "CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+            run_config=RunConfig(name=f"bench-{i}", storage_path=os.path.join(tmp, "runs")),
+            datasets=build_datasets(cfg, {"real"}), dataset_config=data_config(cfg, {"real"}))
+        res = trainer.fit().return_value
+        mem, dat = res["memory"], res["data"]
+        ratios.append(dat["ips"] / mem["ips"])
+        print(f"\n{cfg.model.backbone}  input {cfg.image_size}px from {source}px JPEG  batch {cfg.batch_size}  "
+              f"{'GPU' if gpu else 'CPU'} {mem['precision']}  decode_on {cfg.decode_on}  shuffle_buffer "
+              f"{cfg.shuffle_buffer}  augment {cfg.augment and cfg.augment_on}  {steps} timed steps after {warmup}"
+              + (f"  (run {i + 1} of {args.repeat})" if args.repeat > 1 else ""))
+        print(f"{'path':>8} {'img/s':>10} {'wait':>6}")
+        for k in ("memory", "data"):
+            print(f"{k:>8} {res[k]['ips']:>10.1f} {res[k]['wait']:>6.0%}")
+        print(f"ratio data/memory: {ratios[-1]:.2f}")
+    if len(ratios) > 1:
+        print(f"median ratio over {len(ratios)} runs: {statistics.median(ratios):.2f} "
+              f"({', '.join(f'{r:.2f}' for r in sorted(ratios))})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "source_size": source, "gpu": gpu, "steps": steps, "warmup": warmup,
-                       "train": section, **res, "ratio": dat["ips"] / mem["ips"]}, f, indent=2)
+                       "train": section, **res, "ratio": ratios[-1], "ratios": ratios}, f, indent=2)
     ray.shutdown()
     return 0
 

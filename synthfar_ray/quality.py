@@ -47,7 +47,7 @@ class QualityResult:
 
 
 class QualityActor:
-    """Loads the classifier once; checks batches of rows (see the module doc for the columns)."""
+    """Loads the classifier once; checks batches of rows (quality_config's docstring lists the columns)."""
 
     def __init__(self, classifier: str | None, opts: st.StorageOptions | None, fields: list[str], use_gpu: bool):
         self.model = None

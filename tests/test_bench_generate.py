@@ -1,4 +1,5 @@
-"""bench/generate.py runs end to end (--smoke) and prints its Ray/plain ratios; timings are not judged."""
+"""bench/generate.py runs end to end (--smoke, two plain/Ray pairs) and prints its Ray/plain ratios and
+their medians; timings are not judged."""
 
 from __future__ import annotations
 
@@ -18,12 +19,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_generate_smoke_prints_ratios():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    proc = subprocess.run([sys.executable, "bench/generate.py", "--smoke"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "bench/generate.py", "--smoke", "--repeat", "2"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for label in ("plain diffusers loop", "ray data job (wall)", "ray data job (steady)"):
         assert re.search(rf"^{re.escape(label)}\s*:\s*[\d.]+ img/s", proc.stdout, re.M), proc.stdout
-    ratios = re.search(r"^ratio ray/plain\s*: steady (\S+), wall (\S+)$", proc.stdout, re.M)
-    assert ratios, proc.stdout
-    assert all(math.isfinite(float(x)) for x in ratios.groups())
-    assert "actor-side clocks: 4 shards" in proc.stdout  # --smoke: 8 images in shards of 2
+    ratios = re.findall(r"^ratio ray/plain\s*: steady (\S+), wall (\S+)$", proc.stdout, re.M)
+    assert len(ratios) == 2, proc.stdout
+    assert all(math.isfinite(float(x)) for pair in ratios for x in pair)
+    assert proc.stdout.count("actor-side clocks: 4 shards") == 2  # --smoke: 8 images in shards of 2, each pair
+    medians = re.search(r"^medians over 2 pairs: steady (\S+) \((\S+), (\S+)\), wall (\S+) \((\S+), (\S+)\)$",
+                        proc.stdout, re.M)
+    assert medians, proc.stdout
+    steady = sorted(float(p[0]) for p in ratios)
+    assert [float(x) for x in medians.group(2, 3)] == pytest.approx(steady, abs=1e-3)
+    assert float(medians.group(1)) == pytest.approx(sum(steady) / 2, abs=1e-3)
