@@ -24,9 +24,9 @@ Only the synthetic *train* split (split == 'train') is scored and selected: thos
 training reads, so K is met from rows training actually uses.
 
 This module is the stage's config and command line; the stage itself (scoring, caching, top-K) is
-synthfar_ray.sampling, imported when it runs. This module, with the settings the quality and tune configs embed too (`ScorerTrain`, `QualityRanking`,
-`RLSettings`),
-needs neither pandas nor torch, so a bad config fails at once.
+synthfar_ray.sampling, imported when it runs. This module, with the settings the quality and tune
+configs embed too (`ScorerTrain`, `QualityRanking`, `RLSettings`), needs neither pandas nor torch,
+so a bad config fails at once.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class QualityRanking(StrictModel):
 
 
 class ScorerTrain(StrictModel):
-    """Small training budget for the models the sample and quality stages train themselves (cl-sam classifier when none
-    is given, cr-sam discriminators)."""
+    """Small training budget for the models the sample and quality stages train themselves (cl-sam
+    classifier when none is given, cr-sam discriminators)."""
 
     backbone: str = Field("resnet18", description="model.build_backbone name (tiny, resnet18/34/50/101, timm/...)")
     pretrained: WeightsLocation = Field(None, description="local backbone weights file, or 'torchvision' (hub cache)")
