@@ -465,9 +465,9 @@ def load_spec(run_dir: str, opts: StorageOptions | None) -> tuple[ReportSpec, st
 
 
 def load_tune(uri: str, opts: StorageOptions | None, metric: str | None, mode: str | None) -> tuple[pd.DataFrame, str, str]:
+    """Read a trial table; returns (trials sorted best first, metric column, mode)."""
     import pandas as pd
 
-    """Read a trial table; returns (trials sorted best first, metric column, mode)."""
     try:
         df = pd.read_csv(io.BytesIO(st.read_bytes(uri, opts)))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

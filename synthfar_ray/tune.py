@@ -353,7 +353,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 def prepare_selections(cfg: TuneConfig) -> dict[str, str]:
     """Score the synthetic set once per sampler (cached) and write every (sampler, K) selection."""
-    from synthfar_ray.sampling import compute_scores, count_real_train, resolve_k, select_top_k, write_selection
+    from synthfar_ray.sampling import compute_scores
+    from synthfar_ray.scorers import count_real_train
+    from synthfar_ray.selection import resolve_k, select_top_k, write_selection
 
     base = cfg.train
     samplers = [s for s in cfg.space.samplers() if s != "none"]
