@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder --timeout=1500 --durations=25 tests
 
 # The edit-test loop: pure-Python and single-process tests (no Ray, no end-to-end jobs). CI runs `test`.
-# Two xdist workers handing out single tests (--dist load): 88-102 s against 141-147 s in one process
+# Two xdist workers handing out single tests (--dist load): 88-111 s against 141-147 s in one process
 # (2026-12-07, 469 tests); whole modules per worker (loadfile) took 108 s.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -n 2 --timeout=300 -m "not slow and not ray" tests
