@@ -192,11 +192,13 @@ def main() -> int:
             run_cfg = cfg.model_copy(update={"output": out})
             plain = fresh_plain_loop(run_cfg, "cuda" if args.gpu else "cpu")
 
-            import ray
+            from synthfar_ray.raycluster import ensure_ray, worker_pool_line
 
-            if not ray.is_initialized():
-                # A cluster named by RAY_ADDRESS, else a fresh local one (not whatever `ray start` left running).
-                ray.init() if os.environ.get("RAY_ADDRESS") else ray.init(address="local", include_dashboard=False)
+            # A cluster named by RAY_ADDRESS, else a fresh local one (not whatever `ray start` left running)
+            # with the settings `synthfar generate` gives its local clusters (the warm worker pool).
+            ensure_ray(address="local", include_dashboard=False)
+            if i == 0:
+                print(worker_pool_line())
             began = time.time()  # the actors stamp shards with time.time() on the same host
             pairs.append(report(plain, run_generate(run_cfg), began))
         if len(pairs) > 1:

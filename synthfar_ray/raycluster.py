@@ -80,6 +80,14 @@ def warm_worker_pool_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def worker_pool_line() -> str:
+    """How local clusters this process starts keep idle workers (the benchmarks print it)."""
+    limit = os.environ.get("RAY_num_workers_soft_limit", "Ray's default (CPU count)")
+    idle = os.environ.get("RAY_idle_worker_killing_time_threshold_ms")
+    return f"worker pool: soft limit {limit}, idle workers beyond it killed after " + (
+        f"{int(idle) / 1000:g} s" if idle else "Ray's default (1 s)")
+
+
 @contextlib.contextmanager
 def restoring_sigint_handler() -> Iterator[None]:
     """Around `TorchTrainer.fit()`: put back the SIGINT handler that was there before.
@@ -100,15 +108,18 @@ def restoring_sigint_handler() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def ensure_ray() -> None:
+def ensure_ray(**local_options: Any) -> None:
     """Connect to Ray if this process is not connected yet (RAY_ADDRESS, a running head, or local;
-    a local cluster gets the warm worker pool)."""
+    a local cluster gets the warm worker pool). `local_options` go to `ray.init` when no RAY_ADDRESS
+    is set (the benchmarks: `address="local"`, no dashboard)."""
     import ray
 
     if not ray.is_initialized():
-        if not os.environ.get("RAY_ADDRESS"):
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
             warm_worker_pool_env()
-        ray.init()
+            ray.init(**local_options)
 
 
 def cluster_gpus() -> float:

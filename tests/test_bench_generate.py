@@ -11,17 +11,24 @@ import sys
 
 import pytest
 
+from synthfar_ray.raycluster import WARM_POOL_IDLE_MS
+
 pytestmark = pytest.mark.ray  # the bench starts its own local Ray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POOL_VARS = ("RAY_num_workers_soft_limit", "RAY_idle_worker_killing_time_threshold_ms")
 
 
 def test_bench_generate_smoke_prints_ratios():
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    # Its own local Ray, and none of the worker-pool settings conftest gives the suite's clusters: the bench
+    # must set them itself, as `synthfar generate` does for its local clusters.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *POOL_VARS)}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_DATA_DISABLE_PROGRESS_BARS="1")
     proc = subprocess.run([sys.executable, "bench/generate.py", "--smoke", "--repeat", "2"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(rf"^worker pool: soft limit \d+, idle workers beyond it killed after {WARM_POOL_IDLE_MS / 1000:g} s$",
+                     proc.stdout, re.M), proc.stdout[-3000:]
     for label in ("plain diffusers loop", "ray data job (wall)", "ray data job (steady)"):
         assert re.search(rf"^{re.escape(label)}\s*:\s*[\d.]+ img/s", proc.stdout, re.M), proc.stdout
     ratios = re.findall(r"^ratio ray/plain\s*: steady (\S+), wall (\S+)$", proc.stdout, re.M)
