@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] made {rows} {source}px JPEG rows in {time.time() - t0:.1f} s")
     # RAY_ADDRESS's cluster, else a local one with the settings `synthfar train` gives its local clusters
     # (the warm worker pool): with Ray's defaults, idle workers die after 1 s and the data path's read and
-    # decode tasks kept starting new processes beside the step (ratio 0.45-0.60 instead of 0.72-0.75).
+    # decode tasks kept starting new processes beside the step (ratio 0.44-0.70, median 0.60, against 0.72-0.75 with the pool; 2026-12-07).
     from synthfar_ray.raycluster import ensure_ray, worker_pool_line
 
     ensure_ray(address="local", include_dashboard=False)
