@@ -60,13 +60,14 @@ def task_error_cause(error: BaseException) -> BaseException:
 # to the clusters this process (and its children) starts; a running cluster keeps its own settings.
 WARM_POOL_MIN_WORKERS = 8
 WARM_POOL_IDLE_MS = 120_000
+POOL_VARS = ("RAY_num_workers_soft_limit", "RAY_idle_worker_killing_time_threshold_ms")  # the pool's two settings
 
 
 def warm_worker_pool_env() -> None:
     """Set the RAY_* variables (Ray's system config) that keep a local cluster's idle workers for reuse
     in os.environ, without overriding what the user set, before a local cluster starts."""
-    settings = {"RAY_num_workers_soft_limit": str(max(WARM_POOL_MIN_WORKERS, os.cpu_count() or 1)),
-                "RAY_idle_worker_killing_time_threshold_ms": str(WARM_POOL_IDLE_MS),
+    settings = {POOL_VARS[0]: str(max(WARM_POOL_MIN_WORKERS, os.cpu_count() or 1)),
+                POOL_VARS[1]: str(WARM_POOL_IDLE_MS),
                 # A local cluster is never preempted: Ray Train's spot-preemption watcher is one more
                 # actor process per training run.
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -82,8 +83,8 @@ def warm_worker_pool_env() -> None:
 
 def worker_pool_line() -> str:
     """How local clusters this process starts keep idle workers (the benchmarks print it)."""
-    limit = os.environ.get("RAY_num_workers_soft_limit", "Ray's default (CPU count)")
-    idle = os.environ.get("RAY_idle_worker_killing_time_threshold_ms")
+    limit = os.environ.get(POOL_VARS[0], "Ray's default (CPU count)")
+    idle = os.environ.get(POOL_VARS[1])
     return f"worker pool: soft limit {limit}, idle workers beyond it killed after " + (
         f"{int(idle) / 1000:g} s" if idle else "Ray's default (1 s)")
 

@@ -11,12 +11,11 @@ import sys
 
 import pytest
 
-from synthfar_ray.raycluster import WARM_POOL_IDLE_MS
+from synthfar_ray.raycluster import POOL_VARS, WARM_POOL_IDLE_MS, WARM_POOL_MIN_WORKERS
 
 pytestmark = pytest.mark.ray  # the bench starts its own local Ray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POOL_VARS = ("RAY_num_workers_soft_limit", "RAY_idle_worker_killing_time_threshold_ms")
 
 
 def test_bench_generate_smoke_prints_ratios():
@@ -27,8 +26,9 @@ def test_bench_generate_smoke_prints_ratios():
     proc = subprocess.run([sys.executable, "bench/generate.py", "--smoke", "--repeat", "2"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(rf"^worker pool: soft limit \d+, idle workers beyond it killed after {WARM_POOL_IDLE_MS / 1000:g} s$",
-                     proc.stdout, re.M), proc.stdout[-3000:]
+    pool = (f"worker pool: soft limit {max(WARM_POOL_MIN_WORKERS, os.cpu_count() or 1)}, idle workers beyond it "
+            f"killed after {WARM_POOL_IDLE_MS / 1000:g} s")
+    assert re.search(rf"^{re.escape(pool)}$", proc.stdout, re.M), proc.stdout[-3000:]
     for label in ("plain diffusers loop", "ray data job (wall)", "ray data job (steady)"):
         assert re.search(rf"^{re.escape(label)}\s*:\s*[\d.]+ img/s", proc.stdout, re.M), proc.stdout
     ratios = re.findall(r"^ratio ray/plain\s*: steady (\S+), wall (\S+)$", proc.stdout, re.M)

@@ -12,11 +12,10 @@ import sys
 
 import pytest
 
-from synthfar_ray.raycluster import WARM_POOL_IDLE_MS, WARM_POOL_MIN_WORKERS
+from synthfar_ray.raycluster import POOL_VARS, WARM_POOL_IDLE_MS, WARM_POOL_MIN_WORKERS
 
 pytestmark = pytest.mark.ray  # the bench starts its own local Ray
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POOL_VARS = ("RAY_num_workers_soft_limit", "RAY_idle_worker_killing_time_threshold_ms")
 
 
 def test_bench_train_smoke(tmp_path):
@@ -28,8 +27,9 @@ def test_bench_train_smoke(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train.py"), "--smoke", "--repeat", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(rf"^\[bench\] worker pool: soft limit {max(WARM_POOL_MIN_WORKERS, os.cpu_count() or 1)}, idle "
-                     rf"workers beyond it killed after {WARM_POOL_IDLE_MS / 1000:g} s$", proc.stdout, re.M), proc.stdout[-3000:]
+    pool = (f"[bench] worker pool: soft limit {max(WARM_POOL_MIN_WORKERS, os.cpu_count() or 1)}, idle workers beyond "
+            f"it killed after {WARM_POOL_IDLE_MS / 1000:g} s")
+    assert re.search(rf"^{re.escape(pool)}$", proc.stdout, re.M), proc.stdout[-3000:]
     assert len(re.findall(r"^ratio data/memory: \d+\.\d\d  \(memory: the mean of memory and memory2\)$", proc.stdout, re.M)) == 2, proc.stdout[-2000:]
     median = re.search(r"^median ratio over 2 runs: (\S+) \((\S+), (\S+)\)$", proc.stdout, re.M)
     assert median, proc.stdout[-2000:]
