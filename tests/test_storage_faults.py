@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Callable
 
 import boto3
 import pyarrow.fs as pafs
@@ -75,20 +76,28 @@ def test_retrying_filesystem_uploads_a_folder_through_an_outage(s3_proxy, tmp_pa
     assert fs.get_file_info(f"{path}/model.pt").size == 3_000_000
 
 
-def _when_object_appears(s3_server: str, bucket: str, key: str, action) -> threading.Thread:
-    """Run `action` as soon as `key` exists (watched on moto directly, not through the proxy)."""
+def _when_object_appears(s3_server: str, bucket: str, key: str, action) -> Callable[[], None]:
+    """Run `action` as soon as `key` exists (watched on moto directly, not through the proxy).
+    Returns `finish`: stop watching and wait for the watcher. The watch has no time limit of its own
+    (a fixed count of polls ran out before a slow CI box wrote the object); the run under test bounds
+    it, and a test then asserts that the action ran."""
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     name = bucket[len("s3://"):]
+    done = threading.Event()
 
     def watch() -> None:
-        for _ in range(1200):
+        while not done.is_set():
             if client.list_objects_v2(Bucket=name, Prefix=key).get("KeyCount"):
                 action()
                 return
-            time.sleep(0.05)
+            done.wait(0.05)
     t = threading.Thread(target=watch, daemon=True)
     t.start()
-    return t
+
+    def finish() -> None:
+        done.set()
+        t.join()
+    return finish
 
 
 def _generate_cfg(output: str, opts):
@@ -107,10 +116,10 @@ def test_generation_survives_an_outage_with_every_id_once(ray_cluster, s3_server
     cfg = _generate_cfg(out, opts)
     # The driver writes the manifest before any shard: cutting then makes the shard writes meet the outage.
     outages: list[threading.Thread] = []
-    watcher = _when_object_appears(s3_server, bucket, f"synthetic/{MANIFEST}",
+    finish_watch = _when_object_appears(s3_server, bucket, f"synthetic/{MANIFEST}",
                                    lambda: outages.append(proxy.outage(3.0, min_rejected=1)))
     result = run_generate(cfg)
-    watcher.join()
+    finish_watch()
     assert outages and proxy.rejected >= 1  # the run's shard writes really met the outage
     assert result.generated == 24
     _, rows = read_parts(out, opts)
@@ -128,10 +137,10 @@ def test_generation_fails_in_one_line_when_the_outage_lasts(ray_cluster, s3_serv
     # Cut 1 s after the manifest appears: moto stores the object before its response reaches the
     # driver, and a cut in between failed the manifest write instead of a shard's (seen once in a full
     # run). The first shard write comes seconds later, after the actor has started.
-    watcher = _when_object_appears(s3_server, bucket, f"synthetic/{MANIFEST}", lambda: (time.sleep(1.0), proxy.stop()))
+    finish_watch = _when_object_appears(s3_server, bucket, f"synthetic/{MANIFEST}", lambda: (time.sleep(1.0), proxy.stop()))
     with pytest.raises(StorageError) as e:  # what the CLI prints as its one line
         run_generate(cfg)
-    watcher.join()
+    finish_watch()
     msg = str(e.value)
     assert "\n" not in msg and "storage unreachable for" in msg and "part-" in msg and "retry_window_s=2" in msg
 
@@ -159,14 +168,14 @@ def test_ray_train_checkpoints_survive_an_outage(ray_cluster, s3_server, s3_prox
             time.sleep(0.2)
 
     outages: list[threading.Thread] = []
-    watcher = _when_object_appears(s3_server, bucket, "runs/ckpt/checkpoint_000001/model.pt",
+    finish_watch = _when_object_appears(s3_server, bucket, "runs/ckpt/checkpoint_000001/model.pt",
                                    lambda: outages.append(proxy.outage(3.0, min_rejected=1)))
     trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
                            run_config=RunConfig(name="ckpt", storage_path=path, storage_filesystem=fs,
                                                 failure_config=FailureConfig(max_failures=0),
                                                 checkpoint_config=CheckpointConfig(num_to_keep=None)))
     result = trainer.fit()
-    watcher.join()
+    finish_watch()
     assert outages and proxy.rejected >= 1
     assert result.metrics["step"] == 3
     keys = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").list_objects_v2(
@@ -188,9 +197,9 @@ def test_training_checkpoints_survive_an_outage(ray_cluster, s3_server, s3_proxy
                       steps=4, val_every=2, log_every=2, num_workers=1, use_gpu=False, cpus_per_worker=0.5,
                       data_cpus=0.5, shuffle_buffer=64, failure_max=0, keep_checkpoints=None)
     outages: list[threading.Thread] = []
-    watcher = _when_object_appears(s3_server, bucket, "runs/cut/checkpoint_000000002/",
+    finish_watch = _when_object_appears(s3_server, bucket, "runs/cut/checkpoint_000000002/",
                                    lambda: outages.append(proxy.outage(3.0, min_rejected=1)))
     result = run_train(cfg)
-    watcher.join()
+    finish_watch()
     assert outages and proxy.rejected >= 1  # the run's uploads really met the outage
     assert result.steps == 4 and result.checkpoint == f"{bucket}/runs/cut/checkpoint_000000004"
