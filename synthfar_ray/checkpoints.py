@@ -41,6 +41,8 @@ OPERATIONAL_KEYS = frozenset({
     # Where decoding and augmentation run does not change what is learned; a bigger budget extends
     # the run (its schedule stretches from the resumed step on).
     "decode_on", "augment_on", "steps", "finetune_steps",
+    # How the worker starts (a Train worker group or one task) does not change what it computes.
+    "executor",
 })
 
 
@@ -105,20 +107,52 @@ def load_training_state(directory: str, net, discriminator=None) -> dict[str, An
     return state
 
 
-def resolve_checkpoint(uri: str, opts: StorageOptions | None = None) -> str:
-    """A checkpoint folder URI, or a run folder (-> its latest checkpoint_* folder)."""
+def _checkpoint_folders(run_uri: str, opts: StorageOptions | None) -> list[str]:
+    """The checkpoint_* folder names in a run folder, oldest first (the names sort by step)."""
     import pyarrow.fs as pafs
 
+    fs, path = storage.resolve_retrying(run_uri, opts)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(posixpath.basename(i.path) for i in infos
+                  if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith(CHECKPOINT_PREFIX))
+
+
+def resolve_checkpoint(uri: str, opts: StorageOptions | None = None) -> str:
+    """A checkpoint folder URI, or a run folder (-> its latest checkpoint_* folder)."""
     if storage.exists(storage.join(uri, META_FILE), opts):
         return uri
-    fs, path = storage.resolve(uri, opts)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    ckpts = sorted(posixpath.basename(i.path) for i in infos
-                   if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith(CHECKPOINT_PREFIX))
-    ckpts = [c for c in ckpts if storage.exists(storage.join(uri, c, META_FILE), opts)]
+    ckpts = [c for c in _checkpoint_folders(uri, opts) if storage.exists(storage.join(uri, c, META_FILE), opts)]
     if not ckpts:
         raise FileNotFoundError(f"{uri} is neither a checkpoint (no {META_FILE}) nor a run folder with checkpoints")
     return storage.join(uri, ckpts[-1])
+
+
+def latest_training_checkpoint(run_uri: str, opts: StorageOptions | None) -> str | None:
+    """The newest checkpoint_* folder of a run that holds everything resuming needs, whoever wrote
+    it (Ray Train's upload or the task executor's); an upload cut short leaves a folder without
+    some of the files, and it is passed over."""
+    for name in reversed(_checkpoint_folders(run_uri, opts)):
+        uri = storage.join(run_uri, name)
+        if all(storage.exists(storage.join(uri, f), opts) for f in (META_FILE, MODEL_FILE, STATE_FILE)):
+            return uri
+    return None
+
+
+def upload_checkpoint(local_dir: str, uri: str, opts: StorageOptions | None) -> None:
+    """Copy a checkpoint folder to storage through the retrying filesystem, meta.json last: a folder
+    with meta.json is a loadable model (resolve_checkpoint), so it must not appear before the weights."""
+    names = sorted(os.listdir(local_dir), key=lambda n: n == META_FILE)
+    for name in names:
+        with open(os.path.join(local_dir, name), "rb") as f:
+            storage.write_bytes(storage.join(uri, name), f.read(), opts)
+
+
+def prune_checkpoints(run_uri: str, keep: int | None, opts: StorageOptions | None) -> None:
+    """Delete all but the `keep` newest checkpoint_* folders (None: keep all)."""
+    if keep is None:
+        return
+    for name in _checkpoint_folders(run_uri, opts)[:-keep]:
+        storage.delete(storage.join(run_uri, name), opts)
 
 
 def load_model(checkpoint_uri: str, storage_opts: StorageOptions | None = None):

@@ -20,11 +20,17 @@ evaluate shares): on a GPU with native bf16, bf16 autocast without a GradScaler,
 The step never reads a value back to the host; losses are summed on the device and read every
 `log_every` steps.
 
-Fault tolerance: a checkpoint is reported with `ray.train.report` every `checkpoint_every` steps to
-`<storage_path>/<name>/`. A worker failure restarts the group from the last checkpoint
-(FailureConfig(max_failures=failure_max)), and re-running with the same name + storage_path resumes
-too, provided the config is the same in what shapes training (see checkpoints.claim_run). The data
-position is not restored: a resumed run starts a new pass over (reshuffled) data.
+Executors (`executor`): several workers run as a Ray Train worker group (TorchTrainer); one worker
+runs, by default, as a single Ray task that calls the same loop in Ray Train's local mode, without
+the controller, worker and split-coordinator actors whose start-up costs a short run most of its
+time. Tune trials always use the TorchTrainer.
+
+Fault tolerance: a checkpoint goes to `<storage_path>/<name>/checkpoint_<step>` every `checkpoint_every`
+steps (reported to Ray Train, or uploaded by the task itself). A worker failure restarts the group
+from the last checkpoint (FailureConfig(max_failures=failure_max)); a failed task is retried as often
+and resumes the same way. Re-running with the same name + storage_path resumes too, provided the
+config is the same in what shapes training (see checkpoints.claim_run). The data position is not
+restored: a resumed run starts a new pass over (reshuffled) data.
 """
 
 from __future__ import annotations
@@ -171,6 +177,12 @@ class TrainConfig(StageConfig):
     keep_checkpoints: int | None = Field(2, ge=1, description="most recent checkpoints kept (null: all)")
     log_every: int = Field(100, ge=1)
     num_workers: int = Field(1, ge=1, description="Ray Train (DDP) workers")
+    executor: Literal["auto", "trainer", "task"] = Field(
+        "auto", description="how the run's workers start. trainer: a Ray Train TorchTrainer (a controller, the "
+        "worker group and a split coordinator per train set, all actors; the dashboard's Train tab). task: one Ray "
+        "task with the worker's resources runs the same loop in Ray Train's local mode and writes its checkpoints "
+        "itself (one worker only; none of those actors to start). auto: task for one worker, else trainer. Tune "
+        "trials always use trainer (their reports reach Tune through a Train callback)")
     use_gpu: bool | None = Field(None, description="default: true when the cluster has GPUs")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0, le=1, description="GPU share of each worker when it trains on GPU: "
@@ -206,6 +218,8 @@ class TrainConfig(StageConfig):
         for what in needs:
             if getattr(self, what) is None:
                 raise ValueError(f"plan {self.plan!r} needs `{what}` (a dataset URI)")
+        if self.executor == "task" and self.num_workers != 1:
+            raise ValueError(f"executor 'task' runs one worker, not num_workers={self.num_workers}: use trainer or auto")
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
         if self.plan == "pretrain_finetune" and (self.steps < 1 or min(self.pretrain_steps, self.finetune_steps) < 0):
@@ -323,6 +337,8 @@ class WorkerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     val: Any = None  # train_data.ValSet on rank 0
     writer: Any = None  # TensorBoard SummaryWriter on rank 0
+    persist: bool = False  # the task executor: upload checkpoints here (Ray Train's local mode keeps them in memory)
+    checkpoint_uri: str | None = None  # the last checkpoint this loop uploaded itself
 
     @property
     def synthetic_fraction(self) -> float | None:
@@ -359,8 +375,10 @@ def _local_weights(uri: str | None, opts: StorageOptions) -> str | None:
     return local
 
 
-def setup_worker(cfg: TrainConfig) -> WorkerState:
-    """Device, precision, the net (from the checkpoint being resumed, or fresh), val set, TensorBoard."""
+def setup_worker(cfg: TrainConfig, resume: str | None = None) -> WorkerState:
+    """Device, precision, the net (from the checkpoint being resumed, or fresh), val set, TensorBoard.
+    The checkpoint resumed is Ray Train's (a restarted worker group, or its record of this run name),
+    else `resume`: the run folder's newest complete checkpoint, found before the loop started."""
     import ray.train
     import ray.train.torch
     import torch
@@ -385,6 +403,9 @@ def setup_worker(cfg: TrainConfig) -> WorkerState:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and resume is not None:
+        fs, path = storage.resolve_retrying(resume, cfg.storage)
+        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     pretrained = None if checkpoint else _local_weights(cfg.model.pretrained, cfg.storage)  # resuming: no need
     net = MultiTaskNet(cfg.model.backbone, pretrained, cfg.model.age_mode, cfg.model.synthetic_heads, cfg.model.transfer)
     adaptive = None
@@ -569,7 +590,12 @@ def report(w: WorkerState, phase: Phase, index: int, opt, sched, scaler, validat
             checkpoints.save_training_state(d, w.raw_model, w.cfg, opt, sched, scaler, w.step, phase.name, index,
                                             metrics, channels_last=w.precision.channels_last,
                                             discriminator=getattr(w.adaptive, "discriminator", None))
-            ckpt = ray.train.Checkpoint.from_directory(d)
+            if w.persist:
+                w.checkpoint_uri = storage.join(w.cfg.run_uri, f"{CHECKPOINT_PREFIX}{w.step:09d}")
+                checkpoints.upload_checkpoint(d, w.checkpoint_uri, w.cfg.storage)
+                checkpoints.prune_checkpoints(w.cfg.run_uri, w.cfg.keep_checkpoints, w.cfg.storage)
+            else:
+                ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt,
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{w.step:09d}" if ckpt else None)
 
@@ -643,7 +669,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The Ray Train worker function: set up, train each phase not yet done, return the summary."""
     _setup_worker_logging()
     cfg: TrainConfig = config["cfg"]  # the object, not JSON: JSON would mask the storage secrets
-    w = setup_worker(cfg)
+    w = setup_worker(cfg, config.get("resume"))
+    w.persist = bool(config.get("persist"))
     for index, phase in enumerate(phases_of(cfg)):
         if phase.end > w.step:
             run_phase(w, index, phase)
@@ -652,7 +679,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         checkpoints.upload_tensorboard(w.writer.log_dir, cfg)
     return {"metrics": w.last_metrics, "step": w.step, "start_step": w.start_step, "steps_run": w.steps_run,
             "images_per_second": w.images_seen * w.world / w.train_seconds if w.train_seconds > 0 else 0.0,
-            "synthetic_fraction": w.synthetic_fraction, "history": w.history}
+            "synthetic_fraction": w.synthetic_fraction, "history": w.history, "checkpoint": w.checkpoint_uri}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,22 +708,67 @@ def run_request(cfg: TrainConfig, gpu: bool) -> dict[str, float]:
     return request
 
 
-def data_config(cfg: TrainConfig, datasets: Iterable[str]):
-    """How Ray Train hands the datasets to the workers (run_train and bench/train.py).
-
-    Ingest defaults, with the row order fixed when `preserve_order` says so: without it the blocks
-    reach the worker in whatever order the read tasks finish, and two runs with the same seed trained
-    on differently ordered data (the demo's scores moved by up to 0.03 between reruns).
-    The val split goes whole to every worker (rank 0 validates); train sets are split between the
-    workers, each by a SplitCoordinator actor, even for one worker. Handing a single worker its train
-    sets unsplit saved one actor per set (25-27 instead of 31-33 machine CPU-s per short run), but
-    the demo's trained numbers moved with it (2026-12-07) and one science margin was missed, so it
-    waits until that is understood (README, Tests)."""
+def ingest_options(cfg: TrainConfig):
+    """Ray Data's execution options for the run's datasets, on either executor: ingest defaults, with
+    the row order fixed when `preserve_order` says so (without it the blocks reach the worker in
+    whatever order the read tasks finish, and two runs with the same seed trained on differently
+    ordered data: the demo's scores moved by up to 0.03 between reruns)."""
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
     options.preserve_order = cfg.preserve_order
-    return DataConfig(datasets_to_split=[n for n in datasets if n != "val"], execution_options=options)
+    return options
+
+
+def data_config(cfg: TrainConfig, datasets: Iterable[str]):
+    """How Ray Train's worker group gets the datasets (the trainer executor and bench/train.py): the
+    val split whole to every worker (rank 0 validates); train sets split between the workers, each by
+    a SplitCoordinator actor, even for one worker. The task executor reads them unsplit instead."""
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=[n for n in datasets if n != "val"], execution_options=ingest_options(cfg))
+
+
+def executor_of(cfg: TrainConfig, callbacks: list | None) -> Literal["trainer", "task"]:
+    """Tune's reports travel through Train callbacks, which only a TorchTrainer calls."""
+    if callbacks:
+        return "trainer"
+    if cfg.executor == "auto":
+        return "task" if cfg.num_workers == 1 else "trainer"
+    return cfg.executor
+
+
+def _train_task(cfg: TrainConfig, datasets: dict[str, Any]) -> dict[str, Any]:
+    """The task executor's body: resume from the run folder's newest complete checkpoint (looked up
+    here, so a retried task continues from what its last attempt uploaded), then run the loop in
+    Ray Train's local mode (rank 0 of 1; `get_dataset_shard` returns the dataset itself)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resume = checkpoints.latest_training_checkpoint(cfg.run_uri, cfg.storage)
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg, "resume": resume, "persist": True},
+                           scaling_config=ScalingConfig(num_workers=0), datasets=datasets)
+    return trainer.fit().return_value
+
+
+def _fit_in_task(cfg: TrainConfig, datasets: dict[str, Any], gpu: bool, env: dict[str, str]) -> dict[str, Any]:
+    """Run the loop as one Ray task holding the worker's resources. Ray retries it (failure_max
+    times, a lost node included) and each attempt resumes from the newest uploaded checkpoint."""
+    import ray
+
+    for ds in datasets.values():  # a Dataset carries its context into the task
+        ds.context.execution_options = ingest_options(cfg)
+    task = ray.remote(_train_task).options(
+        name=f"train:{cfg.name}", num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker if gpu else 0,
+        max_retries=cfg.failure_max, retry_exceptions=True, runtime_env={"env_vars": env} if env else None)
+    ref = task.remote(cfg, datasets)
+    try:
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+    except ray.exceptions.RayError as e:
+        raise StageFailed(f"training run {cfg.run_uri} failed: {last_line(e)}") from e
 
 
 def _dist_backend(cfg: TrainConfig, gpu: bool) -> str:
@@ -739,13 +811,49 @@ def _stored_result(cfg: TrainConfig, stored: dict[str, Any]) -> TrainResult:
     return TrainResult(**{k: v for k, v in stored.items() if k in names})
 
 
-def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
-    """Train as `cfg` says (resuming `<storage_path>/<name>` if it holds the same config);
-    `callbacks` are Ray Train UserCallbacks added to the RunConfig (e.g. Tune's reporting)."""
+def _fit_with_trainer(cfg: TrainConfig, datasets: dict[str, Any], scaling, env: dict[str, str],
+                      callbacks: list | None) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+    """Run the loop on a Ray Train worker group: (the loop's summary, last checkpoint URI, metrics).
+    Ray Train resumes from its own record of the run; `resume` covers a folder it has no record of
+    (checkpoints the task executor wrote)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from synthfar_ray.raycluster import ensure_ray, restoring_sigint_handler
+    from synthfar_ray.raycluster import restoring_sigint_handler
+
+    fs, path = storage.resolve_retrying(cfg.storage_path, cfg.storage)
+    fs.create_dir(path, recursive=True)
+    run_config = RunConfig(
+        name=cfg.name, storage_path=path, storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.failure_max),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        worker_runtime_env={"env_vars": env} if env else None,
+        callbacks=list(callbacks or []),
+    )
+    resume = checkpoints.latest_training_checkpoint(cfg.run_uri, cfg.storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "resume": resume},
+        scaling_config=scaling,
+        torch_config=TorchConfig(backend=_dist_backend(cfg, scaling.use_gpu)),
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=data_config(cfg, datasets),
+    )
+    with restoring_sigint_handler():
+        result = trainer.fit()
+    if result.error is not None:
+        raise StageFailed(f"training run {cfg.run_uri} failed: {last_line(result.error)}") from result.error
+    out = result.return_value or {}
+    ckpt_uri = (storage.join(cfg.run_uri, posixpath.basename(result.checkpoint.path.rstrip("/")))
+                if result.checkpoint is not None else None)
+    return out, ckpt_uri, dict(out.get("metrics") or result.metrics or {})
+
+
+def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Train as `cfg` says (resuming `<storage_path>/<name>` if it holds the same config);
+    `callbacks` are Ray Train UserCallbacks added to the RunConfig (e.g. Tune's reporting)."""
+    from synthfar_ray.raycluster import ensure_ray
     from synthfar_ray.train_data import build_datasets
 
     t0 = time.time()
@@ -765,37 +873,19 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         relabelled = relabel_changes(cfg.relabel, cfg.storage)
         write_parquet(relabelled, storage.join(cfg.run_uri, RELABELLED_FILE), cfg.storage)
     datasets = build_datasets(cfg, needed_datasets(cfg), relabelled)
-    fs, path = storage.resolve_retrying(cfg.storage_path, cfg.storage)
-    fs.create_dir(path, recursive=True)
     env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
-    run_config = RunConfig(
-        name=cfg.name, storage_path=path, storage_filesystem=fs,
-        failure_config=FailureConfig(max_failures=cfg.failure_max),
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        worker_runtime_env={"env_vars": env} if env else None,
-        callbacks=list(callbacks or []),
-    )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg},
-        scaling_config=scaling,
-        torch_config=TorchConfig(backend=_dist_backend(cfg, scaling.use_gpu)),
-        run_config=run_config,
-        datasets=datasets,
-        dataset_config=data_config(cfg, datasets),
-    )
-    logger.info("training %s (%s plan, %d steps, %d workers) -> %s", cfg.name, cfg.plan, cfg.steps, cfg.num_workers,
-                cfg.run_uri)
-    with restoring_sigint_handler():
-        result = trainer.fit()
+    executor = executor_of(cfg, callbacks)
+    logger.info("training %s (%s plan, %d steps, %d workers, %s executor) -> %s", cfg.name, cfg.plan, cfg.steps,
+                cfg.num_workers, executor, cfg.run_uri)
+    if executor == "task":
+        out = _fit_in_task(cfg, datasets, scaling.use_gpu, env)
+        ckpt_uri = out.get("checkpoint") or checkpoints.latest_training_checkpoint(cfg.run_uri, cfg.storage)
+        metrics = out.get("metrics") or {}
+    else:
+        out, ckpt_uri, metrics = _fit_with_trainer(cfg, datasets, scaling, env, callbacks)
     seconds = time.time() - t0
-    if result.error is not None:
-        raise StageFailed(f"training run {cfg.run_uri} failed: {last_line(result.error)}") from result.error
-    out = result.return_value or {}
-    ckpt_uri = (storage.join(cfg.run_uri, posixpath.basename(result.checkpoint.path.rstrip("/")))
-                if result.checkpoint is not None else None)
     train_result = TrainResult(
-        checkpoint=ckpt_uri, metrics=dict(out.get("metrics") or result.metrics or {}), steps=int(out.get("step", 0)),
+        checkpoint=ckpt_uri, metrics=dict(metrics), steps=int(out.get("step", 0)),
         seconds=seconds, images_per_second=float(out.get("images_per_second") or 0.0),
         start_step=int(out.get("start_step", 0)), steps_run=int(out.get("steps_run", 0)),
         run_uri=cfg.run_uri, history=list(out.get("history") or []), synthetic_fraction=out.get("synthetic_fraction"))

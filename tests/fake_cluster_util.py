@@ -248,4 +248,11 @@ def actor_nodes(cluster: FakeCluster, class_part: str) -> list[str]:
                    and r.get("node_id")})
 
 
-__all__ = ["REPO_ROOT", "FakeCluster", "Node", "actor_nodes", "fake_cluster", "fake_config", "scale_resources"]
+def task_nodes(cluster: FakeCluster, name: str) -> list[str]:
+    """Node ids of the running tasks named `name` (state API), e.g. a single-worker training run's
+    task ("train:<run name>")."""
+    return sorted({r["node_id"] for r in cluster.state("tasks") if r.get("name") == name and r.get("state") == "RUNNING"
+                   and r.get("node_id")})
+
+
+__all__ = ["REPO_ROOT", "FakeCluster", "Node", "actor_nodes", "task_nodes", "fake_cluster", "fake_config", "scale_resources"]

@@ -26,7 +26,7 @@ import pytest
 from synthfar_ray import storage
 from synthfar_ray.storage import StorageOptions
 
-from fake_cluster_util import REPO_ROOT, FakeCluster, actor_nodes, fake_cluster
+from fake_cluster_util import REPO_ROOT, FakeCluster, actor_nodes, fake_cluster, task_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -64,20 +64,20 @@ def _registered_checkpoints(s3_server: str, run_uri: str) -> int:
     return len(json.loads(body).get("checkpoint_results") or [])
 
 
-def _kill_when(cluster: FakeCluster, entrypoint: list[str], ready: Callable[[], bool], actor_class: str,
+def _kill_when(cluster: FakeCluster, entrypoint: list[str], ready: Callable[[], bool], hosts: Callable[[], list[str]],
                timeout: float = 500):
-    """Submit the job; once `ready()` holds, kill the node hosting an `actor_class` actor. Returns
-    (job result, killed node id, seconds into the job of the kill)."""
+    """Submit the job; once `ready()` holds, kill a node of `hosts()` (the nodes running the work to
+    lose). Returns (job result, killed node id, seconds into the job of the kill)."""
     started = time.monotonic()
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(cluster.submit, entrypoint, timeout)
         killed = None
         while not future.done() and killed is None:
             if ready():
-                hosts = [n for n in actor_nodes(cluster, actor_class) if not n.endswith("00000")]  # never the head
-                if hosts:
-                    assert cluster.kill_node(hosts[0]) > 0
-                    killed = hosts[0]
+                found = [n for n in hosts() if not n.endswith("00000")]  # never the head
+                if found:
+                    assert cluster.kill_node(found[0]) > 0
+                    killed = found[0]
                     at = time.monotonic() - started
             time.sleep(0.3)
         result = future.result()
@@ -99,7 +99,7 @@ def test_generation_survives_losing_a_gpu_node(cluster, bucket, s3_server):
              "num_images=32", "shard_size=4", "model.preset=tiny-random", "model.dtype=float32", "sampler.width=64",
              "sampler.height=64", "sampler.steps=10", "compute.batch_size=4", "compute.num_actors=2"]
     parts = lambda: [k for k in _keys(s3_server, out) if k.endswith(".parquet")]  # noqa: E731
-    result, killed, _ = _kill_when(cluster, entry, lambda: len(parts()) >= 1, "ShardGenerator")
+    result, killed, _ = _kill_when(cluster, entry, lambda: len(parts()) >= 1, lambda: actor_nodes(cluster, "ShardGenerator"))
     assert result.status == "SUCCEEDED", result.logs[-6000:]
     _wait_until_dead(cluster, killed)
     opts = StorageOptions(endpoint_url=s3_server, region="us-east-1")
@@ -133,7 +133,7 @@ def faces(s3_server, ray_cluster) -> str:
     return data
 
 
-# Budgets: 300 steps with a checkpoint every 50. The kill waits for the first registered checkpoint;
+# Budgets: 300 steps with a checkpoint every 50. The kill waits for the first complete checkpoint;
 # with 120 steps the rest took ~8 s (~280 img/s), and in one suite run the trial finished before the
 # kill could land. 250 steps after it leave ~30 s.
 def test_training_resumes_on_another_node_after_losing_its_gpu_node(cluster, bucket, s3_server, faces):
@@ -144,14 +144,17 @@ def test_training_resumes_on_another_node_after_losing_its_gpu_node(cluster, buc
              "dist_backend=gloo", "steps=300", "batch_size=32", "val_every=50", "log_every=50"]
     run = f"{runs}/a_synthetic_only"
     checkpoints = lambda: {k.split("/")[-2] for k in _keys(s3_server, run) if "/checkpoint_" in k}  # noqa: E731
-    result, killed, at = _kill_when(cluster, entry, lambda: _registered_checkpoints(s3_server, run) >= 1,
-                                    "RayTrainWorker")
+    # One worker: the run is a single task ("train:<name>", executor auto), which uploads its
+    # checkpoints itself, meta.json last: a folder with meta.json is complete.
+    complete = lambda: any(k.endswith("/meta.json") for k in _keys(s3_server, f"{run}/checkpoint_"))  # noqa: E731
+    result, killed, at = _kill_when(cluster, entry, complete, lambda: task_nodes(cluster, "train:a_synthetic_only"))
     story = "\n".join(ln for ln in result.logs.splitlines() if any(w in ln for w in ("resum", "trained", "step ", "died")))
     assert result.status == "SUCCEEDED", result.logs[-6000:]
     _wait_until_dead(cluster, killed)
     final = json.loads(storage.read_bytes(f"{run}/result.json", StorageOptions(endpoint_url=s3_server,
                                                                               region="us-east-1")))
-    # The worker group restarted from the last checkpoint (a multiple of val_every) and ran only the rest.
+    # Ray retried the task on another node; it resumed from the last checkpoint (a multiple of
+    # val_every) and ran only the rest.
     assert final["steps"] == 300 and final["start_step"] in range(50, 300, 50), f"killed {killed} at {at:.0f} s\n{story}"
     assert final["steps_run"] == 300 - final["start_step"]
     assert "checkpoint_000000300" in checkpoints()
@@ -177,7 +180,8 @@ def test_sweep_resumes_its_trial_after_losing_the_trials_gpu_node(cluster, bucke
     def registered() -> bool:
         return any(_registered_checkpoints(s3_server, f"{sweep}/runs/{t}") >= 1 for t in trial_runs())
 
-    result, killed, at = _kill_when(cluster, entry, registered, "RayTrainWorker", timeout=540)
+    result, killed, at = _kill_when(cluster, entry, registered, lambda: actor_nodes(cluster, "RayTrainWorker"),
+                                    timeout=540)
     assert result.status == "SUCCEEDED", result.logs[-6000:]
     _wait_until_dead(cluster, killed)
     opts = StorageOptions(endpoint_url=s3_server, region="us-east-1")

@@ -1,5 +1,6 @@
 """Ray Train (V2) training on small fixture Parquet sets: DDP learning, fault recovery, resume by
-name, the four data plans, s3:// storage (moto), configs.
+name, both executors (a Train worker group, one task), the four data plans, s3:// storage (moto),
+configs.
 
 Fixture images carry their labels in plain sight so a tiny CNN learns them in a few dozen steps:
 ethnicity = one of 5 distinct colours, gender = bright (female) vs dark (male), age = strength of
@@ -129,6 +130,8 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(TrainConfig, str(bad), ["real=/data/r", "batch_size=10", "num_workers=3"])
     with pytest.raises(ConfigError, match="real_subset"):
         load_config(TrainConfig, str(bad), ["real=/data/r", "real_subset=30"])
+    with pytest.raises(ConfigError, match="executor 'task' runs one worker, not num_workers=2"):
+        load_config(TrainConfig, str(bad), ["real=/data/r", "num_workers=2", "executor=task"])
     cfg = load_config(TrainConfig, str(bad), ["plan=pretrain_finetune", "real=/data/r", "steps=10"])
     assert (cfg.pretrain_steps, cfg.finetune_steps, cfg.steps) == (5, 5, 10)
     cfg = load_config(TrainConfig, str(bad), ["plan=pretrain_finetune", "real=/data/r", "pretrain_steps=3",
@@ -273,6 +276,61 @@ def test_cached_passes_are_permutations_of_the_first(ray_cluster, data, tmp_path
     assert cached[1] != cached[2] and cached[1] != cached[0]  # a new order each pass
     streamed = passes[0.0]
     assert all(sorted(p) == [float(i) for i in range(48)] for p in streamed)
+
+
+def _train_actors() -> int:
+    """Ray Train worker actors this cluster has had, alive or dead (from the GCS: the test cluster
+    has no dashboard for the state API): a task-executor run adds none."""
+    from ray._private import state
+
+    return sum(a["ActorClassName"] == "RayTrainWorker" for a in state.actors().values())
+
+
+def test_one_worker_runs_as_a_task_that_ray_retries_from_its_last_checkpoint(ddp_run, data, tmp_path):
+    """executor auto, one worker: the run is one Ray task ("train:<name>") and no Ray Train worker
+    group. A crash after step 25 fails the task; Ray retries it (failure_max=1) and the new attempt
+    resumes from the step-20 checkpoint the first one uploaded. keep_checkpoints=2 leaves the newest two
+    folders, each complete (the weights, the training state and meta.json)."""
+    marker = tmp_path / "fault-fired"
+    cfg = _cfg(data, tmp_path, name="solo", steps=40, val_every=10, keep_checkpoints=2)
+    actors = _train_actors()
+    os.environ[FAULT_ENV] = f"25:{marker}"
+    try:
+        result = run_train(cfg)
+    finally:
+        del os.environ[FAULT_ENV]
+    assert marker.exists()  # the failure did happen
+    assert (result.start_step, result.steps_run, result.steps) == (20, 20, 40)
+    assert _train_actors() == actors >= 2  # none added (the ddp_run fixture's two workers are counted)
+    run = Path(cfg.storage_path) / "solo"
+    folders = sorted(p.name for p in run.glob("checkpoint_*"))
+    assert folders == ["checkpoint_000000030", "checkpoint_000000040"]
+    assert all(sorted(os.listdir(run / f)) == ["meta.json", "model.pt", "train_state.pt"] for f in folders)
+    assert result.checkpoint == str(run / "checkpoint_000000040")
+    assert result.metrics["val_gender_acc"] > 0.8, result.metrics  # chance: 0.5
+    assert glob.glob(str(run / "tensorboard" / "events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_both_executors_learn_the_same_and_resume_each_others_runs(ray_cluster, data, tmp_path):
+    """The executor changes how the worker starts, not what it computes: the same seeded 20-step mix
+    run (two train sets and the val split) on a one-worker Ray Train group and as one task ends with
+    the same losses and val metrics (the task reads its sets unsplit, the group through split
+    coordinators: the rows must come in the same order). Extending each run by 20 steps on the other
+    executor resumes at step 20, and the two again agree."""
+    def scores(result) -> dict[str, float]:
+        return {k: v for k, v in result.metrics.items() if k.startswith(("val_", "loss"))}
+
+    base = _cfg(data, tmp_path, plan="mix", synthetic=data["synthetic"], mix_ratio=0.25, steps=20, val_every=10)
+    task = run_train(base.model_copy(update={"name": "a", "executor": "task"}))
+    group = run_train(base.model_copy(update={"name": "b", "executor": "trainer"}))
+    assert scores(task) and scores(task) == pytest.approx(scores(group), rel=1e-6)
+    assert task.synthetic_fraction == group.synthetic_fraction > 0
+    task2 = run_train(base.model_copy(update={"name": "a", "executor": "trainer", "steps": 40}))
+    group2 = run_train(base.model_copy(update={"name": "b", "executor": "task", "steps": 40}))
+    assert (task2.start_step, task2.steps_run) == (group2.start_step, group2.steps_run) == (20, 20)
+    assert scores(task2) == pytest.approx(scores(group2), rel=1e-6)
+    assert scores(task2) != scores(task)
 
 
 def test_run_refuses_another_config_under_the_same_name(ddp_run, data, tmp_path):
