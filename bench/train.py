@@ -1,5 +1,7 @@
-"""Training throughput of the path a config actually runs: Ray Data -> Train worker against the same
-train step fed tensors already in memory, in the same Ray Train worker, same run.
+"""Training throughput of the path a config actually runs: Ray Data -> the training worker against the
+same train step fed tensors already in memory, in the same worker, same run. The worker is what the
+config's `executor` gives one worker (auto: one Ray task in Ray Train's local mode, as `synthfar train`
+runs a one-worker config; trainer: a one-worker TorchTrainer).
 
     python bench/train.py                  # CPU: the demo's train section (configs/pipeline/demo.yaml:
                                            # tiny CNN, 64 px from 64 px JPEGs, batch 32, fp32)
@@ -10,8 +12,8 @@ train step fed tensors already in memory, in the same Ray Train worker, same run
     python bench/train.py --smoke          # seconds: checks the benchmark runs (tests use it)
 
 The config gives everything that shapes the step and its input: backbone, image_size, batch_size,
-amp, channels_last, compile, augment / augment_on, decode_on, shuffle_buffer, data_cpus. One Ray
-Train (V2) worker runs `train.train_step` (the recipe's own step: augment + normalise on the device,
+amp, channels_last, compile, augment / augment_on, decode_on, shuffle_buffer, data_cpus, executor. The
+worker runs `train.train_step` (the recipe's own step: augment + normalise on the device,
 multi-task loss, AdamW, grad clip, scheduler) fed by
   memory  uint8 batches already on the device (the upper bound: no input pipeline);
   data    train_data.build_datasets -> get_dataset_shard -> train_data.BatchStream, as `synthfar train`
@@ -153,7 +155,7 @@ def data_ratio(res: dict[str, dict]) -> float:
 
 # What a config's train section may set for the benchmark: everything that shapes the step and its input.
 BENCH_KEYS = ("model", "image_size", "batch_size", "amp", "channels_last", "compile", "augment", "augment_on",
-              "decode_on", "shuffle_buffer", "data_cpus", "cpus_per_worker", "center_crop", "train_cache_mb")
+              "decode_on", "shuffle_buffer", "data_cpus", "cpus_per_worker", "center_crop", "train_cache_mb", "executor")
 DEMO_CONFIG = "configs/pipeline/demo.yaml"
 GPU_CONFIG = "configs/experiments/a_synthetic_only.yaml"
 
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train.torch import TorchTrainer
 
     from synthfar_ray.config import apply_overrides
-    from synthfar_ray.train import TrainConfig, data_config
+    from synthfar_ray.train import TrainConfig, data_config, executor_of, fit_in_task
     from synthfar_ray.train_data import build_datasets
 
     tmp = tempfile.mkdtemp(prefix="synthfar-bench-")
@@ -227,15 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] {worker_pool_line()}")
     ray.data.DataContext.get_current().enable_progress_bars = False
     gpu = bool(cfg.use_gpu)
+    executor = executor_of(cfg, None)
+    print(f"[bench] executor {executor}")
     ratios = []
     for i in range(max(1, args.repeat)):
-        trainer = TorchTrainer(
-            bench_loop, train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker={
-                "CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
-            run_config=RunConfig(name=f"bench-{i}", storage_path=os.path.join(tmp, "runs")),
-            datasets=build_datasets(cfg, {"real"}), dataset_config=data_config(cfg, {"real"}))
-        res = trainer.fit().return_value
+        loop_config = {"cfg": cfg, "steps": steps, "warmup": warmup}
+        if executor == "task":
+            res = fit_in_task(cfg.model_copy(update={"name": f"bench-{i}"}), build_datasets(cfg, {"real"}), gpu,
+                              loop=bench_loop, loop_config=loop_config)
+        else:
+            trainer = TorchTrainer(
+                bench_loop, train_loop_config=loop_config,
+                scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker={
+                    "CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+                run_config=RunConfig(name=f"bench-{i}", storage_path=os.path.join(tmp, "runs")),
+                datasets=build_datasets(cfg, {"real"}), dataset_config=data_config(cfg, {"real"}))
+            res = trainer.fit().return_value
         mem = res["memory"]
         ratios.append(data_ratio(res))
         print(f"\n{cfg.model.backbone}  input {cfg.image_size}px from {source}px JPEG  batch {cfg.batch_size}  "
@@ -251,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({', '.join(f'{r:.2f}' for r in sorted(ratios))})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": args.config, "source_size": source, "gpu": gpu, "steps": steps, "warmup": warmup,
+            json.dump({"config": args.config, "source_size": source, "gpu": gpu, "executor": executor, "steps": steps,
+                       "warmup": warmup,
                        "train": section, **res, "ratio": ratios[-1], "ratios": ratios}, f, indent=2)
     ray.shutdown()
     return 0

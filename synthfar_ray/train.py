@@ -43,7 +43,7 @@ import posixpath
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -723,7 +723,7 @@ def ingest_options(cfg: TrainConfig):
 def data_config(cfg: TrainConfig, datasets: Iterable[str]):
     """How Ray Train's worker group gets the datasets (the trainer executor and bench/train.py): the
     val split whole to every worker (rank 0 validates); train sets split between the workers, each by
-    a SplitCoordinator actor, even for one worker. The task executor reads them unsplit instead."""
+    a SplitCoordinator actor, even for one worker (the task executor splits them the same way)."""
     from ray.train import DataConfig
 
     return DataConfig(datasets_to_split=[n for n in datasets if n != "val"], execution_options=ingest_options(cfg))
@@ -738,30 +738,41 @@ def executor_of(cfg: TrainConfig, callbacks: list | None) -> Literal["trainer", 
     return cfg.executor
 
 
-def _train_task(cfg: TrainConfig, datasets: dict[str, Any]) -> dict[str, Any]:
-    """The task executor's body: resume from the run folder's newest complete checkpoint (looked up
-    here, so a retried task continues from what its last attempt uploaded), then run the loop in
-    Ray Train's local mode (rank 0 of 1; `get_dataset_shard` returns the dataset itself)."""
+def _task_body(cfg: TrainConfig, datasets: dict[str, Any], loop: Callable | None, loop_config: dict | None) -> Any:
+    """The task executor's body: run `loop` in Ray Train's local mode (rank 0 of 1; `get_dataset_shard`
+    returns the dataset itself). The default loop is the training loop, resuming from the run folder's
+    newest complete checkpoint (looked up here, so a retried task continues from what its last
+    attempt uploaded) and uploading its checkpoints itself."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resume = checkpoints.latest_training_checkpoint(cfg.run_uri, cfg.storage)
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg, "resume": resume, "persist": True},
-                           scaling_config=ScalingConfig(num_workers=0), datasets=datasets)
+    if loop is None:
+        loop, loop_config = train_loop_per_worker, {
+            "cfg": cfg, "resume": checkpoints.latest_training_checkpoint(cfg.run_uri, cfg.storage), "persist": True}
+    # The train sets through a split coordinator each, as Ray Train hands them to its workers: Ray
+    # Data's streaming executor then runs in that actor instead of beside the step in this process
+    # (bench/train.py, 2026-12-07: data path median ~900 img/s against ~850 unsplit, start-up the
+    # same), and the rows come in the trainer's order. Made here, each attempt gets its own.
+    shards = {n: ds if n == "val" else ds.streaming_split(1, equal=True)[0] for n, ds in datasets.items()}
+    trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=ScalingConfig(num_workers=0),
+                           datasets=shards)
     return trainer.fit().return_value
 
 
-def _fit_in_task(cfg: TrainConfig, datasets: dict[str, Any], gpu: bool, env: dict[str, str]) -> dict[str, Any]:
-    """Run the loop as one Ray task holding the worker's resources. Ray retries it (failure_max
-    times, a lost node included) and each attempt resumes from the newest uploaded checkpoint."""
+def fit_in_task(cfg: TrainConfig, datasets: dict[str, Any], gpu: bool, env: dict[str, str] | None = None,
+                loop: Callable | None = None, loop_config: dict | None = None) -> Any:
+    """Run the training loop as one Ray task holding the worker's resources: Ray retries it
+    (failure_max times, a lost node included) and each attempt resumes from the newest uploaded
+    checkpoint. Another `loop` (bench/train.py's) runs the same way, once."""
     import ray
 
     for ds in datasets.values():  # a Dataset carries its context into the task
         ds.context.execution_options = ingest_options(cfg)
-    task = ray.remote(_train_task).options(
+    task = ray.remote(_task_body).options(
         name=f"train:{cfg.name}", num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker if gpu else 0,
-        max_retries=cfg.failure_max, retry_exceptions=True, runtime_env={"env_vars": env} if env else None)
-    ref = task.remote(cfg, datasets)
+        max_retries=cfg.failure_max if loop is None else 0, retry_exceptions=loop is None,
+        runtime_env={"env_vars": env} if env else None)
+    ref = task.remote(cfg, datasets, loop, loop_config)
     try:
         return ray.get(ref)
     except KeyboardInterrupt:
@@ -878,7 +889,7 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     logger.info("training %s (%s plan, %d steps, %d workers, %s executor) -> %s", cfg.name, cfg.plan, cfg.steps,
                 cfg.num_workers, executor, cfg.run_uri)
     if executor == "task":
-        out = _fit_in_task(cfg, datasets, scaling.use_gpu, env)
+        out = fit_in_task(cfg, datasets, scaling.use_gpu, env)
         ckpt_uri = out.get("checkpoint") or checkpoints.latest_training_checkpoint(cfg.run_uri, cfg.storage)
         metrics = out.get("metrics") or {}
     else:

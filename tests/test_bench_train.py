@@ -30,6 +30,8 @@ def test_bench_train_smoke(tmp_path):
     pool = (f"[bench] worker pool: soft limit {max(WARM_POOL_MIN_WORKERS, os.cpu_count() or 1)}, idle workers beyond "
             f"it killed after {WARM_POOL_IDLE_MS / 1000:g} s")
     assert re.search(rf"^{re.escape(pool)}$", proc.stdout, re.M), proc.stdout[-3000:]
+    # A one-worker config trains as one task (executor auto), and that is the path measured.
+    assert re.search(r"^\[bench\] executor task$", proc.stdout, re.M), proc.stdout[-3000:]
     assert len(re.findall(r"^ratio data/memory: \d+\.\d\d  \(memory: the mean of memory and memory2\)$", proc.stdout, re.M)) == 2, proc.stdout[-2000:]
     median = re.search(r"^median ratio over 2 runs: (\S+) \((\S+), (\S+)\)$", proc.stdout, re.M)
     assert median, proc.stdout[-2000:]
@@ -37,6 +39,7 @@ def test_bench_train_smoke(tmp_path):
     assert res["memory"]["ips"] > 0 and res["data"]["ips"] > 0 and res["memory2"]["ips"] > 0
     # The demo's train settings were measured: its batch/shuffle settings reached the worker.
     assert res["train"]["shuffle_buffer"] == 256 and res["memory"]["precision"] == "none"
+    assert res["executor"] == "task"
     # The ratio is against the mean of the memory path timed before and after the data path.
     mean_memory = (res["memory"]["ips"] + res["memory2"]["ips"]) / 2
     assert 0 < res["ratio"] == pytest.approx(res["data"]["ips"] / mean_memory, rel=1e-12) == res["ratios"][-1]

@@ -315,9 +315,9 @@ def test_one_worker_runs_as_a_task_that_ray_retries_from_its_last_checkpoint(ddp
 def test_both_executors_learn_the_same_and_resume_each_others_runs(ray_cluster, data, tmp_path):
     """The executor changes how the worker starts, not what it computes: the same seeded 20-step mix
     run (two train sets and the val split) on a one-worker Ray Train group and as one task ends with
-    the same losses and val metrics (the task reads its sets unsplit, the group through split
-    coordinators: the rows must come in the same order). Extending each run by 20 steps on the other
-    executor resumes at step 20, and the two again agree."""
+    the same losses and val metrics: the rows come in the same order (the task gives its datasets
+    Ray Train's ingest options itself; without them this fails). Extending each run by 20 steps on
+    the other executor resumes at step 20, and the two again agree."""
     def scores(result) -> dict[str, float]:
         return {k: v for k, v in result.metrics.items() if k.startswith(("val_", "loss"))}
 
