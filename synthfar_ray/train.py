@@ -375,6 +375,23 @@ def _local_weights(uri: str | None, opts: StorageOptions) -> str | None:
     return local
 
 
+def worker_device(cfg: TrainConfig, device, gpu_ids: list, cuda: bool, rank: int = 0):
+    """The device to train on. A worker that holds GPUs while no CUDA device is visible (a node
+    without a working driver) fails, rather than crawl on CPU, unless dist_backend is gloo (the
+    fake clusters' opt-in: CPU with a warning). A Train worker group reports such a worker's device
+    as cuda, Ray Train's local mode (the task executor) as cpu: both end here the same way."""
+    import torch
+
+    if not gpu_ids or cuda:
+        return device
+    if cfg.dist_backend != "gloo":
+        raise RuntimeError(f"train {cfg.name}: this worker holds GPU {list(gpu_ids)} but no CUDA device is visible "
+                           "(driver or CUDA_VISIBLE_DEVICES?); dist_backend: gloo trains on CPU instead")
+    if rank == 0:
+        logger.warning("dist_backend=gloo and no CUDA device is visible on this GPU worker: training on CPU")
+    return torch.device("cpu")
+
+
 def setup_worker(cfg: TrainConfig, resume: str | None = None) -> WorkerState:
     """Device, precision, the net (from the checkpoint being resumed, or fresh), val set, TensorBoard.
     The checkpoint resumed is Ray Train's (a restarted worker group, or its record of this run name),
@@ -390,12 +407,7 @@ def setup_worker(cfg: TrainConfig, resume: str | None = None) -> WorkerState:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda" and not torch.cuda.is_available() and cfg.dist_backend == "gloo":
-        # Only on request: a GPU node without a working driver must otherwise fail, not crawl on CPU.
-        if rank == 0:
-            logger.warning("dist_backend=gloo and no CUDA device is visible on this GPU worker: training on CPU")
-        device = torch.device("cpu")
+    device = worker_device(cfg, ray.train.torch.get_device(), ray.get_gpu_ids(), torch.cuda.is_available(), rank)
     precision = device_precision(cfg.amp, cfg.channels_last, device)
     if rank == 0:
         logger.info("precision on %s: amp %s%s, channels_last %s, compile %s", device, precision.amp,

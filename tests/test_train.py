@@ -139,6 +139,24 @@ def test_config_errors_name_the_field(tmp_path):
     assert cfg.steps == 7
 
 
+def test_a_gpu_worker_without_cuda_fails_unless_gloo_is_asked_for(tmp_path):
+    """A worker holding GPUs on a node where CUDA is not visible: a Train worker group reports the
+    device as cuda, Ray Train's local mode (the task executor) as cpu; either way the run fails with
+    the GPU named, or trains on CPU when dist_backend is gloo (the fake clusters)."""
+    import torch
+
+    from synthfar_ray.train import worker_device
+
+    cfg = TrainConfig(name="g", storage_path=str(tmp_path), plan="real", real="/data/r")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    assert worker_device(cfg, cpu, [], False) == cpu
+    assert worker_device(cfg, cuda, ["0"], True) == cuda
+    for reported in (cuda, cpu):
+        with pytest.raises(RuntimeError, match=r"train g: this worker holds GPU \['0'\] but no CUDA device is visible"):
+            worker_device(cfg, reported, ["0"], False)
+        assert worker_device(cfg.model_copy(update={"dist_backend": "gloo"}), reported, ["0"], False) == cpu
+
+
 # ------------------------------------------------------------------------------------------ datasets
 
 def test_datasets_follow_splits_subsets_and_selection(ray_cluster, data, tmp_path):
