@@ -90,10 +90,8 @@ def _memory_source(cfg, device):
         i += 1
 
 
-def _time_path(path: str, cfg, steps: int, warmup: int) -> dict[str, float]:
+def _time_path(path: str, cfg, steps: int, warmup: int, session) -> dict[str, float]:
     """img/s over the timed steps, warm-up seconds and input-wait share of `train.train_step` fed by `path`."""
-    import ray.train
-    import ray.train.torch
     import torch
 
     from synthfar_ray.model import MultiTaskNet
@@ -102,10 +100,11 @@ def _time_path(path: str, cfg, steps: int, warmup: int) -> dict[str, float]:
     from synthfar_ray.train_data import BatchStream
     from synthfar_ray.transforms import BatchAugment
 
-    device = ray.train.torch.get_device()
+    device = session.device()
     precision = device_precision(cfg.amp, cfg.channels_last, device)
     torch.manual_seed(0)
-    model, net = prepare_net(MultiTaskNet(cfg.model.backbone, None, cfg.model.age_mode), device, precision, cfg.compile)
+    model, net = prepare_net(MultiTaskNet(cfg.model.backbone, None, cfg.model.age_mode), device, precision, cfg.compile,
+                             session)
     w = WorkerState(cfg, 0, 1, device, precision, model, net, None)
     phase = phases_of(cfg)[0]
     opt, sched, scaler = optimizer_for(w, phase, 0)
@@ -113,7 +112,7 @@ def _time_path(path: str, cfg, steps: int, warmup: int) -> dict[str, float]:
     if path == "memory":
         source = _memory_source(cfg, device)
     else:
-        stream = BatchStream(ray.train.get_dataset_shard("real"), cfg.worker_batch(), cfg, 0, device, cfg.center_crop)
+        stream = BatchStream(session.dataset("real"), cfg.worker_batch(), cfg, 0, device, cfg.center_crop)
         source = (stream.take(cfg.worker_batch()) for _ in iter(int, 1))
 
     def sync() -> None:
@@ -139,9 +138,11 @@ def _time_path(path: str, cfg, steps: int, warmup: int) -> dict[str, float]:
 
 
 def bench_loop(config: dict) -> dict:
+    from synthfar_ray.train import session_of
+
     results: dict[str, dict] = {}
     for name in ("memory", "data", "memory2"):
-        r = _time_path(name.rstrip("2"), config["cfg"], config["steps"], config["warmup"])
+        r = _time_path(name.rstrip("2"), config["cfg"], config["steps"], config["warmup"], session_of(config))
         results[name] = r
         print(f"[bench] {name}: {r['ips']:.1f} img/s (warm-up {r['warmup_s']:.1f} s, input wait {r['wait']:.0%})",
               flush=True)

@@ -21,9 +21,9 @@ The step never reads a value back to the host; losses are summed on the device a
 `log_every` steps.
 
 Executors (`executor`): several workers run as a Ray Train worker group (TorchTrainer); one worker
-runs, by default, as a single Ray task that calls the same loop in Ray Train's local mode, without
-the controller, worker and split-coordinator actors whose start-up costs a short run most of its
-time. Tune trials always use the TorchTrainer.
+runs, by default, as a single Ray task that calls the same loop as rank 0 of 1 (LocalSession),
+without the controller, worker and split-coordinator actors whose start-up costs a short run most of
+its time. A one-worker Tune trial runs the loop in the trial's own process the same way (tune.py).
 
 Fault tolerance: a checkpoint goes to `<storage_path>/<name>/checkpoint_<step>` every `checkpoint_every`
 steps (reported to Ray Train, or uploaded by the task itself). A worker failure restarts the group
@@ -180,9 +180,9 @@ class TrainConfig(StageConfig):
     executor: Literal["auto", "trainer", "task"] = Field(
         "auto", description="how the run's workers start. trainer: a Ray Train TorchTrainer (a controller, the "
         "worker group and a split coordinator per train set, all actors; the dashboard's Train tab). task: one Ray "
-        "task with the worker's resources runs the same loop in Ray Train's local mode and writes its checkpoints "
-        "itself (one worker only; none of those actors to start). auto: task for one worker, else trainer. Tune "
-        "trials always use trainer (their reports reach Tune through a Train callback)")
+        "task with the worker's resources runs the same loop as rank 0 of 1 and writes its checkpoints itself (one "
+        "worker only; none of those actors to start; in a Tune trial the trial's own process runs it). auto: task "
+        "for one worker, else trainer")
     use_gpu: bool | None = Field(None, description="default: true when the cluster has GPUs")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0, le=1, description="GPU share of each worker when it trains on GPU: "
@@ -337,12 +337,89 @@ class WorkerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     val: Any = None  # train_data.ValSet on rank 0
     writer: Any = None  # TensorBoard SummaryWriter on rank 0
-    persist: bool = False  # the task executor: upload checkpoints here (Ray Train's local mode keeps them in memory)
+    session: Any = None  # TrainSession / LocalSession: what runs the loop
     checkpoint_uri: str | None = None  # the last checkpoint this loop uploaded itself
 
     @property
     def synthetic_fraction(self) -> float | None:
         return int(self.syn_rows) / self.all_rows if self.all_rows else None
+
+
+class TrainSession:
+    """What the loop asks of whatever runs it; this one is Ray Train's worker group (TorchTrainer)."""
+
+    uploads = False  # Ray Train persists the checkpoints reported to it
+
+    def context(self) -> tuple[int, int]:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def dataset(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def prepare_model(self, net, device):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(net, move_to_device=device)
+
+    def report(self, metrics: dict[str, Any], directory: str | None, name: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt else None)
+
+
+class LocalSession(TrainSession):
+    """The loop alone in this process, outside Ray Train: the task executor's task, or a Tune trial
+    (where Ray Train's API refuses to run, even in its local mode). Rank 0 of 1, the datasets as
+    given; the loop uploads its checkpoints itself, and each report goes to `on_report` (a trial's
+    forwarder to Tune)."""
+
+    uploads = True
+
+    def __init__(self, datasets: dict[str, Any], on_report: Callable[[dict[str, Any]], None] | None = None):
+        self.datasets, self.on_report = datasets, on_report
+
+    def context(self) -> tuple[int, int]:
+        return 0, 1
+
+    def device(self):
+        import torch
+
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this task or trial.
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def checkpoint(self):
+        return None  # resuming goes through the run folder's newest checkpoint (`resume`)
+
+    def dataset(self, name: str):
+        return self.datasets[name]
+
+    def prepare_model(self, net, device):
+        return net.to(device)
+
+    def report(self, metrics: dict[str, Any], directory: str | None, name: str | None) -> None:
+        if self.on_report is not None:
+            self.on_report(dict(metrics))
+
+
+def session_of(config: dict[str, Any]) -> TrainSession:
+    """The session a loop's config brings (LocalSession), else Ray Train's."""
+    return config.get("session") or TrainSession()
 
 
 def _setup_worker_logging() -> None:
@@ -379,7 +456,7 @@ def worker_device(cfg: TrainConfig, device, gpu_ids: list, cuda: bool, rank: int
     """The device to train on. A worker that holds GPUs while no CUDA device is visible (a node
     without a working driver) fails, rather than crawl on CPU, unless dist_backend is gloo (the
     fake clusters' opt-in: CPU with a warning). A Train worker group reports such a worker's device
-    as cuda, Ray Train's local mode (the task executor) as cpu: both end here the same way."""
+    as cuda, a LocalSession (task or trial) as cpu: both end here the same way."""
     import torch
 
     if not gpu_ids or cuda:
@@ -392,12 +469,12 @@ def worker_device(cfg: TrainConfig, device, gpu_ids: list, cuda: bool, rank: int
     return torch.device("cpu")
 
 
-def setup_worker(cfg: TrainConfig, resume: str | None = None) -> WorkerState:
+def setup_worker(cfg: TrainConfig, resume: str | None = None, session: TrainSession | None = None) -> WorkerState:
     """Device, precision, the net (from the checkpoint being resumed, or fresh), val set, TensorBoard.
     The checkpoint resumed is Ray Train's (a restarted worker group, or its record of this run name),
     else `resume`: the run folder's newest complete checkpoint, found before the loop started."""
+    import ray
     import ray.train
-    import ray.train.torch
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
@@ -405,16 +482,16 @@ def setup_worker(cfg: TrainConfig, resume: str | None = None) -> WorkerState:
     from synthfar_ray.precision import device_precision
     from synthfar_ray.train_data import ValSet, val_source_of
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = worker_device(cfg, ray.train.torch.get_device(), ray.get_gpu_ids(), torch.cuda.is_available(), rank)
+    session = session or TrainSession()
+    rank, world = session.context()
+    device = worker_device(cfg, session.device(), ray.get_gpu_ids(), torch.cuda.is_available(), rank)
     precision = device_precision(cfg.amp, cfg.channels_last, device)
     if rank == 0:
         logger.info("precision on %s: amp %s%s, channels_last %s, compile %s", device, precision.amp,
                     " + GradScaler" if precision.scaler else "", precision.channels_last, cfg.compile)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if checkpoint is None and resume is not None:
         fs, path = storage.resolve_retrying(resume, cfg.storage)
         checkpoint = ray.train.Checkpoint(path, filesystem=fs)
@@ -431,10 +508,10 @@ def setup_worker(cfg: TrainConfig, resume: str | None = None) -> WorkerState:
             restored = checkpoints.load_training_state(d, net, adaptive.discriminator if adaptive else None)
         if rank == 0:
             logger.info("resuming %s from step %d (phase %s)", cfg.name, restored["step"], restored["phase"])
-    model, trained = prepare_net(adaptive or net, device, precision, cfg.compile)
+    model, trained = prepare_net(adaptive or net, device, precision, cfg.compile, session)
     net = trained.net if adaptive is not None else trained
     state = WorkerState(cfg, rank, world, device, precision, model, net, restored,
-                        adaptive=trained if adaptive is not None else None)
+                        adaptive=trained if adaptive is not None else None, session=session)
     if restored is not None:
         state.step = state.start_step = int(restored["step"])
         state.last_metrics = dict(restored.get("metrics") or {})
@@ -444,7 +521,7 @@ def setup_worker(cfg: TrainConfig, resume: str | None = None) -> WorkerState:
     source = val_source_of(cfg)
     if source != "none" and rank == 0:
         crop = cfg.center_crop if source == "real" else cfg.synthetic_center_crop
-        state.val = ValSet(ray.train.get_dataset_shard("val"), cfg, device, crop)
+        state.val = ValSet(session.dataset("val"), cfg, device, crop)
         if state.step < cfg.steps:
             state.val.prefetch()
     if rank == 0:
@@ -452,15 +529,15 @@ def setup_worker(cfg: TrainConfig, resume: str | None = None) -> WorkerState:
     return state
 
 
-def prepare_net(net, device, precision: Precision, compile: bool = False) -> tuple[Any, Any]:
+def prepare_net(net, device, precision: Precision, compile: bool = False,
+                session: TrainSession | None = None) -> tuple[Any, Any]:
     """(the module the steps run: on `device` in the precision's layout, DDP-wrapped when there are
     several workers, compiled on request; the plain net, for checkpoints and validation)."""
-    import ray.train.torch
     import torch
 
     if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(net, move_to_device=device)
+    model = (session or TrainSession()).prepare_model(net, device)
     net = model.module if hasattr(model, "module") else model
     if compile:
         # Compiling the DDP module lets DDP's bucketing split the graph; the plain net keeps
@@ -484,13 +561,11 @@ def optimizer_for(w: WorkerState, phase: Phase, index: int):
 
 
 def _streams(w: WorkerState, phase: Phase) -> dict[str, Any]:
-    import ray.train
-
     from synthfar_ray.train_data import BatchStream, prefetch_all
 
     crops = {"synthetic": w.cfg.synthetic_center_crop, "real": w.cfg.center_crop, "target": w.cfg.center_crop}
     names = phase.datasets + (("target",) if phase.adapts(w.cfg) else ())
-    streams = {name: BatchStream(ray.train.get_dataset_shard(name), w.cfg.worker_batch(), w.cfg, w.rank, w.device,
+    streams = {name: BatchStream(w.session.dataset(name), w.cfg.worker_batch(), w.cfg, w.rank, w.device,
                                  crops[name]) for name in names}
     prefetch_all(streams)  # start every pipeline at once, not one after the other
     return streams
@@ -579,9 +654,7 @@ def log_window(w: WorkerState, window: LossWindow, phase: Phase, lr: float) -> N
 
 
 def report(w: WorkerState, phase: Phase, index: int, opt, sched, scaler, validate_now: bool, checkpoint_now: bool) -> None:
-    """Validate (rank 0), write TensorBoard, and report metrics (+ a checkpoint) to Ray Train."""
-    import ray.train
-
+    """Validate (rank 0), write TensorBoard, and report metrics (+ a checkpoint) to the session."""
     from synthfar_ray.train_data import validate
 
     metrics: dict[str, Any] = {**w.last_metrics, "step": w.step, "phase": phase.name,
@@ -596,20 +669,20 @@ def report(w: WorkerState, phase: Phase, index: int, opt, sched, scaler, validat
         w.history.append(dict(metrics))
         w.writer.flush()
         checkpoints.upload_tensorboard(w.writer.log_dir, w.cfg)
+    name = f"{CHECKPOINT_PREFIX}{w.step:09d}"
     with tempfile.TemporaryDirectory(prefix="synthfar-ckpt-") as d:
-        ckpt = None
+        reported = None
         if checkpoint_now and w.rank == 0:
             checkpoints.save_training_state(d, w.raw_model, w.cfg, opt, sched, scaler, w.step, phase.name, index,
                                             metrics, channels_last=w.precision.channels_last,
                                             discriminator=getattr(w.adaptive, "discriminator", None))
-            if w.persist:
-                w.checkpoint_uri = storage.join(w.cfg.run_uri, f"{CHECKPOINT_PREFIX}{w.step:09d}")
+            if w.session.uploads:
+                w.checkpoint_uri = storage.join(w.cfg.run_uri, name)
                 checkpoints.upload_checkpoint(d, w.checkpoint_uri, w.cfg.storage)
                 checkpoints.prune_checkpoints(w.cfg.run_uri, w.cfg.keep_checkpoints, w.cfg.storage)
             else:
-                ckpt = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=ckpt,
-                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{w.step:09d}" if ckpt else None)
+                reported = d
+        w.session.report(metrics, reported, name)
 
 
 def run_phase(w: WorkerState, index: int, phase: Phase) -> None:
@@ -681,8 +754,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The Ray Train worker function: set up, train each phase not yet done, return the summary."""
     _setup_worker_logging()
     cfg: TrainConfig = config["cfg"]  # the object, not JSON: JSON would mask the storage secrets
-    w = setup_worker(cfg, config.get("resume"))
-    w.persist = bool(config.get("persist"))
+    w = setup_worker(cfg, config.get("resume"), session_of(config))
     for index, phase in enumerate(phases_of(cfg)):
         if phase.end > w.step:
             run_phase(w, index, phase)
@@ -741,34 +813,32 @@ def data_config(cfg: TrainConfig, datasets: Iterable[str]):
     return DataConfig(datasets_to_split=[n for n in datasets if n != "val"], execution_options=ingest_options(cfg))
 
 
-def executor_of(cfg: TrainConfig, callbacks: list | None) -> Literal["trainer", "task"]:
-    """Tune's reports travel through Train callbacks, which only a TorchTrainer calls."""
-    if callbacks:
+def executor_of(cfg: TrainConfig, callbacks: list | None = None,
+                in_trial: bool = False) -> Literal["trainer", "task", "trial"]:
+    """What runs `cfg`: Train callbacks need a TorchTrainer; a one-worker run (`auto` or `task`) is a
+    Ray task of its own or, inside a Tune trial that holds the worker's resources, that trial's process."""
+    if callbacks or cfg.executor == "trainer" or (cfg.executor == "auto" and cfg.num_workers > 1):
         return "trainer"
-    if cfg.executor == "auto":
-        return "task" if cfg.num_workers == 1 else "trainer"
-    return cfg.executor
+    return "trial" if in_trial else "task"
 
 
-def _task_body(cfg: TrainConfig, datasets: dict[str, Any], loop: Callable | None, loop_config: dict | None) -> Any:
-    """The task executor's body: run `loop` in Ray Train's local mode (rank 0 of 1; `get_dataset_shard`
-    returns the dataset itself). The default loop is the training loop, resuming from the run folder's
-    newest complete checkpoint (looked up here, so a retried task continues from what its last
-    attempt uploaded) and uploading its checkpoints itself."""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def run_here(cfg: TrainConfig, datasets: dict[str, Any], on_report: Callable[[dict[str, Any]], None] | None = None,
+             loop: Callable | None = None, loop_config: dict | None = None) -> Any:
+    """Run `loop` in this process as rank 0 of 1 (a LocalSession; the task executor's task, or a Tune
+    trial). The default loop is the training loop, resuming from the run folder's newest complete
+    checkpoint (looked up here, so a retry continues from what its last attempt uploaded) and
+    uploading its checkpoints itself."""
+    for ds in datasets.values():
+        ds.context.execution_options = ingest_options(cfg)
     if loop is None:
         loop, loop_config = train_loop_per_worker, {
-            "cfg": cfg, "resume": checkpoints.latest_training_checkpoint(cfg.run_uri, cfg.storage), "persist": True}
+            "cfg": cfg, "resume": checkpoints.latest_training_checkpoint(cfg.run_uri, cfg.storage)}
     # The train sets through a split coordinator each, as Ray Train hands them to its workers: Ray
     # Data's streaming executor then runs in that actor instead of beside the step in this process
     # (bench/train.py, 2026-12-07: data path median ~900 img/s against ~850 unsplit, start-up the
     # same), and the rows come in the trainer's order. Made here, each attempt gets its own.
     shards = {n: ds if n == "val" else ds.streaming_split(1, equal=True)[0] for n, ds in datasets.items()}
-    trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=ScalingConfig(num_workers=0),
-                           datasets=shards)
-    return trainer.fit().return_value
+    return loop({**(loop_config or {}), "session": LocalSession(shards, on_report)})
 
 
 def fit_in_task(cfg: TrainConfig, datasets: dict[str, Any], gpu: bool, env: dict[str, str] | None = None,
@@ -778,13 +848,11 @@ def fit_in_task(cfg: TrainConfig, datasets: dict[str, Any], gpu: bool, env: dict
     checkpoint. Another `loop` (bench/train.py's) runs the same way, once."""
     import ray
 
-    for ds in datasets.values():  # a Dataset carries its context into the task
-        ds.context.execution_options = ingest_options(cfg)
-    task = ray.remote(_task_body).options(
+    task = ray.remote(run_here).options(
         name=f"train:{cfg.name}", num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker if gpu else 0,
         max_retries=cfg.failure_max if loop is None else 0, retry_exceptions=loop is None,
         runtime_env={"env_vars": env} if env else None)
-    ref = task.remote(cfg, datasets, loop, loop_config)
+    ref = task.remote(cfg, datasets, None, loop, loop_config)
     try:
         return ray.get(ref)
     except KeyboardInterrupt:
@@ -792,6 +860,20 @@ def fit_in_task(cfg: TrainConfig, datasets: dict[str, Any], gpu: bool, env: dict
         raise
     except ray.exceptions.RayError as e:
         raise StageFailed(f"training run {cfg.run_uri} failed: {last_line(e)}") from e
+
+
+def fit_in_trial(cfg: TrainConfig, datasets: dict[str, Any], on_report: Callable[[dict[str, Any]], None]) -> Any:
+    """Run the training loop in this process, a Tune trial holding the worker's resources, retrying a
+    failed attempt failure_max times from the newest uploaded checkpoint, as a task would be. (A lost
+    node takes the trial with it: Tune's trial_max_failures restarts it, and it resumes the same way.)"""
+    for attempt in range(cfg.failure_max + 1):
+        try:
+            return run_here(cfg, datasets, on_report)
+        except Exception as e:
+            if attempt == cfg.failure_max:
+                raise StageFailed(f"training run {cfg.run_uri} failed: {last_line(e)}") from e
+            logger.warning("training run %s failed (%s): attempt %d of %d resumes from its newest checkpoint",
+                           cfg.run_uri, last_line(e), attempt + 2, cfg.failure_max + 1)
 
 
 def _dist_backend(cfg: TrainConfig, gpu: bool) -> str:
@@ -873,9 +955,12 @@ def _fit_with_trainer(cfg: TrainConfig, datasets: dict[str, Any], scaling, env: 
     return out, ckpt_uri, dict(out.get("metrics") or result.metrics or {})
 
 
-def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
-    """Train as `cfg` says (resuming `<storage_path>/<name>` if it holds the same config);
-    `callbacks` are Ray Train UserCallbacks added to the RunConfig (e.g. Tune's reporting)."""
+def run_train(cfg: TrainConfig, callbacks: list | None = None,
+              on_report: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train as `cfg` says (resuming `<storage_path>/<name>` if it holds the same config).
+    `callbacks` are Ray Train UserCallbacks added to the RunConfig (Tune's reporting from a
+    multi-worker trial); `on_report`: the caller is a Tune trial holding one worker's resources and
+    takes each report, so a one-worker run trains in its process (executor_of(..., in_trial=True))."""
     from synthfar_ray.raycluster import ensure_ray
     from synthfar_ray.train_data import build_datasets
 
@@ -897,11 +982,14 @@ def run_train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         write_parquet(relabelled, storage.join(cfg.run_uri, RELABELLED_FILE), cfg.storage)
     datasets = build_datasets(cfg, needed_datasets(cfg), relabelled)
     env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
-    executor = executor_of(cfg, callbacks)
+    executor = executor_of(cfg, callbacks, in_trial=on_report is not None)
+    if on_report is not None and executor != "trial":
+        raise ValueError(f"train {cfg.name}: on_report needs a one-worker run with executor auto or task")
     logger.info("training %s (%s plan, %d steps, %d workers, %s executor) -> %s", cfg.name, cfg.plan, cfg.steps,
                 cfg.num_workers, executor, cfg.run_uri)
-    if executor == "task":
-        out = fit_in_task(cfg, datasets, scaling.use_gpu, env)
+    if executor in ("task", "trial"):
+        out = fit_in_task(cfg, datasets, scaling.use_gpu, env) if executor == "task" else \
+            fit_in_trial(cfg, datasets, on_report)
         ckpt_uri = out.get("checkpoint") or checkpoints.latest_training_checkpoint(cfg.run_uri, cfg.storage)
         metrics = out.get("metrics") or {}
     else:

@@ -2,10 +2,14 @@
 with Ray Tune (`synthfar tune CONFIG [key=value ...]`).
 
 Pattern (Ray 2.60, Train V2): each Tune trial is a small function trainable that builds its
-`TrainConfig` (the base `train:` settings + the trial's parameters) and runs train.py's TorchTrainer.
-A Train V2 `TuneReportCallback` forwards every validation report to Tune (adding `val_score`, the
-mean of the validation accuracies, unless the metric is one train.py reports itself), so ASHA can
-stop weak trials early.
+`TrainConfig` (the base `train:` settings + the trial's parameters) and runs train.py's loop. A
+one-worker trial (the default on CPU, and `gpus_per_trial: 1`) holds that worker's CPUs and GPU
+and runs the loop in its own process (train.fit_in_trial), reporting each validation to Tune
+itself; a trial of several DDP workers starts a TorchTrainer, whose reports a Train V2
+`TuneReportCallback` forwards. Either way Tune gets `val_score` (the mean of the validation
+accuracies, unless the metric is one train.py reports itself) at every validation, so ASHA can stop
+weak trials early. In-process trials save each trial a Train controller, worker and split
+coordinators: the demo's four 200-step trials took 113 s as TorchTrainers (2026-12-07).
 
 Samplers cost a model each (cl-sam classifier, cr-sam discriminator) and a pass over the synthetic
 set, so each sampler's scores are computed once before the sweep (and cached with the synthetic set,
@@ -176,7 +180,8 @@ class TuneConfig(StageConfig):
     reduction_factor: float = Field(3.0, gt=1)
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster fits")
     gpus_per_trial: int | None = Field(None, ge=0, description="DDP GPU workers per trial (default 1 with GPUs)")
-    trial_cpus: float = Field(0.25, gt=0, description="CPUs of the trial's driver function")
+    trial_cpus: float = Field(0.25, gt=0, description="CPUs of the trial's driver function (multi-worker trials; "
+                                                   "a one-worker trial holds its worker's CPUs and GPU instead)")
     cpu_worker_cpus: float = Field(0.5, gt=0, description="CPU-only cluster: CPUs per train worker")
     cpu_data_cpus: float = Field(0.25, gt=0, description="CPU-only cluster: CPUs per Ray Data decode task")
     resume: bool = Field(True, description="restore an existing sweep of the same name")
@@ -280,34 +285,52 @@ def _score(metrics: dict[str, Any], parts: list[str]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _tune_metrics(metrics: dict[str, Any], metric: str, score_metrics: list[str]) -> dict[str, Any] | None:
+    """A training report as Tune gets it: with `val_score` (mean of `score_metrics`), or None when
+    it lacks the metric (no validation in it): Tune's schedulers need the metric in every result."""
+    m = dict(metrics)
+    score = _score(m, score_metrics)
+    if score is not None:
+        m.setdefault("val_score", score)
+    value = m.get(metric)
+    if not isinstance(value, (int, float)) or math.isnan(float(value)):
+        return None
+    return m
+
+
 def _make_report_callback(metric: str, score_metrics: list[str]):
-    """A Train V2 UserCallback that forwards rank 0's reports to the Tune session, adding
-    `val_score` (mean of `score_metrics`). Reports without the metric (no validation in them) are
-    not forwarded: Tune's schedulers need the metric in every result."""
+    """A Train V2 UserCallback that forwards rank 0's reports to the Tune session (multi-worker trials)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ReportToTune(TuneReportCallback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.metric, self.parts = metric, list(score_metrics)
-
         def after_report(self, run_context, metrics, checkpoint):
-            m = dict(metrics[0]) if metrics else {}
-            score = _score(m, self.parts)
-            if score is not None:
-                m.setdefault("val_score", score)
-            value = m.get(self.metric)
-            if not isinstance(value, (int, float)) or math.isnan(float(value)):
-                return
-            super().after_report(run_context, [m], checkpoint)
+            m = _tune_metrics(metrics[0] if metrics else {}, metric, score_metrics)
+            if m is not None:
+                super().after_report(run_context, [m], checkpoint)
 
     return ReportToTune()
 
 
-def _train_reporting(tcfg, callbacks: list) -> dict[str, Any]:
+def _forward_to_tune(metric: str, score_metrics: list[str]):
+    """The in-process trial's `on_report`: each report with the metric straight to the Tune session
+    (no checkpoint: a restarted trial resumes from its run folder)."""
+    from ray import tune
+
+    def forward(metrics: dict[str, Any]) -> None:
+        m = _tune_metrics(metrics, metric, score_metrics)
+        if m is not None:
+            tune.report(m)
+
+    return forward
+
+
+def _train_reporting(cfg: TuneConfig, tcfg) -> dict[str, Any]:
     from synthfar_ray import train
 
-    r = train.run_train(tcfg, callbacks=callbacks)
+    if train.executor_of(tcfg, in_trial=True) == "trial":
+        r = train.run_train(tcfg, on_report=_forward_to_tune(cfg.metric, cfg.score_metrics))
+    else:
+        r = train.run_train(tcfg, callbacks=[_make_report_callback(cfg.metric, cfg.score_metrics)])
     return {"checkpoint": r.checkpoint, "metrics": dict(r.metrics), "steps": r.steps}
 
 
@@ -342,7 +365,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     record["attempts"].append({"started_at": time.time(), "pid": os.getpid()})
     st.write_bytes(record_uri, json.dumps(record, indent=2, default=str).encode(), cfg.storage)
     t0 = time.time()
-    out = _train_reporting(tcfg, [_make_report_callback(cfg.metric, cfg.score_metrics)])
+    out = _train_reporting(cfg, tcfg)
     record.update(out, seconds=round(time.time() - t0, 2), finished_at=time.time())
     st.write_bytes(record_uri, json.dumps(record, indent=2, default=str).encode(), cfg.storage)
 
@@ -439,14 +462,18 @@ def data_pipelines(cfg: TuneConfig) -> int:
     return mix_sets + int(val_source_of(probe) != "none")
 
 
-def _resources(cfg: TuneConfig) -> tuple[dict[str, Any], int]:
-    """Train settings for the cluster's hardware, and how many trials run at once.
+def _resources(cfg: TuneConfig) -> tuple[dict[str, Any], int, dict[str, float]]:
+    """Train settings for the cluster's hardware, how many trials run at once, and what each trial's
+    own process reserves.
 
-    A trial launches three kinds of work: its own function (`trial_cpus`), the Train workers and
-    the Ray Data read/decode tasks of each dataset it reads (`data_cpus` each, one per pipeline at
-    least). All of it must fit at once, or trials sit at step 0 while Ray Data waits for a CPU
+    A trial launches its Train worker(s) and the Ray Data read/decode tasks of each dataset it reads
+    (`data_cpus` each, one per pipeline at least). A one-worker trial is that worker (it reserves the
+    worker's CPUs and GPU); a multi-worker trial's function (`trial_cpus`) starts a worker group
+    beside it. All of it must fit at once, or trials sit at step 0 while Ray Data waits for a CPU
     ("Cluster resources are not enough to run any task"): concurrency is what the cluster fits, counting
     the nodes an autoscaler may add."""
+    from synthfar_ray.train import executor_of
+
     shapes = node_shapes()
     n_gpu, n_cpu = int(capacity("GPU", shapes)), capacity("CPU", shapes)
     overrides: dict[str, Any] = {}
@@ -460,18 +487,30 @@ def _resources(cfg: TuneConfig) -> tuple[dict[str, Any], int]:
     else:
         overrides["use_gpu"] = False
         fits = None
-    cpus_per_worker = float(cfg.train.get("cpus_per_worker", cfg.cpu_worker_cpus if not overrides["use_gpu"] else 1.0))
-    data_cpus = float(cfg.train.get("data_cpus", cfg.cpu_data_cpus if not overrides["use_gpu"] else 1.0))
+    gpu = overrides["use_gpu"]
+    cpus_per_worker = float(cfg.train.get("cpus_per_worker", cfg.cpu_worker_cpus if not gpu else 1.0))
+    data_cpus = float(cfg.train.get("data_cpus", cfg.cpu_data_cpus if not gpu else 1.0))
     overrides.update(cpus_per_worker=cpus_per_worker, data_cpus=data_cpus)
     pipelines = data_pipelines(cfg)
-    per_trial = cfg.trial_cpus + workers * cpus_per_worker + pipelines * data_cpus
+    probe = trial_train_config(cfg.model_copy(update={"train": {**cfg.train, **overrides}}), _example_params(cfg),
+                               "probe", "/tmp/probe", None)
+    in_trial = executor_of(probe, in_trial=True) == "trial"
+    worker = {"CPU": cpus_per_worker, "GPU": probe.gpus_per_worker if gpu else 0}
+    if in_trial:
+        trial = {"cpu": worker["CPU"], "gpu": worker["GPU"]}
+        per_trial = cpus_per_worker + pipelines * data_cpus
+        parts = f"its one worker {cpus_per_worker:g}, in the trial's process"
+        check_request("tune: each trial (its one Train worker)", worker, shapes=shapes)
+    else:
+        trial = {"cpu": cfg.trial_cpus}
+        per_trial = cfg.trial_cpus + workers * cpus_per_worker + pipelines * data_cpus
+        parts = f"trial {cfg.trial_cpus:g} + {workers} workers x {cpus_per_worker:g}"
+        check_request("tune: each trial's function", {"CPU": cfg.trial_cpus}, shapes=shapes)
+        check_request("tune: each trial's Train worker", worker, workers, together=True, shapes=shapes)
     if per_trial > n_cpu + 1e-9:
-        raise UserError(f"a trial needs {per_trial:g} CPUs (trial {cfg.trial_cpus:g} + {workers} workers x "
-                        f"{cpus_per_worker:g} + {pipelines} data pipelines x {data_cpus:g}) but the cluster has "
-                        f"{n_cpu:g}: lower trial_cpus, train.cpus_per_worker or train.data_cpus")
-    check_request("tune: each trial's function", {"CPU": cfg.trial_cpus}, shapes=shapes)
-    check_request("tune: each trial's Train worker", {"CPU": cpus_per_worker, "GPU": 1 if overrides["use_gpu"] else 0},
-                  workers, together=True, shapes=shapes)
+        raise UserError(f"a trial needs {per_trial:g} CPUs ({parts} + {pipelines} data pipelines x {data_cpus:g}) "
+                        f"but the cluster has {n_cpu:g}: lower train.cpus_per_worker, train.data_cpus"
+                        f"{'' if in_trial else ' or trial_cpus'}")
     check_request("tune: each Ray Data decode task", {"CPU": data_cpus}, shapes=shapes)
     cpu_fits = int(n_cpu // per_trial + 1e-9)
     fits = cpu_fits if fits is None else min(fits, cpu_fits)
@@ -479,9 +518,9 @@ def _resources(cfg: TuneConfig) -> tuple[dict[str, Any], int]:
     if cfg.max_concurrent_trials and cfg.max_concurrent_trials > fits:
         logger.warning("max_concurrent_trials=%d, but the cluster fits %d trials of %g CPUs: running %d at once",
                        cfg.max_concurrent_trials, fits, per_trial, concurrent)
-    logger.info("each trial reserves %g CPUs (%d workers, %d data pipelines); %d at once on %g CPUs / %d GPUs",
-                per_trial, workers, pipelines, concurrent, n_cpu, n_gpu)
-    return overrides, max(1, concurrent)
+    logger.info("each trial reserves %g CPUs (%d workers%s, %d data pipelines); %d at once on %g CPUs / %d GPUs",
+                per_trial, workers, " in the trial's process" if in_trial else "", pipelines, concurrent, n_cpu, n_gpu)
+    return overrides, max(1, concurrent), trial
 
 
 def _check_validation_rows(cfg: TuneConfig, probe) -> None:
@@ -617,11 +656,11 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     sweep_path = f"{path.rstrip('/')}/{cfg.name}"
     runs_uri = st.join(cfg.sweep_uri, RUNS_DIR)
 
-    overrides, concurrent = _resources(cfg)
+    overrides, concurrent, trial_resources = _resources(cfg)
     cfg = cfg.model_copy(update={"train": {**cfg.train, **overrides}})
     selections = prepare_selections(cfg)
     setup = TrialSetup(cfg=cfg, runs_uri=runs_uri, selections=selections)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": cfg.trial_cpus})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources)
 
     probe = trial_train_config(cfg, _example_params(cfg), "probe", runs_uri, None)
     steps = probe.steps

@@ -58,6 +58,14 @@ def run_shared_dir(tmp_path_factory) -> Path:
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def train_worker_actors() -> int:
+    """Ray Train worker actors this cluster has had, alive or dead (from the GCS: the test cluster
+    has no dashboard for the state API): a run on the task executor, or in a Tune trial, adds none."""
+    from ray._private import state
+
+    return sum(a["ActorClassName"] == "RayTrainWorker" for a in state.actors().values())
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster shared by the whole session (ray.init costs seconds).

@@ -7,8 +7,9 @@ generation exactly once (lost shards regenerated), training at its full budget a
 its last checkpoint on another node.
 
 A sweep (configs/tune/paper_sweep.yaml's resources, one trial, so its loss cannot hide behind another
-trial's success) loses the node of its trial's Train worker after the trial's first registered
-checkpoint: the trial resumes from that checkpoint and the sweep completes with its metric.
+trial's success) loses the node of its trial (a one-worker trial trains in its own process) after the
+trial's first complete checkpoint: Tune restarts the trial, it resumes from that checkpoint and the
+sweep completes with its metric.
 """
 
 from __future__ import annotations
@@ -49,19 +50,6 @@ def _keys(s3_server: str, uri: str) -> list[str]:
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-
-def _registered_checkpoints(s3_server: str, run_uri: str) -> int:
-    """Checkpoints Ray Train's controller has registered for a run (its snapshot file). A checkpoint
-    folder is uploaded by the worker before the controller learns of it on its next poll; a node lost
-    in between takes that checkpoint with it, so the tests wait for registration before killing."""
-    bucket, _, key = f"{run_uri}/checkpoint_manager_snapshot.json".removeprefix("s3://").partition("/")
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-    try:
-        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except client.exceptions.NoSuchKey:
-        return 0
-    return len(json.loads(body).get("checkpoint_results") or [])
 
 
 def _kill_when(cluster: FakeCluster, entrypoint: list[str], ready: Callable[[], bool], hosts: Callable[[], list[str]],
@@ -161,9 +149,11 @@ def test_training_resumes_on_another_node_after_losing_its_gpu_node(cluster, buc
 
 
 def test_sweep_resumes_its_trial_after_losing_the_trials_gpu_node(cluster, bucket, s3_server, faces):
-    """paper_sweep.yaml's resources (1 GPU worker per trial), one trial at tiny sizes. The node of the
-    trial's Train worker is killed once the trial has registered a checkpoint; the sweep must
-    complete: the trial at its full budget, resumed from a checkpoint, with its metric in the table."""
+    """paper_sweep.yaml's resources (1 GPU worker per trial), one trial at tiny sizes. A one-worker
+    trial trains in its own process (the Tune actor holding the GPU), which uploads its checkpoints
+    itself, meta.json last. The trial's node is killed once a complete checkpoint folder exists; Tune
+    restarts the trial (trial_max_failures) and the sweep must complete: the trial at its full
+    budget, resumed from a checkpoint, with its metric in the table."""
     sweep = f"{bucket}/tune/utkface-mix-sweep"
     entry = ["python", "workflows/tune.py", "--config", "configs/tune/paper_sweep.yaml", f"storage_path={bucket}/tune",
              f"train.synthetic={faces}", f"train.real={faces}", "num_samples=1", "asha=false",
@@ -177,10 +167,10 @@ def test_sweep_resumes_its_trial_after_losing_the_trials_gpu_node(cluster, bucke
         names = {k.split("/runs/")[1].split("/")[0] for k in _keys(s3_server, f"{sweep}/runs/")}
         return sorted(n for n in names if n)  # not the folder marker "runs/" itself
 
-    def registered() -> bool:
-        return any(_registered_checkpoints(s3_server, f"{sweep}/runs/{t}") >= 1 for t in trial_runs())
+    def complete() -> bool:
+        return any(k.endswith("/meta.json") for t in trial_runs() for k in _keys(s3_server, f"{sweep}/runs/{t}/checkpoint_"))
 
-    result, killed, at = _kill_when(cluster, entry, registered, lambda: actor_nodes(cluster, "RayTrainWorker"),
+    result, killed, at = _kill_when(cluster, entry, complete, lambda: actor_nodes(cluster, "ImplicitFunc"),
                                     timeout=540)
     assert result.status == "SUCCEEDED", result.logs[-6000:]
     _wait_until_dead(cluster, killed)

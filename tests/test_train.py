@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import train_worker_actors
 
 from synthfar_ray import storage
 from synthfar_ray.config import ConfigError, load_config
@@ -296,14 +297,6 @@ def test_cached_passes_are_permutations_of_the_first(ray_cluster, data, tmp_path
     assert all(sorted(p) == [float(i) for i in range(48)] for p in streamed)
 
 
-def _train_actors() -> int:
-    """Ray Train worker actors this cluster has had, alive or dead (from the GCS: the test cluster
-    has no dashboard for the state API): a task-executor run adds none."""
-    from ray._private import state
-
-    return sum(a["ActorClassName"] == "RayTrainWorker" for a in state.actors().values())
-
-
 def test_one_worker_runs_as_a_task_that_ray_retries_from_its_last_checkpoint(ddp_run, data, tmp_path):
     """executor auto, one worker: the run is one Ray task ("train:<name>") and no Ray Train worker
     group. A crash after step 25 fails the task; Ray retries it (failure_max=1) and the new attempt
@@ -311,7 +304,7 @@ def test_one_worker_runs_as_a_task_that_ray_retries_from_its_last_checkpoint(ddp
     folders, each complete (the weights, the training state and meta.json)."""
     marker = tmp_path / "fault-fired"
     cfg = _cfg(data, tmp_path, name="solo", steps=40, val_every=10, keep_checkpoints=2)
-    actors = _train_actors()
+    actors = train_worker_actors()
     os.environ[FAULT_ENV] = f"25:{marker}"
     try:
         result = run_train(cfg)
@@ -319,7 +312,7 @@ def test_one_worker_runs_as_a_task_that_ray_retries_from_its_last_checkpoint(ddp
         del os.environ[FAULT_ENV]
     assert marker.exists()  # the failure did happen
     assert (result.start_step, result.steps_run, result.steps) == (20, 20, 40)
-    assert _train_actors() == actors >= 2  # none added (the ddp_run fixture's two workers are counted)
+    assert train_worker_actors() == actors >= 2  # none added (the ddp_run fixture's two workers are counted)
     run = Path(cfg.storage_path) / "solo"
     folders = sorted(p.name for p in run.glob("checkpoint_*"))
     assert folders == ["checkpoint_000000030", "checkpoint_000000040"]

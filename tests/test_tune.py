@@ -1,5 +1,6 @@
-"""Tune stage: a real 2-trial sweep of train.py's TorchTrainer (tiny net, CPU), its trial table,
-resume without redoing finished trials, and the TensorBoard logs under the sweep."""
+"""Tune stage: a real 2-trial sweep (tiny net, CPU; one-worker trials train in their own process),
+its trial table, resume without redoing finished trials, the TensorBoard logs under the sweep, and
+a sweep of two-worker DDP trials through TorchTrainer."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import train_worker_actors
 
 from synthfar_ray.config import ConfigError, load_config
 from synthfar_ray.images import encode_jpeg
@@ -63,12 +65,15 @@ def sweep(ray_cluster, tmp_path_factory):
     write_dataset(os.path.join(root, "real"), [coded_rows(64, 1, 0, "train"), coded_rows(32, 2, 1000, "val")])
     write_dataset(os.path.join(root, "syn"), [coded_rows(64, 3, 0, "train")])
     cfg = sweep_config(root)
+    actors = train_worker_actors()
     first = run_tune(cfg)
-    return cfg, first
+    return cfg, first, train_worker_actors() - actors
 
 
 def test_two_trials_best_is_the_working_lr(sweep):
-    cfg, result = sweep
+    """One-worker trials train in their own process: no Ray Train worker actor starts."""
+    cfg, result, train_workers = sweep
+    assert train_workers == 0
     trials = {t["lr"]: t for t in result.trials}
     assert set(trials) == {1e-6, 0.03}
     good, bad = trials[0.03], trials[1e-6]
@@ -88,7 +93,7 @@ def test_two_trials_best_is_the_working_lr(sweep):
 def test_trial_table_in_report_format(sweep):
     from synthfar_ray.report import load_tune
 
-    cfg, result = sweep
+    cfg, result, _ = sweep
     assert result.table_path == os.path.join(result.sweep_uri, RESULTS_CSV)
     df, metric, mode = load_tune(result.table_path, None, None, None)
     assert metric == "val_score" and mode == "max" and len(df) == 2
@@ -103,7 +108,7 @@ def test_trial_table_in_report_format(sweep):
 
 
 def test_rerun_resumes_without_redoing_trials(sweep):
-    cfg, first = sweep
+    cfg, first, _ = sweep
     records = {t["trial_id"]: open(os.path.join(first.sweep_uri, "runs", t["trial_id"], TRIAL_FILE)).read()
                for t in first.trials}
     again = run_tune(cfg)
@@ -119,7 +124,7 @@ def test_rerun_resumes_without_redoing_trials(sweep):
 def test_tensorboard_events_hold_training_scalars(sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, result = sweep
+    _, result, _ = sweep
     files = glob.glob(os.path.join(result.sweep_uri, "**", "events.out.tfevents.*"), recursive=True)
     tags: dict[str, set[str]] = {}
     for f in files:
@@ -135,6 +140,24 @@ def test_tensorboard_events_hold_training_scalars(sweep):
     assert any("val/gender_acc" in t for t in tags.values())
     # Tune's own per-trial logs carry the sweep metric
     assert sum("ray/tune/val_score" in t for t in tags.values()) == 2, tags
+
+
+def test_ddp_trials_report_through_their_trainer(ray_cluster, tmp_path):
+    """A trial of two DDP workers runs a TorchTrainer (a worker group beside the trial's function),
+    whose validation reports reach Tune through the Train callback: the trial finishes with its
+    metric, after the steps it was given."""
+    root = str(tmp_path)
+    write_dataset(os.path.join(root, "real"), [coded_rows(64, 1, 0, "train"), coded_rows(32, 2, 1000, "val")])
+    write_dataset(os.path.join(root, "syn"), [coded_rows(64, 3, 0, "train")])
+    cfg = sweep_config(root, space={"sampler": "random", "k_multiple": 1.0, "mix_ratio": 0.5, "lr": 0.03})
+    cfg = cfg.model_copy(update={"train": {**cfg.train, "num_workers": 2, "steps": 10, "val_every": 5}})
+    actors = train_worker_actors()
+    result = run_tune(cfg)
+    assert train_worker_actors() - actors == 2
+    (trial,) = result.trials
+    assert trial["status"] == "TERMINATED" and np.isfinite(trial["val_score"])
+    record = json.load(open(os.path.join(result.sweep_uri, "runs", trial["trial_id"], TRIAL_FILE)))
+    assert record["steps"] == 10 and 0 <= record["metrics"]["val_gender_acc"] <= 1
 
 
 def test_failed_trial_fails_the_sweep_and_a_rerun_retries_only_it(ray_cluster, tmp_path):
@@ -179,17 +202,22 @@ def test_failed_trial_fails_the_sweep_and_a_rerun_retries_only_it(ray_cluster, t
 
 
 def test_trials_are_sized_to_leave_room_for_their_data_tasks(ray_cluster, tmp_path):
-    """Concurrency counts every CPU a trial launches: its function, its Train workers and one task per
-    Ray Data pipeline; a trial that cannot fit at all is refused with the numbers."""
+    """Concurrency counts every CPU a trial launches: its Train worker(s) and one task per Ray Data
+    pipeline, plus the function of a multi-worker trial (a one-worker trial IS its worker: it
+    reserves the worker's CPUs itself); a trial that cannot fit at all is refused with the numbers."""
     from synthfar_ray.errors import UserError
     from synthfar_ray.tune import _resources, data_pipelines
 
     cfg = sweep_config(str(tmp_path), trial_cpus=0.25, cpu_worker_cpus=0.5, cpu_data_cpus=0.25)
     assert data_pipelines(cfg) == 3  # synthetic + real + val
-    overrides, concurrent = _resources(cfg)  # the test cluster has 4 CPUs; a trial takes 0.25 + 0.5 + 3 x 0.25
-    assert concurrent == 2 and overrides["data_cpus"] == 0.25 and overrides["use_gpu"] is False
+    overrides, concurrent, trial = _resources(cfg)  # the test cluster has 4 CPUs; a trial takes 0.5 + 3 x 0.25
+    assert concurrent == 3 and trial == {"cpu": 0.5, "gpu": 0} and overrides["data_cpus"] == 0.25
+    assert overrides["use_gpu"] is False
+    ddp = cfg.model_copy(update={"train": {**cfg.train, "num_workers": 2}})
+    overrides, concurrent, trial = _resources(ddp)  # 0.25 (function) + 2 x 0.5 + 3 x 0.25
+    assert concurrent == 2 and trial == {"cpu": 0.25}
     big = cfg.model_copy(update={"train": {**cfg.train, "data_cpus": 2.0}})
-    with pytest.raises(UserError, match=r"needs 6.75 CPUs .* cluster has 4"):
+    with pytest.raises(UserError, match=r"needs 6.5 CPUs .* cluster has 4"):
         _resources(big)
 
 
