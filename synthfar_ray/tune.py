@@ -9,7 +9,8 @@ itself; a trial of several DDP workers starts a TorchTrainer, whose reports a Tr
 `TuneReportCallback` forwards. Either way Tune gets `val_score` (the mean of the validation
 accuracies, unless the metric is one train.py reports itself) at every validation, so ASHA can stop
 weak trials early. In-process trials save each trial a Train controller, worker and split
-coordinators: the demo's four 200-step trials took 113 s as TorchTrainers (2026-12-07).
+coordinators: the demo's four 200-step trials took 113 s as TorchTrainers (2026-12-07), 58 s in
+process (2026-12-08).
 
 Samplers cost a model each (cl-sam classifier, cr-sam discriminator) and a pass over the synthetic
 set, so each sampler's scores are computed once before the sweep (and cached with the synthetic set,
